@@ -1,0 +1,133 @@
+"""NumPy operators: the CPU path and the reference the other backends are tested against.
+
+Every operator works in float32. Shapes use T = new tokens (all sequences of a batch
+concatenated), H = query heads, KV = key/value heads, D = head_dim, L = cached + new tokens.
+"""
+
+import numpy as np
+
+
+def gather(table, ids):
+    """Embedding lookup: table [vocab, hidden], ids [T] -> [T, hidden]."""
+    return table[ids]
+
+
+def rms_norm(x, weight, eps):
+    """x [T, hidden], weight [hidden] -> [T, hidden]; statistics in f32 as HF's LlamaRMSNorm."""
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(variance + np.float32(eps))) * weight
+
+
+def rope_tables(theta, head_dim, max_positions):
+    """cos, sin [max_positions, head_dim // 2] in f32.
+
+    The angles are rounded to f32 exactly as HF's default rope computes them; cos and sin of
+    those angles are then taken in f64 and rounded once, so they are as accurate as f32 allows.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponent)).astype(np.float32)  # [D/2]
+    freqs = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def rope(x, positions, cos, sin):
+    """Rotary embedding, HF rotate_half layout: x [T, heads, D], positions [T] -> [T, heads, D].
+
+    The first and second halves of each head form the (real, imaginary) pairs.
+    """
+    half = x.shape[-1] // 2
+    c = cos[positions][:, None, :]  # [T, 1, D/2]
+    s = sin[positions][:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None):
+    """C = alpha * A @ B^T + beta * C: a [M, K], b [N, K], c [M, N] (updated in place when given)."""
+    product = a @ b.T
+    if alpha != 1.0:
+        product *= np.float32(alpha)
+    if c is None or beta == 0.0:
+        return product
+    if beta != 1.0:
+        c *= np.float32(beta)
+    c += product
+    return c
+
+
+def swiglu(gate_up):
+    """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter]."""
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def softmax_causal(scores, offset):
+    """Masked causal softmax over the last axis, in place: scores [heads, q_len, kv_len].
+
+    Query i sits at absolute position offset + i and sees keys 0..offset+i. Fully masked
+    rows (none arise in a causal model, but callers may build them) give zeros, never NaN.
+    """
+    q_len, kv_len = scores.shape[-2:]
+    if offset < kv_len - 1:  # otherwise every query sees every key (decode)
+        visible = np.arange(kv_len)[None, :] <= (offset + np.arange(q_len))[:, None]  # [q_len, kv_len]
+        scores[:, ~visible] = -np.inf
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max[~np.isfinite(row_max)] = 0.0
+    np.exp(scores - row_max, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)
+    scores /= np.where(total == 0.0, 1.0, total)
+    return scores
+
+
+def attention(q, k, v, offset):
+    """Grouped-query causal attention over a sequence's cache.
+
+    q [T, H, D] (rope applied), k, v [KV, L, D] (the cache up to the last new token),
+    offset = tokens cached before the first query -> [T, H, D].
+    Query head h reads key/value head h // (H // KV), as HF's repeat_kv.
+    """
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv = k.shape[0]
+    group = n_heads // n_kv
+    # [KV, group * T, D]: heads sharing a KV head stacked so one matmul serves the group
+    q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim)
+    scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L]
+    scores *= np.float32(head_dim ** -0.5)
+    softmax_causal(scores.reshape(n_heads, n_tokens, -1), offset)
+    out = scores @ v  # [KV, group * T, D]
+    return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
+
+
+class NumpyBackend:
+    """The CPU backend: weights and KV cache are NumPy float32 arrays."""
+
+    name = "cpu"
+    xp = np
+    dtype = "f32"
+
+    gather = staticmethod(gather)
+    rms_norm = staticmethod(rms_norm)
+    matmul_transb = staticmethod(matmul_transb)
+    swiglu = staticmethod(swiglu)
+    softmax_causal = staticmethod(softmax_causal)
+    attention = staticmethod(attention)
+
+    def __init__(self, config, dtype=None):
+        self.cos, self.sin = rope_tables(config.rope_theta, config.head_dim, config.max_position_embeddings)
+
+    def rope(self, x, positions):
+        return rope(x, positions, self.cos, self.sin)
+
+    def upload(self, host_array):
+        """Host f32 array -> backend array (here: the same array)."""
+        return host_array
+
+    def upload_ids(self, ids):
+        """Host int64 ids or positions [T] -> backend array."""
+        return ids
+
+    def zeros(self, shape):
+        return np.zeros(shape, np.float32)
+
+    def to_host(self, x):
+        return np.asarray(x, dtype=np.float32)

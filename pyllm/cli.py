@@ -1,0 +1,146 @@
+"""Command line: pyllm story | generate | chat | pull | convert | bench."""
+
+import argparse
+import json
+import sys
+
+from .errors import PyllmError
+
+
+def add_model_flags(parser):
+    parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, pulled on first use)")
+    parser.add_argument("--backend", default="cpu", help="cpu (default)")
+    parser.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="compute dtype (default: the model's)")
+
+
+def add_sampling_flags(parser, max_tokens):
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+
+
+def sampling_from(args):
+    from .sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def load_llm(args):
+    from .engine import LLM
+    return LLM(args.model, backend=args.backend, dtype=args.dtype)
+
+
+def print_stats(out, file=sys.stderr):
+    s = out.stats
+    print(f"\n[{s['prompt_tokens']} prompt tokens ({s['cached_tokens']} cached), {s['generated_tokens']} generated, "
+          f"{out.finish_reason}] prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s",
+          file=file)
+
+
+def cmd_story(args):
+    from .engine import StepTimer
+    llm = load_llm(args)
+    seq = llm.new_sequence(llm.encode_prompt(args.prompt), sampling_from(args))
+    print(args.prompt, end="", flush=True)
+    timer = StepTimer([seq])
+    for _, piece in timer.wrap(llm.run([seq])):
+        print(piece, end="", flush=True)
+    print()
+    print_stats(llm._output(seq, timer))
+
+
+def cmd_generate(args):
+    llm = load_llm(args)
+    out = llm.generate(args.prompt, sampling_from(args))
+    if args.json:
+        print(json.dumps({"prompt_ids": out.prompt_ids, "new_ids": out.token_ids, "text": out.text,
+                          "finish_reason": out.finish_reason, "timings": out.stats}))
+    else:
+        print(out.text)
+
+
+def cmd_chat(args):
+    from .chat_repl import repl
+    repl(load_llm(args), args.system, sampling_from(args))
+
+
+def cmd_pull(args):
+    from .pull import pull
+    print(pull(args.name, dtype=args.dtype))
+
+
+def cmd_convert(args):
+    from .gguf import convert_gguf
+    print(convert_gguf(args.gguf, args.out_dir, dtype=args.dtype))
+
+
+def cmd_bench(args):
+    sys.path.insert(0, ".")
+    try:
+        from benchmarks.bench import main as bench_main
+    except ImportError:
+        raise PyllmError("pyllm bench runs from a checkout: benchmarks/ was not found in the current directory") from None
+    bench_main(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="pyllm", description="Run Llama-family models on the CPU or a GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("story", help="continue a text, streaming to stdout")
+    add_model_flags(p)
+    p.add_argument("--prompt", default="Once upon a time")
+    add_sampling_flags(p, max_tokens=256)
+    p.set_defaults(func=cmd_story)
+
+    p = sub.add_parser("generate", help="one completion, optionally as JSON for scripts")
+    add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_sampling_flags(p, max_tokens=256)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)")
+    add_model_flags(p)
+    p.add_argument("--system", help="system prompt")
+    add_sampling_flags(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="download and convert a known model into models/")
+    p.add_argument("name", nargs="?", default="smollm2")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", help="convert a llama GGUF file into a Hugging Face directory")
+    p.add_argument("gguf")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="benchmark load, prefill and decode (and transformers when installed)")
+    add_model_flags(p)
+    p.add_argument("--out", default="bench-out", help="folder for JSON, markdown and PNG")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--batches", default="4,8", help="batched decode sizes")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PyllmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `pyllm story | head`
+        sys.exit(0)

@@ -1,0 +1,155 @@
+"""LLM: the public engine. generate / stream / score / chat_session over one step loop.
+
+One step runs one batched forward: it prefills (in chunks) the sequences whose prompts are not
+yet cached and decodes one token for every other running sequence.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import make_backend
+from .config import ModelConfig
+from .errors import PyllmError
+from .model import LlamaModel
+from .sampling import SamplingParams
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+PREFILL_CHUNK = 512  # prompt tokens per sequence per step: bounds the attention scores' memory
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]          # generated tokens only
+    finish_reason: str
+    prompt_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, backend: str = "cpu", dtype: str | None = None,
+                 show_progress: bool = True):
+        if model is None:
+            from .pull import ensure_default_model
+            model = ensure_default_model()
+        started = time.perf_counter()
+        self.config = ModelConfig.from_dir(model)
+        self.tokenizer = Tokenizer(model)
+        self.backend = make_backend(backend, self.config, dtype)
+        weights = load_weights(self.config, model, self.backend.dtype, self.backend.upload, show_progress)
+        self.model = LlamaModel(self.config, self.backend, weights)
+        self.load_seconds = time.perf_counter() - started
+        self.eos_ids = self.config.eos_token_ids
+
+    # ---- building sequences -------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        """A prompt is text, or a list of token ids used as they are."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise PyllmError("a prompt must be a string or a list of token ids")
+        if not ids:
+            raise PyllmError("the prompt is empty")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise PyllmError(f"token id out of range: the vocabulary has {self.config.vocab_size} tokens")
+        return ids
+
+    def check_fits(self, n_prompt: int, params: SamplingParams):
+        limit = self.config.max_position_embeddings
+        if n_prompt >= limit:
+            raise PyllmError(f"prompt too long: {n_prompt} tokens, the context window is {limit}")
+
+    def new_sequence(self, prompt_ids, params: SamplingParams, cache=None, cached_tokens=0) -> Sequence:
+        self.check_fits(len(prompt_ids), params)
+        cache = cache or self.model.new_cache(len(prompt_ids) + params.max_tokens)
+        return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens)
+
+    # ---- the step loop ------------------------------------------------------------------
+    def step(self, sequences):
+        """One batched forward over the unfinished sequences -> [(sequence, new text)]."""
+        running = [s for s in sequences if not s.finished]
+        batch = [(s.cache, s.pending_prompt[:PREFILL_CHUNK] or [s.last_token]) for s in running]
+        prompt_done = [len(s.pending_prompt) <= PREFILL_CHUNK for s in running]
+        logits = self.model.forward(batch)
+        events = []
+        for seq, row, sample_now in zip(running, logits, prompt_done):
+            if sample_now:
+                events.append((seq, seq.add_token_from(row)))
+        return events
+
+    def run(self, sequences):
+        """Step until every sequence finishes, yielding (sequence, new text) as tokens arrive."""
+        while any(not s.finished for s in sequences):
+            yield from self.step(sequences)
+
+    # ---- public API ---------------------------------------------------------------------
+    def generate(self, prompts, sampling: SamplingParams | None = None, **kwargs):
+        """One prompt -> Output; a list of prompts -> list[Output], run as one batch."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and all(isinstance(t, (int, np.integer)) for t in prompts))
+        params = sampling or SamplingParams(**kwargs)
+        prompt_list = [prompts] if single else list(prompts)
+        if not prompt_list:
+            raise PyllmError("no prompts given")
+        sequences = [self.new_sequence(self.encode_prompt(p), params) for p in prompt_list]
+        timer = StepTimer(sequences)
+        for _ in timer.wrap(self.run(sequences)):
+            pass
+        outputs = [self._output(seq, timer) for seq in sequences]
+        return outputs[0] if single else outputs
+
+    def stream(self, prompt, sampling: SamplingParams | None = None, **kwargs):
+        """Yield text pieces of one prompt's continuation as they are generated."""
+        sequence = self.new_sequence(self.encode_prompt(prompt), sampling or SamplingParams(**kwargs))
+        for _, piece in self.run([sequence]):
+            if piece:
+                yield piece
+
+    def score(self, token_ids) -> np.ndarray:
+        """Logits at every position: token_ids [n] -> float32 [n, vocab]."""
+        ids = self.encode_prompt(list(token_ids))
+        self.check_fits(len(ids), SamplingParams(max_tokens=1))
+        cache = self.model.new_cache(len(ids))
+        rows = [self.model.forward([(cache, ids[i:i + PREFILL_CHUNK])], all_logits=True)
+                for i in range(0, len(ids), PREFILL_CHUNK)]
+        return np.concatenate(rows)
+
+    def chat_session(self, system: str | None = None, **kwargs):
+        from .chat import ChatSession
+        return ChatSession(self, system, SamplingParams(**kwargs) if kwargs else None)
+
+    def _output(self, seq: Sequence, timer: "StepTimer") -> Output:
+        return Output(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_ids, timer.stats(seq))
+
+
+class StepTimer:
+    """Splits wall time into prefill (until a sequence's first token) and decode."""
+
+    def __init__(self, sequences):
+        self.sequences = sequences
+        self.start = self.end = time.perf_counter()
+
+    def wrap(self, events):
+        self.start = time.perf_counter()
+        for event in events:
+            yield event
+        self.end = time.perf_counter()
+
+    def stats(self, seq: Sequence) -> dict:
+        first = seq.first_token_at or self.end
+        prefill_s, decode_s = first - self.start, self.end - first
+        n_prefilled = len(seq.prompt_ids) - seq.cached_tokens
+        n_decoded = max(len(seq.output_ids) - 1, 0)  # the first token comes from the prefill
+        return {
+            "prompt_tokens": len(seq.prompt_ids), "cached_tokens": seq.cached_tokens,
+            "generated_tokens": len(seq.output_ids),
+            "prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_tok_s": n_prefilled / prefill_s if prefill_s > 0 else 0.0,
+            "decode_tok_s": n_decoded / decode_s if decode_s > 0 else 0.0,
+        }

@@ -1,0 +1,72 @@
+"""The Llama decoder, written once against the backend interface.
+
+A forward step takes a ragged batch: each sequence brings its own KV cache and its own new
+tokens. Linear layers run on all new tokens concatenated; attention runs per sequence.
+"""
+
+import numpy as np
+
+from .kv_cache import KVCache
+
+
+class LlamaModel:
+    def __init__(self, config, backend, weights):
+        self.config = config
+        self.backend = backend
+        self.weights = weights
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.backend, self.config, capacity or self.config.max_position_embeddings)
+
+    def forward(self, batch, all_logits=False):
+        """batch: list of (KVCache, new token ids). Returns logits as host f32:
+        [len(batch), vocab] for each sequence's last token, or [sum(T), vocab] with all_logits.
+        Every cache advances by its new tokens."""
+        cfg, be, w = self.config, self.backend, self.weights
+        lengths = [len(ids) for _, ids in batch]
+        for (cache, _), n in zip(batch, lengths):
+            cache.check_room(n)
+        ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
+        positions = np.concatenate([np.arange(c.length, c.length + n) for (c, _), n in zip(batch, lengths)])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
+        positions = be.upload_ids(positions)
+        for layer_index, layer in enumerate(w.layers):
+            h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            attn = self._attention(layer_index, layer, h, positions, batch, starts)
+            x = be.matmul_transb(attn, layer.o, beta=1.0, c=x)  # residual add fused into the matmul
+            h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
+        for (cache, _), n in zip(batch, lengths):
+            cache.advance(n)
+        if not all_logits:
+            x = x[starts[1:] - 1]  # [batch, hidden]: only the last token of each sequence
+        return be.to_host(be.matmul_transb(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
+
+    def _attention(self, layer_index, layer, h, positions, batch, starts):
+        """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
+        cfg, be = self.config, self.backend
+        n_q, n_kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]
+        if layer.qkv_bias is not None:
+            qkv += layer.qkv_bias
+        n_tokens = qkv.shape[0]
+        q = be.rope(qkv[:, :n_q * dim].reshape(n_tokens, n_q, dim), positions)         # [T, H, D]
+        k = be.rope(qkv[:, n_q * dim:(n_q + n_kv) * dim].reshape(n_tokens, n_kv, dim), positions)  # [T, KV, D]
+        v = qkv[:, (n_q + n_kv) * dim:].reshape(n_tokens, n_kv, dim)                    # [T, KV, D]
+        out = be.xp.empty((n_tokens, n_q, dim), dtype=q.dtype)                         # [T, H, D]
+        for (cache, _), start, end in zip(batch, starts[:-1], starts[1:]):
+            cache.write(layer_index, k[start:end], v[start:end])
+            keys, values = cache.view(layer_index, end - start)
+            out[start:end] = be.attention(q[start:end], keys, values, cache.length)
+        return out.reshape(n_tokens, n_q * dim)
+
+
+def prefill(model, cache, prompt_ids):
+    """Run a prompt through the model, filling the cache -> logits of its last token [vocab]."""
+    return model.forward([(cache, prompt_ids)])[0]
+
+
+def decode(model, caches, last_tokens):
+    """One decode step for several sequences at once -> logits [len(caches), vocab]."""
+    return model.forward([(cache, [token]) for cache, token in zip(caches, last_tokens)])

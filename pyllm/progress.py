@@ -1,0 +1,11 @@
+"""Progress bars for long operations (download, convert, load, benchmark), on stderr."""
+
+import sys
+
+from tqdm import tqdm
+
+
+def progress(iterable=None, total=None, desc="", unit="it", unit_scale=False, enabled=True):
+    """A tqdm bar on stderr that disappears when stderr is not a terminal unless forced."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
+                disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)

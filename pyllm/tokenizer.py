@@ -1,0 +1,101 @@
+"""Tokenizer (HF `tokenizers`), chat-template rendering (jinja2) and incremental detokenization."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import PyllmError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _token_text(value):
+    """tokenizer_config.json writes special tokens either as strings or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise PyllmError(f"missing file: {path}")
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises plain Exceptions with multi-line text
+            raise PyllmError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.bos_token = _token_text(config.get("bos_token")) or ""
+        self.eos_token = _token_text(config.get("eos_token")) or ""
+        template = config.get("chat_template") or CHATML_TEMPLATE
+        if isinstance(template, list):  # a list of named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=_raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        self.chat_template = env.from_string(template)
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain text -> ids; the tokenizer's own post-processor adds BOS where the model wants it."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or not isinstance(message.get("content"), str):
+                raise PyllmError("each message needs a string 'role' and a string 'content'")
+        try:
+            return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                             bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as exc:
+            raise PyllmError(f"chat template: {exc}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """As transformers' apply_chat_template(tokenize=True): the template writes the special tokens."""
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces that concatenate to decode(all ids).
+
+    Decodes a short window of recent tokens twice (with and without the newest ones) and emits
+    the difference; a piece ending in U+FFFD is held back until the rest of its UTF-8 bytes arrive.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)[-6:]  # a little context so the first piece keeps its leading space
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character at the very end) once no token follows."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        self.read_offset = len(self.ids)
+        return self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix_text):]

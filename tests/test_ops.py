@@ -1,0 +1,91 @@
+"""Each NumPy operator against transformers' own module or a plain PyTorch reference."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.llama import modeling_llama as hf
+
+from pyllm.backends import numpy_backend as ops
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def test_gather_picks_rows():
+    table, ids = randn(50, 8), np.array([3, 0, 49, 3])
+    expected = torch.nn.functional.embedding(torch.from_numpy(ids), torch.from_numpy(table)).numpy()
+    np.testing.assert_array_equal(ops.gather(table, ids), expected)
+
+
+@pytest.mark.parametrize("hidden", [100, 576])
+def test_rms_norm_matches_llama_rmsnorm(hidden):
+    x, w = randn(7, hidden), randn(hidden)
+    module = hf.LlamaRMSNorm(hidden, eps=1e-5)
+    module.weight.data = torch.from_numpy(w)
+    expected = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("theta,head_dim", [(10000.0, 64), (500000.0, 24)])
+def test_rope_matches_hf_rotary_embedding(theta, head_dim):
+    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_theta=theta,
+                                      max_position_embeddings=512)
+    positions = np.array([0, 1, 5, 37, 300, 511])
+    q, k = randn(len(positions), 3, head_dim), randn(len(positions), 1, head_dim)
+    cos_t, sin_t = hf.LlamaRotaryEmbedding(config)(torch.zeros(1), torch.from_numpy(positions)[None])
+    # transformers wants [batch, heads, seq, dim]
+    q_hf, k_hf = hf.apply_rotary_pos_emb(torch.from_numpy(q).transpose(0, 1)[None],
+                                         torch.from_numpy(k).transpose(0, 1)[None], cos_t, sin_t)
+    cos, sin = ops.rope_tables(theta, head_dim, 512)
+    # torch's f32 cos/sin of angles near 500 rad may be an ulp off the correctly rounded value
+    np.testing.assert_allclose(ops.rope(q, positions, cos, sin), q_hf[0].transpose(0, 1).numpy(), atol=6e-5)
+    np.testing.assert_allclose(ops.rope(k, positions, cos, sin), k_hf[0].transpose(0, 1).numpy(), atol=6e-5)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (4, 300)])
+def test_softmax_causal_matches_masked_torch_softmax(q_len, kv_len):
+    scores = randn(3, q_len, kv_len) * 4
+    offset = kv_len - q_len
+    mask = torch.arange(kv_len)[None, :] > (offset + torch.arange(q_len))[:, None]
+    expected = torch.softmax(torch.from_numpy(scores).masked_fill(mask, float("-inf")), dim=-1).numpy()
+    np.testing.assert_allclose(ops.softmax_causal(scores.copy(), offset), expected, atol=1e-6)
+
+
+def test_softmax_fully_masked_row_gives_zeros():
+    scores = randn(2, 3, 4)
+    out = ops.softmax_causal(scores, offset=-1)  # query 0 sees no key at all
+    assert np.all(out[:, 0] == 0) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[:, 1:].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_swiglu_matches_llama_mlp_activation():
+    gate_up = randn(6, 2 * 40)
+    gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up).numpy()
+    np.testing.assert_allclose(ops.swiglu(gate_up), expected, atol=1e-6)
+
+
+def test_matmul_transb_alpha_beta():
+    a, b, c = randn(5, 12), randn(7, 12), randn(5, 7)
+    expected = 0.5 * np.einsum("mk,nk->mn", a.astype(np.float64), b) + 2.0 * c
+    np.testing.assert_allclose(ops.matmul_transb(a, b, alpha=0.5, beta=2.0, c=c.copy()), expected, atol=1e-5)
+    np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,q_len,kv_len", [(9, 3, 1, 37), (4, 4, 6, 6), (8, 2, 3, 300)])
+def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
+    head_dim = 16
+    q, k, v = randn(q_len, n_heads, head_dim), randn(n_kv, kv_len, head_dim), randn(n_kv, kv_len, head_dim)
+    offset = kv_len - q_len
+    mask = torch.zeros(q_len, kv_len).masked_fill(
+        torch.arange(kv_len)[None, :] > (offset + torch.arange(q_len))[:, None], float("-inf"))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = n_heads // n_kv, False
+    expected, _ = hf.eager_attention_forward(
+        module, torch.from_numpy(q).transpose(0, 1)[None], torch.from_numpy(k)[None], torch.from_numpy(v)[None],
+        mask[None, None], scaling=head_dim ** -0.5)
+    np.testing.assert_allclose(ops.attention(q, k, v, offset), expected[0].numpy(), atol=1e-5)
