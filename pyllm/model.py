@@ -40,16 +40,14 @@ class LlamaModel:
         for (cache, _), n in zip(batch, lengths):
             cache.advance(n)
         if not all_logits:
-            x = x[starts[1:] - 1]  # [batch, hidden]: only the last token of each sequence
+            x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
         return be.to_host(be.matmul_transb(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
 
     def _attention(self, layer_index, layer, h, positions, batch, starts):
         """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
         cfg, be = self.config, self.backend
         n_q, n_kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]
-        if layer.qkv_bias is not None:
-            qkv += layer.qkv_bias
+        qkv = be.matmul_transb(h, layer.qkv, bias=layer.qkv_bias)  # [T, (H + 2 KV) * D]
         n_tokens = qkv.shape[0]
         q = be.rope(qkv[:, :n_q * dim].reshape(n_tokens, n_q, dim), positions)         # [T, H, D]
         k = be.rope(qkv[:, n_q * dim:(n_q + n_kv) * dim].reshape(n_tokens, n_kv, dim), positions)  # [T, KV, D]

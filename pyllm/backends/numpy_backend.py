@@ -42,11 +42,13 @@ def rope(x, positions, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None):
-    """C = alpha * A @ B^T + beta * C: a [M, K], b [N, K], c [M, N] (updated in place when given)."""
+def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
+    """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
     product = a @ b.T
     if alpha != 1.0:
         product *= np.float32(alpha)
+    if bias is not None:
+        product += bias
     if c is None or beta == 0.0:
         return product
     if beta != 1.0:

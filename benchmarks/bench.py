@@ -1,0 +1,168 @@
+"""pyllm bench: load time, prefill and decode speed, batched decode, memory, bandwidth — and
+transformers on the same weights, prompt and dtype in the same run, with the ratios.
+
+Writes bench.json, bench.md and bench.png into --out. Run it with nothing else on the machine.
+"""
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pyllm.progress import progress
+
+PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
+               "changed how knowledge travelled across Europe. ")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT_TEXT * (n_tokens // 8 + 1), add_special_tokens=False)
+    return ids[:n_tokens]
+
+
+def gemv_bandwidth(total_bytes: int, rows=1536, cols=576, repeats=3) -> float:
+    """GB/s of numpy's f32 GEMV streaming `total_bytes` of matrices shaped like a decoder layer's."""
+    n = max(1, total_bytes // (rows * cols * 4))
+    mats = np.random.default_rng(0).standard_normal((n, rows, cols), dtype=np.float32)
+    x = np.ones(cols, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for m in mats:
+            m @ x
+        best = min(best, time.perf_counter() - start)
+    return mats.nbytes / best / 1e9
+
+
+def best_of(fn, repeats=2):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_pyllm(args, ids, batches):
+    import pyllm
+    from pyllm.model import prefill
+    start = time.perf_counter()
+    llm = pyllm.LLM(args.model, backend=args.backend, dtype=args.dtype)
+    r = {"load_s": time.perf_counter() - start, "weight_bytes": llm.model.weights.nbytes()}
+    prefill_s = best_of(lambda: prefill(llm.model, llm.model.new_cache(len(ids) + 1), ids))
+    r["prefill_tok_s"] = len(ids) / prefill_s
+    short = ids[:16]
+    for batch in progress([1] + batches, desc="pyllm decode", unit="batch"):
+        prompts = [short[i % 4:] for i in range(batch)]  # distinct prompts of slightly different lengths
+        outs = llm.generate(prompts, max_tokens=args.decode_tokens, ignore_eos=True)
+        decode_s = max(o.stats["decode_s"] for o in outs)
+        r[f"decode_b{batch}_tok_s"] = batch * (args.decode_tokens - 1) / decode_s
+    r["peak_rss_bytes"] = peak_rss_bytes()
+    return r, llm
+
+
+def bench_transformers(args, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
+    r = {"load_s": time.perf_counter() - start}
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        r["prefill_tok_s"] = len(ids) / best_of(lambda: model(prompt, logits_to_keep=1))
+        short = prompt[:, :16]
+
+        def generate(n):
+            return best_of(lambda: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                  pad_token_id=0), repeats=1)
+        r["decode_b1_tok_s"] = (args.decode_tokens - 1) / (generate(args.decode_tokens) - generate(1))
+    return r
+
+
+def write_report(results, out_dir: Path):
+    ours, hf = results["pyllm"], results.get("transformers")
+    rows = [("load (s)", "load_s"), ("prefill tok/s", "prefill_tok_s"), ("decode tok/s (batch 1)", "decode_b1_tok_s")]
+    rows += [(f"decode tok/s aggregate (batch {b})", f"decode_b{b}_tok_s") for b in results["batches"]]
+    lines = ["| metric | pyllm | transformers | pyllm / transformers |", "|---|---|---|---|"]
+    for label, key in rows:
+        theirs = hf.get(key) if hf else None
+        ratio = f"{ours[key] / theirs:.2f}x" if theirs else "-"
+        lines.append(f"| {label} | {ours[key]:.2f} | {theirs:.2f} | {ratio} |" if theirs else
+                     f"| {label} | {ours[key]:.2f} | - | - |")
+    b1 = ours["decode_b1_tok_s"]
+    lines += [
+        f"| batched speed-up (batch {b} / batch 1) | {ours[f'decode_b{b}_tok_s'] / b1:.2f}x | | |" for b in results["batches"]]
+    achieved = ours["weight_bytes"] * b1 / 1e9
+    lines += [
+        f"| weights (MB) | {ours['weight_bytes'] / 1e6:.1f} | | |",
+        f"| peak RSS (MB) | {ours['peak_rss_bytes'] / 1e6:.1f} | | |",
+        f"| achieved GB/s at batch 1 (weights x tok/s) | {achieved:.1f} | | {achieved / results['gemv_gb_s']:.0%} of GEMV |",
+        f"| machine GEMV GB/s (numpy, same run) | {results['gemv_gb_s']:.1f} | | |",
+    ]
+    table = "\n".join(lines)
+    (out_dir / "bench.md").write_text(f"# pyllm bench: {results['model']} ({results['backend']})\n\n{table}\n")
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    plot(results, out_dir / "bench.png")
+    return table
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ours, hf = results["pyllm"], results.get("transformers") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    keys = [("prefill", "prefill_tok_s"), ("decode b1", "decode_b1_tok_s")]
+    x = np.arange(len(keys))
+    axes[0].bar(x - 0.2, [ours[k] for _, k in keys], 0.4, label="pyllm")
+    axes[0].bar(x + 0.2, [hf.get(k, 0) for _, k in keys], 0.4, label="transformers")
+    axes[0].set_xticks(x, [label for label, _ in keys])
+    axes[0].set_ylabel("tokens / s")
+    axes[0].set_title("single sequence")
+    axes[0].legend()
+    sizes = [1] + results["batches"]
+    axes[1].plot(sizes, [ours[f"decode_b{b}_tok_s"] for b in sizes], "o-", label="pyllm aggregate")
+    axes[1].plot(sizes, [ours["decode_b1_tok_s"] * b for b in sizes], "--", color="grey", label="linear")
+    axes[1].set_xlabel("sequences decoded together")
+    axes[1].set_ylabel("tokens / s")
+    axes[1].set_title("batched decode")
+    axes[1].legend()
+    fig.suptitle(f"{Path(results['model']).name} on {results['backend']} ({results['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args):
+    if args.model is None:
+        from pyllm.pull import ensure_default_model
+        args.model = str(ensure_default_model())
+    batches = [int(b) for b in args.batches.split(",") if b]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from pyllm.tokenizer import Tokenizer
+    ids = prompt_ids(Tokenizer(args.model), args.prompt_tokens)
+    ours, llm = bench_pyllm(args, ids, batches)
+    results = {"model": args.model, "backend": args.backend, "machine": f"{platform.machine()}, {_cores()} cores",
+               "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens, "batches": batches,
+               "gemv_gb_s": gemv_bandwidth(min(ours["weight_bytes"], 512 << 20)), "pyllm": ours}
+    del llm
+    if not args.no_hf:
+        try:
+            results["transformers"] = bench_transformers(args, ids)
+        except ImportError:
+            print("transformers/torch not installed: skipping the comparison")
+    print(write_report(results, out_dir))
+    print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+
+
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0))
