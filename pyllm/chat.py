@@ -27,40 +27,56 @@ class ChatSession:
         self.messages: list[dict] = []
         self.dropped_turns = 0              # turns forgotten to make room, for the caller to report
         self.last_sequence = None           # the latest turn's Sequence (stats, finish reason)
+        self._streaming = None              # the answer generator of the latest turn
 
     def reset(self):
+        self._close_answer()
         self.messages, self.cached_ids = [], []
+        self.dropped_turns, self.last_sequence = 0, None
         self.cache.truncate(0)
 
-    def _conversation(self, user_text: str) -> list[dict]:
+    def _conversation(self, messages, user_text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages + [{"role": "user", "content": user_text}]
+        return system + messages + [{"role": "user", "content": user_text}]
 
-    def _prompt_ids(self, user_text: str, max_tokens: int) -> list[int]:
-        """The rendered conversation, dropping the oldest turns until it and the answer fit."""
-        self.dropped_turns = 0
+    def _fit(self, user_text: str, max_tokens: int):
+        """Drop the oldest turns until the prompt leaves room for the answer (at most half the
+        window, so one long answer cannot evict the whole history) -> (messages kept, prompt ids).
+        Nothing changes when even the message alone does not fit."""
+        room = min(max_tokens, self.cache.capacity // 2)
+        messages = self.messages
         while True:
-            ids = self.llm.tokenizer.encode_chat(self._conversation(user_text))
-            if len(ids) + max_tokens <= self.cache.capacity:
-                return ids
-            if not self.messages:
-                raise PyllmError(f"message too long: {len(ids)} tokens plus {max_tokens} to generate "
-                                 f"exceed the context window of {self.cache.capacity}")
-            self.messages = self.messages[2:]  # one user turn and its answer
-            self.dropped_turns += 1
+            ids = self.llm.tokenizer.encode_chat(self._conversation(messages, user_text))
+            if len(ids) + room <= self.cache.capacity or not messages:
+                break
+            messages = messages[2:]  # one user turn and its answer
+        if len(ids) >= self.cache.capacity:
+            raise PyllmError(f"message too long: the conversation needs {len(ids)} tokens, "
+                             f"the context window is {self.cache.capacity}")
+        return messages, ids
 
     def send(self, user_text: str, sampling: SamplingParams | None = None):
         """Start a turn -> a generator of the answer's text pieces. The conversation is rendered
-        (and old turns dropped) right away; the turn is recorded even if the caller stops early."""
+        (and old turns dropped) right away; once the generator has started, the turn is recorded
+        even if the caller stops early. An answer still streaming is stopped first."""
         params = sampling or self.sampling
-        max_tokens = min(params.max_tokens, self.cache.capacity // 2)
-        ids = self._prompt_ids(user_text, max_tokens)
+        self._close_answer()
+        messages, ids = self._fit(user_text, params.max_tokens)
+        self.dropped_turns = (len(self.messages) - len(messages)) // 2
+        self.messages = messages
         # reuse the cached prefix; at least one token must be fed to get logits
         reused = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
         self.cache.truncate(reused)
+        self.cached_ids = ids[:reused]
         seq = self.llm.new_sequence(ids, params, cache=self.cache, cached_tokens=reused)
         self.last_sequence = seq
-        return self._answer(user_text, ids, seq)
+        self._streaming = self._answer(user_text, ids, seq)
+        return self._streaming
+
+    def _close_answer(self):
+        if self._streaming is not None:
+            self._streaming.close()
+            self._streaming = None
 
     def _answer(self, user_text, ids, seq):
         try:
@@ -68,6 +84,8 @@ class ChatSession:
                 if piece:
                     yield piece
         finally:  # also on Ctrl-C or a closed generator: keep the conversation and cache consistent
-            fed = ids + seq.output_ids
-            self.cached_ids = fed[:self.cache.length]
-            self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": seq.text}]
+            if not seq.finished:
+                seq.abort()
+            self.cached_ids = (ids + seq.output_ids)[:self.cache.length]
+            self.messages = self.messages + [{"role": "user", "content": user_text},
+                                             {"role": "assistant", "content": seq.text}]

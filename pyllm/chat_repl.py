@@ -2,40 +2,56 @@
 
 import sys
 
+from .chat import ChatSession
+from .errors import PyllmError
+
 
 def repl(llm, system, sampling):
-    session = llm.chat_session(system=system)
-    session.sampling = sampling
+    session = ChatSession(llm, system, sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         print("pyllm chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        text = line.strip()
-        if not text:
-            continue
+    while (text := read_line(interactive)) is not None:
         if text == "/exit":
             break
         if text == "/reset":
             session.reset()
             print("[conversation reset]", file=sys.stderr)
-            continue
+        elif text:
+            run_turn(session, text)
+
+
+def read_line(interactive: bool) -> str | None:
+    """The next input line, stripped; None at end of input. Ctrl-C at the prompt only clears the line."""
+    while True:
+        try:
+            return input("> " if interactive else "").strip()
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+
+
+def run_turn(session: ChatSession, text: str):
+    """Stream one answer to stdout. Ctrl-C stops it and an error skips it; either way the
+    session stays usable for the next line."""
+    answer = None
+    try:
         answer = session.send(text)
         if session.dropped_turns:
             print(f"[context window full: dropped the {session.dropped_turns} oldest turn(s)]", file=sys.stderr)
-        try:
-            for piece in answer:
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
+        for piece in answer:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        if answer is not None:
             answer.close()  # records the partial answer so the next turn stays consistent
-            print("\n[stopped]", file=sys.stderr)
         print()
-        seq = session.last_sequence
-        if seq is not None and seq.finish_reason == "length" and seq.cache.length >= seq.cache.capacity:
-            print("[context window full: the answer was cut; older turns will be dropped next]", file=sys.stderr)
+        print("[stopped]", file=sys.stderr)
+        return
+    except PyllmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    print()
+    seq = session.last_sequence
+    if seq.finish_reason == "length" and seq.cache.length >= seq.cache.capacity:
+        print("[context window full: the answer was cut; older turns will be dropped next]", file=sys.stderr)

@@ -2,9 +2,19 @@
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from .errors import PyllmError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error: ...` line like every other error."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_model_flags(parser):
@@ -32,20 +42,24 @@ def sampling_from(args):
 
 def load_llm(args):
     from .engine import LLM
-    return LLM(args.model, backend=args.backend, dtype=args.dtype)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise PyllmError(f"model directory not found: {args.model}")
+    # a load bar is for people watching a terminal, not for logs and pipes
+    return LLM(args.model, backend=args.backend, dtype=args.dtype, show_progress=sys.stderr.isatty())
 
 
-def print_stats(out, file=sys.stderr):
+def print_stats(out):
     s = out.stats
-    print(f"\n[{s['prompt_tokens']} prompt tokens ({s['cached_tokens']} cached), {s['generated_tokens']} generated, "
+    print(f"[{s['prompt_tokens']} prompt tokens ({s['cached_tokens']} cached), {s['generated_tokens']} generated, "
           f"{out.finish_reason}] prefill {s['prefill_tok_s']:.1f} tok/s, decode {s['decode_tok_s']:.1f} tok/s",
-          file=file)
+          file=sys.stderr)
 
 
 def cmd_story(args):
     from .engine import StepTimer
+    sampling = sampling_from(args)  # bad flag values fail before the model loads
     llm = load_llm(args)
-    seq = llm.new_sequence(llm.encode_prompt(args.prompt), sampling_from(args))
+    seq = llm.new_sequence(llm.encode_prompt(args.prompt), sampling)
     print(args.prompt, end="", flush=True)
     timer = StepTimer([seq])
     for _, piece in timer.wrap(llm.run([seq])):
@@ -55,8 +69,9 @@ def cmd_story(args):
 
 
 def cmd_generate(args):
+    sampling = sampling_from(args)
     llm = load_llm(args)
-    out = llm.generate(args.prompt, sampling_from(args))
+    out = llm.generate(args.prompt, sampling)
     if args.json:
         print(json.dumps({"prompt_ids": out.prompt_ids, "new_ids": out.token_ids, "text": out.text,
                           "finish_reason": out.finish_reason, "timings": out.stats}))
@@ -66,7 +81,8 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     from .chat_repl import repl
-    repl(load_llm(args), args.system, sampling_from(args))
+    sampling = sampling_from(args)
+    repl(load_llm(args), args.system, sampling)
 
 
 def cmd_pull(args):
@@ -89,7 +105,7 @@ def cmd_bench(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="pyllm", description="Run Llama-family models on the CPU or a GPU.")
+    parser = ArgumentParser(prog="pyllm", description="Run Llama-family models on the CPU or a GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("story", help="continue a text, streaming to stdout")
@@ -138,9 +154,24 @@ def main(argv=None):
     try:
         args.func(args)
     except PyllmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(first_line(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # e.g. `pyllm story | head`
+        # stdout is gone: point it at devnull so the flush at exit does not complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except Exception as exc:  # a bug or an unexpected OS error: still one line, unless debugging
+        if os.environ.get("PYLLM_DEBUG"):
+            raise
+        fail(f"unexpected {type(exc).__name__}: {first_line(exc)} (PYLLM_DEBUG=1 shows the traceback)")
+
+
+def first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no details"
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -4,11 +4,22 @@ Logit processors run in the order transformers applies them: repetition penalty,
 top-k, top-p, min-p. Each sequence owns a seeded generator, so the same seed gives the same tokens.
 """
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 
 from .errors import PyllmError
+
+
+def _is_int(value, low) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= low
+
+
+def _is_real(value) -> bool:
+    # NaN compares False with everything, so it must be refused before the range checks
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -24,15 +35,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [] if self.stop is None else [self.stop]
+        self.stop = list(self.stop)
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (_is_int(self.max_tokens, 1), "max_tokens must be an integer >= 1"),
+            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
+            (_is_int(self.top_k, 0), "top_k must be an integer >= 0"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (_is_real(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or _is_int(self.seed, 0), "seed must be an integer >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
         ]
         for ok, message in checks:
@@ -53,24 +66,39 @@ def apply_repetition_penalty(logits, seen_ids, penalty):
     return logits
 
 
-def sample(logits, params: SamplingParams, rng: np.random.Generator, seen_ids=()) -> int:
-    """logits [vocab] f32 (host) -> next token id."""
+def _top_p_mask(probs, top_p):
+    """True for the tokens top-p removes: those whose mass, together with every less likely token,
+    is at most 1 - top_p (transformers' formulation, so boundary cases round the same way)."""
+    order = np.argsort(probs, kind="stable")
+    removed = np.cumsum(probs[order]) <= 1 - top_p
+    removed[-1] = False  # the most likely token always stays
+    mask = np.zeros(probs.size, dtype=bool)
+    mask[order] = removed
+    return mask
+
+
+def probabilities(logits, params: SamplingParams, seen_ids=()) -> np.ndarray:
+    """The distribution sample() draws from: float64 [vocab], exactly 0 for every filtered token."""
     logits = apply_repetition_penalty(np.array(logits, dtype=np.float32), seen_ids, params.repetition_penalty)
+    probs = np.zeros(logits.size)
     if params.temperature == 0:
-        return int(np.argmax(logits))
-    logits /= np.float32(params.temperature)
-    if 0 < params.top_k < logits.size:
-        kth = np.partition(logits, -params.top_k)[-params.top_k]
-        logits[logits < kth] = -np.inf
-    probs = np.exp(logits - logits.max())
+        probs[np.argmax(logits)] = 1.0
+        return probs
+    scores = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scores.size:
+        scores[scores < np.partition(scores, -params.top_k)[-params.top_k]] = -np.inf
+    probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        # keep the smallest prefix whose mass reaches top_p (the token crossing it stays)
-        cut = np.searchsorted(cumulative, params.top_p) + 1
-        probs[order[cut:]] = 0.0
+        probs[_top_p_mask(probs, params.top_p)] = 0.0
     if params.min_p > 0:
         probs[probs < params.min_p * probs.max()] = 0.0
-    probs /= probs.sum()
+    return probs / probs.sum()
+
+
+def sample(logits, params: SamplingParams, rng: np.random.Generator, seen_ids=()) -> int:
+    """logits [vocab] f32 (host) -> next token id."""
+    probs = probabilities(logits, params, seen_ids)
+    if params.temperature == 0:  # greedy draws nothing, so it leaves the generator's stream alone
+        return int(np.argmax(probs))
     return int(rng.choice(probs.size, p=probs))

@@ -5,6 +5,7 @@ from datetime import datetime
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -25,6 +26,11 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson escapes HTML characters, which would change the prompt text
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
@@ -42,7 +48,9 @@ class Tokenizer:
         template = config.get("chat_template") or CHATML_TEMPLATE
         if isinstance(template, list):  # a list of named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # the environment transformers' apply_chat_template renders in, so templates render the same
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
         self.chat_template = env.from_string(template)
@@ -78,11 +86,23 @@ class IncrementalDetokenizer:
     the difference; a piece ending in U+FFFD is held back until the rest of its UTF-8 bytes arrive.
     """
 
+    CONTEXT_TOKENS = 6
+
     def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)[-6:]  # a little context so the first piece keeps its leading space
+        self.ids = self._context(list(prompt_ids))
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+
+    def _context(self, prompt_ids) -> list[int]:
+        """The last few prompt tokens, starting on a whole character. SentencePiece decoders strip
+        the space at the start of a text, so without this left context the first generated word
+        would lose its space; starting mid-character would turn a byte-fallback run into U+FFFDs."""
+        tail = prompt_ids[-self.CONTEXT_TOKENS:]
+        for start in range(len(tail)):
+            if not self.tokenizer.decode(tail[start:]).startswith("\ufffd"):
+                return tail[start:]
+        return []
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)

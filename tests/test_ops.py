@@ -89,3 +89,10 @@ def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
         module, torch.from_numpy(q).transpose(0, 1)[None], torch.from_numpy(k)[None], torch.from_numpy(v)[None],
         mask[None, None], scaling=head_dim ** -0.5)
     np.testing.assert_allclose(ops.attention(q, k, v, offset), expected[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n", [(2, 1728), (8, 576), (5, 49152 // 64), (8, 100)])
+def test_matmul_transb_skinny_path(m, n):
+    """Few rows (batched decode) take the blocked, threaded path; same result as one matmul."""
+    a, b = randn(m, 64), randn(n, 64)
+    np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)

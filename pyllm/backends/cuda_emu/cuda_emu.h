@@ -43,6 +43,7 @@
 #include "cuda_emu_runtime.h"
 #include "cuda_emu_fp16.h"
 #include "cuda_emu_device.h"
+#include "cuda_emu_entry.h"
 
 #define PYLLM_CUDA_EMU 1
 

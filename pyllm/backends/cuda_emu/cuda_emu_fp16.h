@@ -8,6 +8,7 @@
 #ifndef PYLLM_CUDA_EMU_FP16_H
 #define PYLLM_CUDA_EMU_FP16_H
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
