@@ -100,7 +100,8 @@ def cmd_bench(args):
     try:
         from benchmarks.bench import main as bench_main
     except ImportError:
-        raise PyllmError("pyllm bench runs from a checkout: benchmarks/ was not found in the current directory") from None
+        raise PyllmError("pyllm bench runs from a checkout: "
+                         "benchmarks/ was not found in the current directory") from None
     bench_main(args)
 
 

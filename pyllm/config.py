@@ -92,12 +92,19 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise PyllmError(f"missing file: {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PyllmError(f"{path} is not valid JSON: {exc}") from None
+        raw = read_json_object(path)
         generation = Path(model_dir) / "generation_config.json"
         if generation.is_file():  # generation_config's eos list wins: chat models add <|im_end|> there
-            gen = json.loads(generation.read_text())
+            gen = read_json_object(generation)
             raw = {**raw, **{k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None}}
         return cls.from_dict(raw)
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PyllmError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PyllmError(f"{path} must hold a JSON object")
+    return raw

@@ -107,9 +107,13 @@ class LLM:
     def stream(self, prompt, sampling: SamplingParams | None = None, **kwargs):
         """Yield text pieces of one prompt's continuation as they are generated."""
         sequence = self.new_sequence(self.encode_prompt(prompt), sampling or SamplingParams(**kwargs))
-        for _, piece in self.run([sequence]):
-            if piece:
-                yield piece
+        try:
+            for _, piece in self.run([sequence]):
+                if piece:
+                    yield piece
+        finally:  # the caller stopped reading early
+            if not sequence.finished:
+                sequence.abort()
 
     def score(self, token_ids) -> np.ndarray:
         """Logits at every position: token_ids [n] -> float32 [n, vocab]."""
