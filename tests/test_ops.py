@@ -76,7 +76,7 @@ def test_matmul_transb_alpha_beta():
     np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_heads,n_kv,q_len,kv_len", [(9, 3, 1, 37), (4, 4, 6, 6), (8, 2, 3, 300)])
+@pytest.mark.parametrize("n_heads,n_kv,q_len,kv_len", [(9, 3, 1, 37), (4, 4, 6, 6), (8, 2, 3, 300), (9, 3, 300, 300), (4, 2, 200, 250)])
 def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
     head_dim = 16
     q, k, v = randn(q_len, n_heads, head_dim), randn(n_kv, kv_len, head_dim), randn(n_kv, kv_len, head_dim)
