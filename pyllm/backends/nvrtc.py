@@ -81,7 +81,9 @@ def _library_candidates() -> list[str]:
         found += sorted(glob.glob(str(d / "lib" / "libnvrtc.so.*[0-9]")))
         found += sorted(glob.glob(str(d / "bin" / "nvrtc64_*.dll")))
     system = ctypes.util.find_library("nvrtc")
-    return [p for p in found if "builtins" not in p and ".alt." not in p] + ([system] if system else [])
+    return [p for p in found if "builtins" not in p and ".alt." not in p] + (
+        [system] if system else []
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,13 +98,22 @@ def load() -> ctypes.CDLL:
             errors.append(f"{candidate}: {exc}")
     else:
         detail = f" ({'; '.join(errors)})" if errors else ""
-        raise NvrtcUnavailable(f"libnvrtc not found{detail}; install it with "
-                               f"`pip install {NVRTC_PIP_PACKAGE} {CUDA_HEADERS_PIP_PACKAGE}`")
+        raise NvrtcUnavailable(
+            f"libnvrtc not found{detail}; install it with "
+            f"`pip install {NVRTC_PIP_PACKAGE} {CUDA_HEADERS_PIP_PACKAGE}`"
+        )
     p, c_int, c_size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     strs = ctypes.POINTER(ctypes.c_char_p)
     signatures = {
         "nvrtcVersion": [ctypes.POINTER(c_int), ctypes.POINTER(c_int)],
-        "nvrtcCreateProgram": [ctypes.POINTER(p), ctypes.c_char_p, ctypes.c_char_p, c_int, strs, strs],
+        "nvrtcCreateProgram": [
+            ctypes.POINTER(p),
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            c_int,
+            strs,
+            strs,
+        ],
         "nvrtcCompileProgram": [p, c_int, strs],
         "nvrtcDestroyProgram": [ctypes.POINTER(p)],
         "nvrtcGetProgramLogSize": [p, ctypes.POINTER(c_size)],
@@ -149,19 +160,30 @@ def _check(lib, status: int, what: str) -> None:
 def _compile(source: str, name: str, options, target: str, want_cubin: bool) -> bytes:
     lib = load()
     include = cuda_include_dir()
-    opts = [*DEFAULT_OPTIONS, f"--gpu-architecture={target}", *([f"-I{include}"] if include else []),
-            *options]
+    opts = [
+        *DEFAULT_OPTIONS,
+        f"--gpu-architecture={target}",
+        *([f"-I{include}"] if include else []),
+        *options,
+    ]
     prog = ctypes.c_void_p()
-    _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
-           "nvrtcCreateProgram")
+    _check(
+        lib,
+        lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
+        "nvrtcCreateProgram",
+    )
     try:
         c_opts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         status = lib.nvrtcCompileProgram(prog, len(opts), c_opts)
         if status != 0:
-            log = _read(lib, prog, lib.nvrtcGetProgramLogSize, lib.nvrtcGetProgramLog).decode(errors="replace")
+            log = _read(lib, prog, lib.nvrtcGetProgramLogSize, lib.nvrtcGetProgramLog).decode(
+                errors="replace"
+            )
             raise NvrtcCompileError(
                 f"NVRTC failed to compile {name} for {target} "
-                f"({lib.nvrtcGetErrorString(status).decode()}), options {opts}:\n{log}", log)
+                f"({lib.nvrtcGetErrorString(status).decode()}), options {opts}:\n{log}",
+                log,
+            )
         if want_cubin:
             return _read(lib, prog, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN)
         return _read(lib, prog, lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
@@ -174,7 +196,7 @@ def _read(lib, prog, size_fn, get_fn) -> bytes:
     _check(lib, size_fn(prog, ctypes.byref(size)), size_fn.__name__)
     buf = ctypes.create_string_buffer(size.value)
     _check(lib, get_fn(prog, buf), get_fn.__name__)
-    return buf.raw[:size.value]
+    return buf.raw[: size.value]
 
 
 def compile_ptx(source: str, name: str, options: list[str], arch: str) -> str:

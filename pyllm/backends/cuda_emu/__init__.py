@@ -19,5 +19,13 @@ path can drive either.
 from .errors import CompileError, CudaEmuError, KernelFault, LaunchError, RaceDetected
 from .executor import Kernel, Module, Param
 
-__all__ = ["CompileError", "CudaEmuError", "Kernel", "KernelFault", "LaunchError", "Module",
-           "Param", "RaceDetected"]
+__all__ = [
+    "CompileError",
+    "CudaEmuError",
+    "Kernel",
+    "KernelFault",
+    "LaunchError",
+    "Module",
+    "Param",
+    "RaceDetected",
+]

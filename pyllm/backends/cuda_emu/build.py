@@ -37,8 +37,15 @@ BUILD_VERSION = "1"
 
 # -fno-strict-aliasing: kernels type-pun freely (float4 loads of float data).
 # -fno-math-errno: device math never sets errno; lets sqrtf become one instruction.
-CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing",
-             "-fno-math-errno", "-Wno-attributes"]
+CXX_FLAGS = [
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-fno-math-errno",
+    "-Wno-attributes",
+]
 
 _GLOBAL_MARK = "__attribute__((cuda_emu_global))"
 _ATTRIBUTE = re.compile(r"__attribute__\s*\(\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)\)")
@@ -50,7 +57,11 @@ _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = Path(base) / "pyllm" / "cuda_emu"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (some CI sandboxes): fall back to the temp dir
+        path = Path(tempfile.gettempdir()) / f"pyllm-cuda-emu-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -63,7 +74,9 @@ def _compiler_id(cxx: str) -> str:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise CompileError(f"cuda_emu needs a host C++ compiler; running {cxx!r} failed: {exc}") from exc
+        raise CompileError(
+            f"cuda_emu needs a host C++ compiler; running {cxx!r} failed: {exc}"
+        ) from exc
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
@@ -82,8 +95,12 @@ def host_options(options) -> list[str]:
     device code generation and is dropped.
     """
     out, opts = [], list(options)
-    long_forms = {"--define-macro=": "-D", "--undefine-macro=": "-U", "--include-path=": "-I",
-                  "--pre-include=": "-include"}
+    long_forms = {
+        "--define-macro=": "-D",
+        "--undefine-macro=": "-U",
+        "--include-path=": "-I",
+        "--pre-include=": "-include",
+    }
     i = 0
     while i < len(opts):
         opt = opts[i]
@@ -95,7 +112,11 @@ def host_options(options) -> list[str]:
         else:
             for prefix, flag in long_forms.items():
                 if opt.startswith(prefix):
-                    out += [flag, opt[len(prefix):]] if flag == "-include" else [flag + opt[len(prefix):]]
+                    out += (
+                        [flag, opt[len(prefix) :]]
+                        if flag == "-include"
+                        else [flag + opt[len(prefix) :]]
+                    )
         i += 1
     return out
 
@@ -127,12 +148,16 @@ def _hash_local_includes(h, text: str, dirs: list[Path], seen: set) -> None:
 def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CompileError(f"cuda_emu: {what} failed (exit {proc.returncode}).\n"
-                           f"command: {' '.join(cmd)}\n{proc.stderr.strip()}")
+        raise CompileError(
+            f"cuda_emu: {what} failed (exit {proc.returncode}).\n"
+            f"command: {' '.join(cmd)}\n{proc.stderr.strip()}"
+        )
 
 
 def _runtime_object(cxx: str) -> Path:
-    key = hashlib.sha256(f"{_emulator_digest()}|{_compiler_id(cxx)}|{CXX_FLAGS}".encode()).hexdigest()
+    key = hashlib.sha256(
+        f"{_emulator_digest()}|{_compiler_id(cxx)}|{CXX_FLAGS}".encode()
+    ).hexdigest()
     obj = cache_dir() / f"runtime-{key[:24]}.o"
     if not obj.exists():
         tmp = obj.with_name(f"{obj.name}.{os.getpid()}.tmp")
@@ -146,9 +171,9 @@ def kernel_names(preprocessed: str) -> list[str]:
     names: list[str] = []
     for mark in re.finditer(re.escape(_GLOBAL_MARK), preprocessed):
         start = max(preprocessed.rfind(c, 0, mark.start()) for c in ";{}")
-        if re.search(r"\btemplate\b", preprocessed[start + 1:mark.start()]):
+        if re.search(r"\btemplate\b", preprocessed[start + 1 : mark.start()]):
             continue
-        tail = _ATTRIBUTE.sub(" ", preprocessed[mark.end():mark.end() + 4000])
+        tail = _ATTRIBUTE.sub(" ", preprocessed[mark.end() : mark.end() + 4000])
         match = _FUNC_NAME.match(tail)
         if match and match.group(1) not in names:
             names.append(match.group(1))
@@ -164,7 +189,7 @@ def extern_shared_arrays(preprocessed: str) -> dict[str, str]:
         match = re.search(r"\b(\w+)\s*\[\s*\]\s*;$", stmt.strip())
         if not match:
             continue
-        ctype = _ATTRIBUTE.sub(" ", stmt.strip()[:match.start()])
+        ctype = _ATTRIBUTE.sub(" ", stmt.strip()[: match.start()])
         ctype = re.sub(r"\b(extern|thread_local|static)\b", " ", ctype)
         arrays.setdefault(match.group(1), " ".join(ctype.split()))
     return arrays
@@ -172,28 +197,44 @@ def extern_shared_arrays(preprocessed: str) -> dict[str, str]:
 
 def generated_code(names: list[str], shared: dict[str, str]) -> str:
     """The kernel table and shared-memory definitions appended to the preprocessed source."""
-    lines = ['# 1 "<cuda_emu generated>"',
-             f"alignas(16) thread_local unsigned char cuda_emu_dyn_shared[{DYN_SHARED_MAX}];"]
+    lines = [
+        '# 1 "<cuda_emu generated>"',
+        f"alignas(16) thread_local unsigned char cuda_emu_dyn_shared[{DYN_SHARED_MAX}];",
+    ]
     for name, ctype in shared.items():
-        lines.append(f"extern thread_local {ctype} {name}[{DYN_SHARED_MAX} / sizeof({ctype})] "
-                     f'__attribute__((alias("cuda_emu_dyn_shared")));')
+        lines.append(
+            f"extern thread_local {ctype} {name}[{DYN_SHARED_MAX} / sizeof({ctype})] "
+            f'__attribute__((alias("cuda_emu_dyn_shared")));'
+        )
     hidden = 'extern "C" __attribute__((visibility("hidden")))'
     export = 'extern "C" __attribute__((visibility("default")))'
-    lines.append(f"{hidden} unsigned char* cuda_emu_dyn_shared_base() {{ return cuda_emu_dyn_shared; }}")
-    lines.append("namespace { struct CudaEmuKernel { const char* name; cuda_emu::Invoker invoke; "
-                 "void* fn; const char* (*signature)(); };")
+    lines.append(
+        f"{hidden} unsigned char* cuda_emu_dyn_shared_base() {{ return cuda_emu_dyn_shared; }}"
+    )
+    lines.append(
+        "namespace { struct CudaEmuKernel { const char* name; cuda_emu::Invoker invoke; "
+        "void* fn; const char* (*signature)(); };"
+    )
     lines.append("const CudaEmuKernel cuda_emu_kernels[] = {")
     for name in names:
         entry = f"cuda_emu::Entry<decltype(&{name})>"
-        lines.append(f'  {{"{name}", &{entry}::invoke, reinterpret_cast<void*>(&{name}), &{entry}::signature}},')
+        lines.append(
+            f'  {{"{name}", &{entry}::invoke, reinterpret_cast<void*>(&{name}), &{entry}::signature}},'
+        )
     lines.append("  {nullptr, nullptr, nullptr, nullptr}}; }")
     lines.append(f"{export} int cuda_emu_kernel_count() {{ return {len(names)}; }}")
-    lines.append(f"{export} const char* cuda_emu_kernel_name(int i) {{ return cuda_emu_kernels[i].name; }}")
-    lines.append(f"{export} const char* cuda_emu_kernel_signature(int i) "
-                 "{ return cuda_emu_kernels[i].signature(); }")
-    lines.append(f"{export} int cuda_emu_launch(int i, const unsigned* grid, const unsigned* block, "
-                 "unsigned long long dyn, void** args, int flags) { return cuda_emu::launch("
-                 "cuda_emu_kernels[i].invoke, cuda_emu_kernels[i].fn, grid, block, dyn, args, flags); }")
+    lines.append(
+        f"{export} const char* cuda_emu_kernel_name(int i) {{ return cuda_emu_kernels[i].name; }}"
+    )
+    lines.append(
+        f"{export} const char* cuda_emu_kernel_signature(int i) "
+        "{ return cuda_emu_kernels[i].signature(); }"
+    )
+    lines.append(
+        f"{export} int cuda_emu_launch(int i, const unsigned* grid, const unsigned* block, "
+        "unsigned long long dyn, void** args, int flags) { return cuda_emu::launch("
+        "cuda_emu_kernels[i].invoke, cuda_emu_kernels[i].fn, grid, block, dyn, args, flags); }"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +244,9 @@ def build_library(source: str, options=(), path: str | os.PathLike | None = None
     src_path = Path(path).resolve() if path is not None else None
     source_dir = src_path.parent if src_path else None
     opts = host_options(options)
-    h = hashlib.sha256(f"{_emulator_digest()}|{_compiler_id(cxx)}|{CXX_FLAGS}|{opts}|{src_path}".encode())
+    h = hashlib.sha256(
+        f"{_emulator_digest()}|{_compiler_id(cxx)}|{CXX_FLAGS}|{opts}|{src_path}".encode()
+    )
     h.update(source.encode())
     _hash_local_includes(h, source, _include_dirs(opts, source_dir), set())
     lib = cache_dir() / f"{h.hexdigest()[:32]}.so"
@@ -216,14 +259,47 @@ def build_library(source: str, options=(), path: str | os.PathLike | None = None
             src_path = tmpdir / "source.cu"
             src_path.write_text(source)
         pre = tmpdir / "kernel.ii"
-        _run([cxx, "-E", "-x", "c++", "-std=c++17", "-include", str(HEADER), "-I", str(STUB_INCLUDE),
-              *opts, str(src_path), "-o", str(pre)], f"preprocessing {src_path.name}")
+        _run(
+            [
+                cxx,
+                "-E",
+                "-x",
+                "c++",
+                "-std=c++17",
+                "-include",
+                str(HEADER),
+                "-I",
+                str(STUB_INCLUDE),
+                *opts,
+                str(src_path),
+                "-o",
+                str(pre),
+            ],
+            f"preprocessing {src_path.name}",
+        )
         text = pre.read_text()
         code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
         full = tmpdir / "module.ii"
-        full.write_text(text + "\n" + generated_code(kernel_names(code), extern_shared_arrays(code)))
+        full.write_text(
+            text + "\n" + generated_code(kernel_names(code), extern_shared_arrays(code))
+        )
         out = tmpdir / "module.so"
-        _run([cxx, *CXX_FLAGS, "-shared", "-x", "c++-cpp-output", str(full), "-x", "none",
-              str(runtime), "-o", str(out), "-ldl"], f"compiling {src_path.name}")
+        _run(
+            [
+                cxx,
+                *CXX_FLAGS,
+                "-shared",
+                "-x",
+                "c++-cpp-output",
+                str(full),
+                "-x",
+                "none",
+                str(runtime),
+                "-o",
+                str(out),
+                "-ldl",
+            ],
+            f"compiling {src_path.name}",
+        )
         os.replace(out, lib)
     return lib

@@ -38,8 +38,16 @@ DEFAULT_SHARED_LIMIT = 48 * 1024  # per block, without the opt-in attribute
 OPTIN_SHARED_LIMIT = DYN_SHARED_MAX  # sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 _REVERSE, _FORCE_UCONTEXT = 1, 2
-_KIND_NAMES = {"f": "float", "i": "int", "u": "uint", "?": "bool", "h": "__half",
-               "b": "__nv_bfloat16", "v": "void", "o": "struct"}
+_KIND_NAMES = {
+    "f": "float",
+    "i": "int",
+    "u": "uint",
+    "?": "bool",
+    "h": "__half",
+    "b": "__nv_bfloat16",
+    "v": "void",
+    "o": "struct",
+}
 _LIB_LOCKS: dict[str, threading.Lock] = {}
 _LIB_LOCKS_GUARD = threading.Lock()
 
@@ -134,8 +142,15 @@ class Module:
     results differ.
     """
 
-    def __init__(self, code: str | None = None, path: str | os.PathLike | None = None,
-                 options=(), name_expressions=None, *, race_check: bool | None = None):
+    def __init__(
+        self,
+        code: str | None = None,
+        path: str | os.PathLike | None = None,
+        options=(),
+        name_expressions=None,
+        *,
+        race_check: bool | None = None,
+    ):
         if (code is None) == (path is None):
             raise ValueError("give exactly one of code= and path=")
         if code is None:
@@ -167,9 +182,14 @@ class Module:
         lib.cuda_emu_static_shared_bytes.restype = ctypes.c_longlong
         lib.cuda_emu_last_error.restype = ctypes.c_char_p
         lib.cuda_emu_launch.restype = ctypes.c_int
-        lib.cuda_emu_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint),
-                                        ctypes.POINTER(ctypes.c_uint), ctypes.c_ulonglong,
-                                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+        lib.cuda_emu_launch.argtypes = [
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_ulonglong,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
+        ]
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -177,7 +197,9 @@ class Module:
 
     def get_function(self, name: str) -> "Kernel":
         if name not in self._kernels:
-            raise KeyError(f"no __global__ function {name!r} in module; it has {list(self._kernels)}")
+            raise KeyError(
+                f"no __global__ function {name!r} in module; it has {list(self._kernels)}"
+            )
         index, params = self._kernels[name]
         return Kernel(self, name, index, params)
 
@@ -201,8 +223,10 @@ class Kernel:
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value: int) -> None:
         if not 0 <= value <= OPTIN_SHARED_LIMIT - self.shared_size_bytes:
-            raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes={value} exceeds the "
-                              f"opt-in limit {OPTIN_SHARED_LIMIT} minus {self.shared_size_bytes} static")
+            raise LaunchError(
+                f"{self.name}: max_dynamic_shared_size_bytes={value} exceeds the "
+                f"opt-in limit {OPTIN_SHARED_LIMIT} minus {self.shared_size_bytes} static"
+            )
         self._max_dynamic = int(value)
 
     def __call__(self, grid, block, args, *, shared_mem: int = 0) -> None:
@@ -215,7 +239,7 @@ class Kernel:
             self._launch(grid3, block3, int(shared_mem), argv, 0)
         del keep_alive
 
-    # ---- checks -------------------------------------------------------------------
+    # ---- checks --------------------------------------------------------------------------
     def _check_config(self, grid, block, shared_mem: int) -> None:
         where = f"kernel {self.name!r}: invalid launch:"
         if min(grid + block) < 1:
@@ -224,27 +248,41 @@ class Kernel:
         if threads > MAX_THREADS_PER_BLOCK:
             raise LaunchError(f"{where} {threads} threads per block (max {MAX_THREADS_PER_BLOCK})")
         if any(b > m for b, m in zip(block, MAX_BLOCK_DIM)):
-            raise LaunchError(f"{where} block {block} exceeds the per-dimension limits {MAX_BLOCK_DIM}")
+            raise LaunchError(
+                f"{where} block {block} exceeds the per-dimension limits {MAX_BLOCK_DIM}"
+            )
         if any(g > m for g, m in zip(grid, MAX_GRID_DIM)):
-            raise LaunchError(f"{where} grid {grid} exceeds the per-dimension limits {MAX_GRID_DIM}")
+            raise LaunchError(
+                f"{where} grid {grid} exceeds the per-dimension limits {MAX_GRID_DIM}"
+            )
         if self.shared_size_bytes > DEFAULT_SHARED_LIMIT:
-            raise LaunchError(f"{where} {self.shared_size_bytes} bytes of static shared memory "
-                              f"(max {DEFAULT_SHARED_LIMIT})")
+            raise LaunchError(
+                f"{where} {self.shared_size_bytes} bytes of static shared memory "
+                f"(max {DEFAULT_SHARED_LIMIT})"
+            )
         if shared_mem < 0 or shared_mem > self._max_dynamic:
             raise LaunchError(
-                f"{where} {shared_mem} bytes of dynamic shared memory; with {self.shared_size_bytes} "
-                f"static the limit is {self._max_dynamic} (raise max_dynamic_shared_size_bytes to opt in)")
+                f"{where} {shared_mem} bytes of dynamic shared memory; with "
+                f"{self.shared_size_bytes} static the limit is {self._max_dynamic} "
+                "(raise max_dynamic_shared_size_bytes to opt in)"
+            )
 
     def _marshal(self, args):
         if not isinstance(args, (tuple, list)):
-            raise LaunchError(f"kernel {self.name!r}: args must be a tuple, got {type(args).__name__}")
+            raise LaunchError(
+                f"kernel {self.name!r}: args must be a tuple, got {type(args).__name__}"
+            )
         if len(args) != len(self.params):
-            raise LaunchError(f"kernel {self.name!r} takes {len(self.params)} arguments "
-                              f"({', '.join(map(str, self.params))}), got {len(args)}")
+            raise LaunchError(
+                f"kernel {self.name!r} takes {len(self.params)} arguments "
+                f"({', '.join(map(str, self.params))}), got {len(args)}"
+            )
         argv = (ctypes.c_void_p * max(1, len(args)))()
         keep_alive, arrays = [], []
         for i, (arg, p) in enumerate(zip(args, self.params)):
-            slot = self._pointer_slot(i, arg, p, arrays) if p.pointer else self._scalar_slot(i, arg, p)
+            slot = (
+                self._pointer_slot(i, arg, p, arrays) if p.pointer else self._scalar_slot(i, arg, p)
+            )
             keep_alive.append(slot)
             argv[i] = ctypes.addressof(slot)
         return argv, keep_alive, arrays
@@ -269,22 +307,35 @@ class Kernel:
             raise self._bad_arg(i, p, "an array; pass a NumPy scalar for a by-value parameter")
         value = _as_numpy_scalar(arg)
         if not _scalar_fits(p, value.dtype):
-            hint = " (CuPy passes Python ints as int64 and floats as float64)" if not isinstance(
-                arg, np.generic) else ""
-            raise self._bad_arg(i, p, f"{type(arg).__name__} -> {value.dtype}{hint}; "
-                                      f"pass e.g. np.{np.dtype(_example_dtype(p)).name}(...)")
+            hint = (
+                " (CuPy passes Python ints as int64 and floats as float64)"
+                if not isinstance(arg, np.generic)
+                else ""
+            )
+            raise self._bad_arg(
+                i,
+                p,
+                f"{type(arg).__name__} -> {value.dtype}{hint}; "
+                f"pass e.g. np.{np.dtype(_example_dtype(p)).name}(...)",
+            )
         slot = (ctypes.c_uint64 * ((p.size + 7) // 8))()  # 8-byte aligned storage
         ctypes.memmove(slot, value.tobytes(), p.size)
         return slot
 
-    # ---- launching --------------------------------------------------------------------
+    # ---- launching -----------------------------------------------------------------------
     def _launch(self, grid, block, shared_mem, argv, flags) -> None:
         if os.environ.get("PYLLM_CUDA_EMU_UCONTEXT", "") not in ("", "0"):
             flags |= _FORCE_UCONTEXT
         lib = self.module._lib
         with self.module._lock:
-            rc = lib.cuda_emu_launch(self._index, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
-                                     shared_mem, argv, flags)
+            rc = lib.cuda_emu_launch(
+                self._index,
+                (ctypes.c_uint * 3)(*grid),
+                (ctypes.c_uint * 3)(*block),
+                shared_mem,
+                argv,
+                flags,
+            )
             message = lib.cuda_emu_last_error().decode(errors="replace") if rc else ""
         if rc:
             raise KernelFault(f"kernel {self.name!r}: {message}")
@@ -298,13 +349,17 @@ class Kernel:
         for a, b in zip(unique, before):
             a[...] = b
         self._launch(grid, block, shared_mem, argv, 0)
-        differing = [str(i) for i, (a, r) in enumerate(zip(unique, reversed_results))
-                     if not np.array_equal(a.reshape(-1).view(np.uint8), r.reshape(-1).view(np.uint8))]
+        differing = [
+            str(i)
+            for i, (a, r) in enumerate(zip(unique, reversed_results))
+            if not np.array_equal(a.reshape(-1).view(np.uint8), r.reshape(-1).view(np.uint8))
+        ]
         if differing:
             raise RaceDetected(
                 f"kernel {self.name!r}: array argument(s) #{', #'.join(differing)} (counting arrays "
                 "only) differ between ascending and descending thread/block order: the kernel "
-                "depends on scheduling (missing __syncthreads/__syncwarp, or racing global writes)")
+                "depends on scheduling (missing __syncthreads/__syncwarp, or racing global writes)"
+            )
 
 
 def _example_dtype(p: Param) -> str:

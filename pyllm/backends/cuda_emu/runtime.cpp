@@ -24,7 +24,7 @@ namespace cuda_emu {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-constexpr size_t kStackBytes = 64 * 1024, kGuardBytes = 4096;
+constexpr size_t kStackBytes = 256 * 1024, kGuardBytes = 4096;  // virtual; only touched pages cost memory
 constexpr uint64_t kPoison = ~0ull;  // what a lane reads from a lane that did not take part
 constexpr int kForceUcontext = 2;    // launch flag, for testing the portable path
 
