@@ -90,3 +90,17 @@ def smollm2_dir():
 
 needs_shared = pytest.mark.skipif(not (SHARED / "reference" / "golden_greedy.json").is_file(),
                                   reason="../shared (golden references, story model) is not present")
+
+
+def interrupt_on_swiglu_call(monkeypatch, backend, call_number):
+    """Make the backend raise KeyboardInterrupt inside its `call_number`-th swiglu (mid-forward),
+    as Ctrl-C would; every other call runs normally."""
+    calls = []
+    swiglu = backend.swiglu
+
+    def interrupted(x):
+        calls.append(1)
+        if len(calls) == call_number:
+            raise KeyboardInterrupt
+        return swiglu(x)
+    monkeypatch.setattr(backend, "swiglu", interrupted)

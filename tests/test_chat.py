@@ -6,7 +6,7 @@ import json
 import pytest
 
 import pyllm
-from conftest import make_tiny_model, write_byte_tokenizer
+from conftest import interrupt_on_swiglu_call, make_tiny_model, write_byte_tokenizer
 from pyllm import PyllmError, SamplingParams
 from pyllm.chat import ChatSession, common_prefix
 from pyllm.tokenizer import Tokenizer
@@ -144,15 +144,7 @@ def test_closing_the_answer_mid_stream_records_what_was_shown(tiny_llm):
 def test_ctrl_c_inside_a_forward_keeps_the_session_consistent(tiny_llm, monkeypatch):
     """KeyboardInterrupt in the middle of a layer: part of the cache was written, none committed."""
     session = ChatSession(tiny_llm, SYSTEM, SamplingParams(max_tokens=40, ignore_eos=True))
-    calls = []
-    swiglu = tiny_llm.backend.swiglu
-
-    def interrupted(x):
-        calls.append(1)
-        if len(calls) == 2 * tiny_llm.config.num_layers + 2:  # 3rd forward, 2nd layer
-            raise KeyboardInterrupt
-        return swiglu(x)
-    monkeypatch.setattr(tiny_llm.backend, "swiglu", interrupted)
+    interrupt_on_swiglu_call(monkeypatch, tiny_llm.backend, 2 * tiny_llm.config.num_layers + 2)  # 3rd forward
     with pytest.raises(KeyboardInterrupt):
         run_turn(session, "Count to ten.")
     monkeypatch.undo()

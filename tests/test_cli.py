@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 import pyllm
-from conftest import REPO, SHARED, hf_logits, make_tiny_model, needs_shared
+from conftest import REPO, SHARED, hf_logits, interrupt_on_swiglu_call, make_tiny_model, needs_shared
 from pyllm import SamplingParams
 from pyllm.chat import ChatSession
 from pyllm.chat_repl import repl
@@ -160,15 +160,7 @@ def test_errors_are_one_line(small, broken_dirs, args, message):
 def test_ctrl_c_inside_an_answer_returns_to_the_prompt(small, monkeypatch, capsys):
     """In-process: a KeyboardInterrupt in the middle of a forward stops the answer only."""
     _, _, llm = small
-    calls = []
-    swiglu = llm.backend.swiglu
-
-    def interrupted_once(x):
-        calls.append(1)
-        if len(calls) == 2 * llm.config.num_layers + 1:  # 3rd forward, 1st layer
-            raise KeyboardInterrupt
-        return swiglu(x)
-    monkeypatch.setattr(llm.backend, "swiglu", interrupted_once)
+    interrupt_on_swiglu_call(monkeypatch, llm.backend, 2 * llm.config.num_layers + 1)  # 3rd forward
     monkeypatch.setattr(sys, "stdin", io.StringIO("count\nagain\n"))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     repl(llm, None, params)
