@@ -56,7 +56,7 @@ def print_stats(out):
 
 
 def cmd_story(args):
-    from .engine import StepTimer
+    from .engine import Output, StepTimer
     sampling = sampling_from(args)  # bad flag values fail before the model loads
     llm = load_llm(args)
     seq = llm.new_sequence(llm.encode_prompt(args.prompt), sampling)
@@ -65,7 +65,7 @@ def cmd_story(args):
     for _, piece in timer.wrap(llm.run([seq])):
         print(piece, end="", flush=True)
     print()
-    print_stats(llm._output(seq, timer))
+    print_stats(Output.of(seq, timer))
 
 
 def cmd_generate(args):

@@ -29,6 +29,10 @@ class Output:
     prompt_ids: list[int]
     stats: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, seq: Sequence, timer: "StepTimer") -> "Output":
+        return cls(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_ids, timer.stats(seq))
+
 
 class LLM:
     def __init__(self, model: str | None = None, backend: str = "cpu", dtype: str | None = None,
@@ -101,7 +105,7 @@ class LLM:
         timer = StepTimer(sequences)
         for _ in timer.wrap(self.run(sequences)):
             pass
-        outputs = [self._output(seq, timer) for seq in sequences]
+        outputs = [Output.of(seq, timer) for seq in sequences]
         return outputs[0] if single else outputs
 
     def stream(self, prompt, sampling: SamplingParams | None = None, **kwargs):
@@ -127,9 +131,6 @@ class LLM:
     def chat_session(self, system: str | None = None, **kwargs):
         from .chat import ChatSession
         return ChatSession(self, system, SamplingParams(**kwargs) if kwargs else None)
-
-    def _output(self, seq: Sequence, timer: "StepTimer") -> Output:
-        return Output(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_ids, timer.stats(seq))
 
 
 class StepTimer:
