@@ -119,22 +119,21 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ours, hf = results["pyllm"], results.get("transformers") or {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    keys = [("prefill", "prefill_tok_s"), ("decode b1", "decode_b1_tok_s")]
-    x = np.arange(len(keys))
-    axes[0].bar(x - 0.2, [ours[k] for _, k in keys], 0.4, label="pyllm")
-    axes[0].bar(x + 0.2, [hf.get(k, 0) for _, k in keys], 0.4, label="transformers")
-    axes[0].set_xticks(x, [label for label, _ in keys])
-    axes[0].set_ylabel("tokens / s")
-    axes[0].set_title("single sequence")
-    axes[0].legend()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (title, key) in zip(axes, [("prefill (512-token prompt)", "prefill_tok_s"),
+                                       ("decode, batch 1", "decode_b1_tok_s")]):
+        names, values = ["pyllm"] + (["transformers"] if key in hf else []), [ours[key]] + ([hf[key]] if key in hf else [])
+        bars = ax.bar(names, values, color=["tab:blue", "tab:orange"][:len(values)])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(title)
+        ax.set_ylabel("tokens / s")
     sizes = [1] + results["batches"]
-    axes[1].plot(sizes, [ours[f"decode_b{b}_tok_s"] for b in sizes], "o-", label="pyllm aggregate")
-    axes[1].plot(sizes, [ours["decode_b1_tok_s"] * b for b in sizes], "--", color="grey", label="linear")
-    axes[1].set_xlabel("sequences decoded together")
-    axes[1].set_ylabel("tokens / s")
-    axes[1].set_title("batched decode")
-    axes[1].legend()
+    axes[2].plot(sizes, [ours[f"decode_b{b}_tok_s"] for b in sizes], "o-", label="pyllm aggregate")
+    axes[2].plot(sizes, [ours["decode_b1_tok_s"] * b for b in sizes], "--", color="grey", label="linear")
+    axes[2].set_xlabel("sequences decoded together")
+    axes[2].set_ylabel("tokens / s")
+    axes[2].set_title("batched decode")
+    axes[2].legend()
     fig.suptitle(f"{Path(results['model']).name} on {results['backend']} ({results['machine']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
