@@ -1,4 +1,4 @@
-"""Command line: pyllm story | generate | chat | pull | convert | bench."""
+"""Command line: pyllm story | generate | chat | serve | pull | convert | bench."""
 
 import argparse
 import json
@@ -19,7 +19,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_model_flags(parser):
     parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, pulled on first use)")
-    parser.add_argument("--backend", default="cpu", help="cpu (default)")
+    parser.add_argument("--backend", default="cpu", help="cpu (default), cuda, or cuda-emu (the CUDA kernels run on the CPU)")
     parser.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="compute dtype (default: the model's)")
 
 
@@ -85,6 +85,25 @@ def cmd_chat(args):
     repl(load_llm(args), args.system, sampling)
 
 
+def cmd_serve(args):
+    from .pull import ensure_default_model
+    checks = [(args.max_running >= 1, "--max-running must be >= 1"), (args.max_queue >= 1, "--max-queue must be >= 1"),
+              (0 < args.kv_memory_gb < 1e6, "--kv-memory-gb must be a positive number"),
+              (0 <= args.port <= 65535, "--port must be 0-65535"), (args.api_key != "", "--api-key must not be empty")]
+    for ok, message in checks:
+        if not ok:
+            raise PyllmError(message)
+    from .server.app import make_server  # before the model loads, so a missing dependency fails fast
+    if args.model is None:
+        args.model = str(ensure_default_model())
+    llm = load_llm(args)
+    server = make_server(llm, Path(args.model).resolve().name, host=args.host, port=args.port, api_key=args.api_key,
+                         max_running=args.max_running, max_queue=args.max_queue, kv_memory_gb=args.kv_memory_gb,
+                         cors_origin=args.cors_origin)
+    print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
+    server.run()
+
+
 def cmd_pull(args):
     from .pull import pull
     print(pull(args.name, dtype=args.dtype))
@@ -127,6 +146,18 @@ def build_parser():
     p.add_argument("--system", help="system prompt")
     add_sampling_flags(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PYLLM_API_KEY"),
+                   help="require Authorization: Bearer KEY on the API (default: $PYLLM_API_KEY, else none)")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together per step")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
+    p.add_argument("--kv-memory-gb", type=float, default=4.0, help="K/V cache budget, reuse pool included")
+    p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="download and convert a known model into models/")
     p.add_argument("name", nargs="?", default="smollm2")

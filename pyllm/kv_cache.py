@@ -13,6 +13,7 @@ class KVCache:
         if capacity > config.max_position_embeddings:
             capacity = config.max_position_embeddings
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
+        self.backend = backend
         self.k = backend.zeros(shape)  # [layers, KV, capacity, D]
         self.v = backend.zeros(shape)  # [layers, KV, capacity, D]
         self.capacity = capacity
@@ -23,11 +24,11 @@ class KVCache:
             raise PyllmError(f"context full: {self.length} cached + {n_new} new tokens exceed "
                              f"the context window of {self.capacity} tokens")
 
-    def write(self, layer: int, k, v):
-        """Store the new tokens' k, v [T, KV, D] after the cached ones (length advances in advance())."""
-        end = self.length + k.shape[0]
-        self.k[layer, :, self.length:end] = k.transpose(1, 0, 2)
-        self.v[layer, :, self.length:end] = v.transpose(1, 0, 2)
+    def store(self, layer: int, qkv, bias):
+        """New tokens' fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
+        Their k (with rope) and v are stored after the cached tokens (length advances in advance());
+        the backend does all of it in one op."""
+        return self.backend.qkv_rope_cache(qkv, bias, self.k[layer], self.v[layer], self.length)
 
     def view(self, layer: int, n_new: int):
         """k, v [KV, length + n_new, D]: everything attention may read for this step."""

@@ -27,37 +27,31 @@ class LlamaModel:
         for (cache, _), n in zip(batch, lengths):
             cache.check_room(n)
         ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
-        positions = np.concatenate([np.arange(c.length, c.length + n) for (c, _), n in zip(batch, lengths)])
         starts = np.concatenate([[0], np.cumsum(lengths)])
         x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
-        positions = be.upload_ids(positions)
         for layer_index, layer in enumerate(w.layers):
             h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            attn = self._attention(layer_index, layer, h, positions, batch, starts)
+            attn = self._attention(layer_index, layer, h, batch, starts)
             x = be.matmul_transb(attn, layer.o, beta=1.0, c=x)  # residual add fused into the matmul
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
         for (cache, _), n in zip(batch, lengths):
             cache.advance(n)
-        if not all_logits:
+        if not all_logits and len(ids) > len(batch):  # in a pure decode step every row already is a last token
             x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
         return be.to_host(be.matmul_transb(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
 
-    def _attention(self, layer_index, layer, h, positions, batch, starts):
+    def _attention(self, layer_index, layer, h, batch, starts):
         """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
-        cfg, be = self.config, self.backend
-        n_q, n_kv, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = be.matmul_transb(h, layer.qkv, bias=layer.qkv_bias)  # [T, (H + 2 KV) * D]
-        n_tokens = qkv.shape[0]
-        q = be.rope(qkv[:, :n_q * dim].reshape(n_tokens, n_q, dim), positions)         # [T, H, D]
-        k = be.rope(qkv[:, n_q * dim:(n_q + n_kv) * dim].reshape(n_tokens, n_kv, dim), positions)  # [T, KV, D]
-        v = qkv[:, (n_q + n_kv) * dim:].reshape(n_tokens, n_kv, dim)                    # [T, KV, D]
-        out = be.xp.empty((n_tokens, n_q, dim), dtype=q.dtype)                         # [T, H, D]
+        be = self.backend
+        qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
+        outs = []
         for (cache, _), start, end in zip(batch, starts[:-1], starts[1:]):
-            cache.write(layer_index, k[start:end], v[start:end])
-            keys, values = cache.view(layer_index, end - start)
-            out[start:end] = be.attention(q[start:end], keys, values, cache.length)
-        return out.reshape(n_tokens, n_q * dim)
+            q = cache.store(layer_index, qkv[start:end], layer.qkv_bias)  # [t, H, D] with rope
+            keys, values = cache.view(layer_index, end - start)           # [KV, length + t, D]
+            outs.append(be.attention(q, keys, values, cache.length))
+        out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]
+        return out.reshape(out.shape[0], -1)
 
 
 def prefill(model, cache, prompt_ids):

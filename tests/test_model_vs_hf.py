@@ -69,7 +69,6 @@ def test_half_precision_checkpoints_load_as_f32(tmp_path, dtype):
 
 
 def test_sharded_checkpoint(tmp_path):
-    import transformers
     reference = make_tiny_model(tmp_path / "whole", "qwen2-bias")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -50,12 +50,13 @@ def test_cases_are_not_vacuous():
 @pytest.mark.parametrize("path, variant, arch", list(_cases()))
 def test_kernel_compiles(path, variant, arch):
     source = path.read_text(encoding="utf-8")
-    ptx = nvrtc.compile_ptx(source, path.name, list(variant), arch)
+    options = [f"-I{path.parent}", *variant]  # quoted includes resolve beside the file, as in the backend
+    ptx = nvrtc.compile_ptx(source, path.name, options, arch)
     entries = nvrtc.ptx_entries(ptx)
     assert entries, f"{path.name} defines no __global__ function"
     mangled = [e for e in entries if e.startswith("_Z")]
     assert not mangled, f'kernels must be extern "C" so get_function(name) finds them: {mangled}'
-    cubin = nvrtc.compile_cubin(source, path.name, list(variant), arch)
+    cubin = nvrtc.compile_cubin(source, path.name, options, arch)
     assert cubin[:4] == b"\x7fELF"
 
 

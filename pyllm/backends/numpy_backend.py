@@ -161,6 +161,18 @@ class NumpyBackend:
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
+    def qkv_rope_cache(self, qkv, bias, k_cache, v_cache, start):
+        """One sequence's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with
+        rope; rope(k) and v go into one layer's cache k_cache, v_cache [KV, capacity, D] at rows
+        start .. start + T - 1. One op, so the cuda backend can do it in one kernel launch."""
+        n_kv, _, dim = k_cache.shape
+        end = start + qkv.shape[0]
+        heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
+        rotated = rope(heads[:, :-n_kv], np.arange(start, end), self.cos, self.sin)   # [T, H + KV, D]
+        k_cache[:, start:end] = rotated[:, -n_kv:].transpose(1, 0, 2)
+        v_cache[:, start:end] = heads[:, -n_kv:].transpose(1, 0, 2)
+        return rotated[:, :-n_kv]
+
     def upload(self, host_array):
         """Host f32 array -> backend array (here: the same array)."""
         return host_array

@@ -1,0 +1,154 @@
+"""Achieved memory bandwidth of each CUDA kernel on a real GPU, against the device's peak.
+
+    python -m benchmarks.kernel_bench [--dtype f16] [--rows 4096] [--out bench-out]
+
+Every kernel runs on rows 8192 wide (attention: a decode query over 8192 cached tokens). The
+bytes counted are the least the kernel must move (each input read once, each output written
+once), so GB/s = bytes / time, timed with CUDA events over repeated launches after a warm-up.
+Peak = memoryClockRate (kHz) x 1000 x memoryBusWidth / 8 x 2 (double data rate). Writes
+kernel_bench.md and kernel_bench.png. Speed figures need a GPU: cuda-emu is refused, since the
+emulator's timings say nothing about a GPU.
+"""
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+WIDTH = 8192
+ATTENTION = dict(heads=32, kv_heads=8, head_dim=128)  # a Llama-3-8B layer: 32 query heads share 8 KV heads
+
+
+def peak_bytes_per_s(cupy) -> float:
+    runtime, device = cupy.cuda.runtime, cupy.cuda.Device().id
+    props = runtime.getDeviceProperties(device)
+    # CUDA 13 dropped these two fields from cudaDeviceProp; the attributes (36, 37) remain
+    clock_khz = props.get("memoryClockRate") or runtime.deviceGetAttribute(36, device)
+    bus_bits = props.get("memoryBusWidth") or runtime.deviceGetAttribute(37, device)
+    return clock_khz * 1e3 * bus_bits / 8 * 2
+
+
+def cases(be, rows: int, width: int = WIDTH):
+    """[(kernel, shape, bytes moved, run())] over random inputs in the backend's dtype."""
+    from pyllm.dtypes import convert
+    rng, item = np.random.default_rng(0), np.dtype(be.storage).itemsize
+    heads, kv_heads, dim = ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"]
+
+    def rand(*shape):
+        return be.upload(convert(rng.standard_normal(shape, dtype=np.float32), "f32", be.dtype))
+
+    x, weight, gate_up = rand(rows, width), rand(width), rand(rows, 2 * width)  # x [rows, 8192]
+    scores = rand(1, rows, width)  # softmax works in place: its own copy keeps x as it was
+    ids, positions = be.upload_ids(rng.integers(0, rows, rows)), be.upload_ids(np.arange(rows))
+    qkv_heads = width // dim  # x read as rows of a fused q|k|v projection: 48 + 2 x 8 heads of 128
+    rows_cache = be.zeros((kv_heads, rows, dim)), be.zeros((kv_heads, rows, dim))
+    q_one, k_cache, v_cache = rand(1, heads, dim), rand(kv_heads, width, dim), rand(kv_heads, width, dim)
+    angles = rows * dim * 4  # the f32 cos and sin rows: rows x D/2 x 4 bytes x 2 tables
+    return [
+        ("rms_norm", f"{rows}x{width}", (2 * rows + 1) * width * item, lambda: be.rms_norm(x, weight, 1e-5)),
+        ("swiglu", f"{rows}x(2x{width})", 3 * rows * width * item, lambda: be.swiglu(gate_up)),
+        ("gather", f"{rows}x{width}", 2 * rows * width * item + 8 * rows, lambda: be.gather(x, ids)),
+        ("softmax_causal", f"1x{rows}x{width}", 2 * rows * width * item,
+         lambda: be.softmax_causal(scores, width)),
+        ("rope", f"{rows}x{qkv_heads}x{dim}", 2 * rows * width * item + angles + 8 * rows,
+         lambda: be.rope(x.reshape(rows, qkv_heads, dim), positions)),
+        ("qkv_rope_cache", f"{rows}x({qkv_heads - 2 * kv_heads}+2x{kv_heads})x{dim}",
+         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, *rows_cache, 0)),
+        ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
+         (2 * kv_heads * width + 2 * heads) * dim * item,
+         lambda: be.attention(q_one, k_cache, v_cache, width - 1)),
+    ]
+
+
+def time_per_call(cupy, run, repeats: int = 20) -> float:
+    """Seconds per call, from CUDA events around `repeats` calls after a warm-up."""
+    for _ in range(3):
+        run()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
+
+
+def kernel_bandwidth(backend: str = "cuda", dtype: str = "f16", rows: int = 4096) -> dict:
+    """Measure every kernel: {"device", "peak_gb_s", "dtype", "kernels": [{name, shape, bytes, us, gb_s}]}."""
+    from pyllm.backends.cuda_backend import CudaBackend, CupyDevice
+    if backend != "cuda":
+        raise SystemExit(f"kernel_bench measures GPU speed; --backend {backend} has no meaningful timings "
+                         "(cuda-emu runs the kernels on the CPU). Use --backend cuda on a GPU.")
+    device = CupyDevice()
+    cupy = device.xp
+    config = SimpleNamespace(rope_theta=10000.0, head_dim=ATTENTION["head_dim"], max_position_embeddings=rows,
+                             dtype=dtype)  # rope tables for positions 0 .. rows - 1
+    be = CudaBackend(config, dtype, device)
+    kernels = []
+    for name, shape, nbytes, run in cases(be, rows):
+        seconds = time_per_call(cupy, run)
+        kernels.append({"name": name, "shape": shape, "bytes": nbytes, "us": seconds * 1e6,
+                        "gb_s": nbytes / seconds / 1e9})
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return {"device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "peak_gb_s": peak_bytes_per_s(cupy) / 1e9, "dtype": dtype, "kernels": kernels}
+
+
+def table(result: dict) -> str:
+    peak = result["peak_gb_s"]
+    lines = [f"{result['device']}, {result['dtype']}, peak {peak:.0f} GB/s (memory clock x bus width x 2)", "",
+             "| kernel | shape | MB moved | us | GB/s | of peak |", "|---|---|---|---|---|---|"]
+    for k in result["kernels"]:
+        lines.append(f"| {k['name']} | {k['shape']} | {k['bytes'] / 1e6:.1f} | {k['us']:.1f} | "
+                     f"{k['gb_s']:.0f} | {k['gb_s'] / peak:.0%} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [k["name"] for k in result["kernels"]]
+    achieved = [k["gb_s"] for k in result["kernels"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = ax.bar(names, achieved)
+    ax.axhline(result["peak_gb_s"], color="grey", linestyle="--", label=f"peak {result['peak_gb_s']:.0f} GB/s")
+    for bar, value in zip(bars, achieved):
+        ax.annotate(f"{value / result['peak_gb_s']:.0%}", (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center", va="bottom")
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"kernel bandwidth on {result['device']} ({result['dtype']}, rows {WIDTH} wide)")
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(out_dir, backend: str = "cuda", dtype: str = "f16", rows: int = 4096) -> dict:
+    """Measure, write kernel_bench.md and kernel_bench.png into out_dir, print the table."""
+    result = kernel_bandwidth(backend, dtype, rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_bench.md").write_text(f"# CUDA kernel bandwidth\n\n{table(result)}\n")
+    plot(result, out / "kernel_bench.png")
+    print(f"{table(result)}\n\nwrote {out / 'kernel_bench.md'}, {out / 'kernel_bench.png'}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda")
+    parser.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+    from pyllm.errors import PyllmError
+    try:
+        report(args.out, args.backend, args.dtype, args.rows)
+    except PyllmError as exc:  # no CuPy, GPU or driver: one line, as the CLI reports it
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+// variants: -DSCALAR_T=float -DSCALAR_T=__half -DSCALAR_T=__nv_bfloat16
+// Rotary position embedding in HF's rotate_half layout: in a head of D values, element i < D/2
+// and element i + D/2 form a pair, rotated by the angle of (position, i):
+//   (a, b) -> (a cos - b sin, b cos + a sin).
+// cos and sin come from the f32 tables [max_positions, D/2] the NumPy backend builds
+// (numpy_backend.rope_tables), so both backends rotate by exactly the same numbers.
+// Numerics (both kernels): inputs widened to f32, each output rounded to SCALAR_T once; no
+// reductions, so no shared memory.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// Rotates pair `i` of one head: reads src[i], src[i + half], adds bias (if any), writes dst.
+__device__ __forceinline__ void rotate_pair(const SCALAR_T* src, const SCALAR_T* bias, SCALAR_T* dst, int i,
+                                            int half, float cos_a, float sin_a) {
+  float a = static_cast<float>(src[i]), b = static_cast<float>(src[i + half]);
+  if (bias != nullptr) {
+    a += static_cast<float>(bias[i]);
+    b += static_cast<float>(bias[i + half]);
+  }
+  dst[i] = static_cast<SCALAR_T>(a * cos_a - b * sin_a);
+  dst[i + half] = static_cast<SCALAR_T>(b * cos_a + a * sin_a);
+}
+
+// rope: x [T, heads, D] at positions [T] -> out [T, heads, D].
+// Launch: grid = T, block = 128 threads; one block handles one token, thread i its pairs
+// i, i + 128, ... of the token's heads * D/2 (head-major, so neighbouring threads touch
+// neighbouring elements).
+extern "C" __global__ void rope(const SCALAR_T* __restrict__ x, const long long* __restrict__ positions,
+                                const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                                SCALAR_T* __restrict__ out, int n_heads, int head_dim) {
+  const int half = head_dim / 2;
+  const long long token_start = (long long)blockIdx.x * n_heads * head_dim;
+  const long long angle_row = positions[blockIdx.x] * half;
+  for (int p = threadIdx.x; p < n_heads * half; p += blockDim.x) {
+    const int head = p / half, i = p % half;
+    const long long head_start = token_start + (long long)head * head_dim;
+    rotate_pair(x + head_start, nullptr, out + head_start, i, half, cos_table[angle_row + i],
+                sin_table[angle_row + i]);
+  }
+}
+
+// qkv_rope_cache: a decode step's whole q/k/v epilogue in one launch. One sequence's fused
+// projection qkv [T, (H + 2 KV) * D] (heads: H of q, then KV of k, then KV of v), plus bias if
+// given -> q [T, H, D] with rope; k with rope and v are written straight into one layer of its KV
+// cache [KV, capacity, D] at rows start .. start + T - 1 (token t sits at position start + t).
+// Launch: grid = T, block = 128 threads; one block handles one token, thread i its pairs
+// i, i + 128, ... of the token's (H + 2 KV) * D/2.
+extern "C" __global__ void qkv_rope_cache(const SCALAR_T* __restrict__ qkv, const SCALAR_T* __restrict__ bias,
+                                          const float* __restrict__ cos_table,
+                                          const float* __restrict__ sin_table, SCALAR_T* __restrict__ q,
+                                          SCALAR_T* __restrict__ k_cache, SCALAR_T* __restrict__ v_cache,
+                                          int n_heads, int n_kv, int head_dim, int start, int capacity) {
+  const int half = head_dim / 2, token = blockIdx.x, position = start + token;
+  const long long angle_row = (long long)position * half;
+  const SCALAR_T* row = qkv + (long long)token * (n_heads + 2 * n_kv) * head_dim;
+  for (int p = threadIdx.x; p < (n_heads + 2 * n_kv) * half; p += blockDim.x) {
+    const int head = p / half, i = p % half;  // heads 0..H-1 are q, then KV of k, then KV of v
+    const SCALAR_T* src = row + head * head_dim;
+    const SCALAR_T* src_bias = bias == nullptr ? nullptr : bias + head * head_dim;
+    const float cos_a = cos_table[angle_row + i], sin_a = sin_table[angle_row + i];
+    if (head < n_heads) {
+      rotate_pair(src, src_bias, q + ((long long)token * n_heads + head) * head_dim, i, half, cos_a, sin_a);
+    } else if (head < n_heads + n_kv) {
+      const long long cache_row = ((long long)(head - n_heads) * capacity + position) * head_dim;
+      rotate_pair(src, src_bias, k_cache + cache_row, i, half, cos_a, sin_a);
+    } else {  // v is stored unrotated: a rotation by angle 0 (cos 1, sin 0) is the identity
+      const long long cache_row = ((long long)(head - n_heads - n_kv) * capacity + position) * head_dim;
+      rotate_pair(src, src_bias, v_cache + cache_row, i, half, 1.0f, 0.0f);
+    }
+  }
+}
