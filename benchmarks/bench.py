@@ -140,6 +140,9 @@ def plot(results, path):
 
 
 def main(args):
+    if args.backend == "cuda-emu":
+        from pyllm.errors import PyllmError
+        raise PyllmError("cuda-emu emulates the GPU on the CPU for correctness; it has no speed to report")
     if args.model is None:
         from pyllm.pull import ensure_default_model
         args.model = str(ensure_default_model())
@@ -158,6 +161,9 @@ def main(args):
             results["transformers"] = bench_transformers(args, ids)
         except ImportError:
             print("transformers/torch not installed: skipping the comparison")
+    if args.backend == "cuda":  # per-kernel bandwidth against the device's peak
+        from benchmarks.kernel_bench import report
+        results["kernels"] = report(out_dir, "cuda", args.dtype or "f16")
     print(write_report(results, out_dir))
     print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
 
