@@ -75,11 +75,13 @@ class LLM:
         return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens)
 
     # ---- the step loop ------------------------------------------------------------------
-    def step(self, sequences):
-        """One batched forward over the unfinished sequences -> [(sequence, new text)]."""
+    def step(self, sequences, prefill_chunk=PREFILL_CHUNK):
+        """One batched forward over the unfinished sequences -> [(sequence, new text)].
+        A sequence still prefilling feeds at most `prefill_chunk` prompt tokens (a server keeps
+        this small so running streams are not stalled by a long prompt)."""
         running = [s for s in sequences if not s.finished]
-        batch = [(s.cache, s.pending_prompt[:PREFILL_CHUNK] or [s.last_token]) for s in running]
-        prompt_done = [len(s.pending_prompt) <= PREFILL_CHUNK for s in running]
+        batch = [(s.cache, s.pending_prompt[:prefill_chunk] or [s.last_token]) for s in running]
+        prompt_done = [len(s.pending_prompt) <= prefill_chunk for s in running]
         logits = self.model.forward(batch)
         events = []
         for seq, row, sample_now in zip(running, logits, prompt_done):

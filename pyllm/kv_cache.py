@@ -35,6 +35,12 @@ class KVCache:
         end = self.length + n_new
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
+    def copy_prefix_from(self, other: "KVCache", n: int):
+        """Start this (empty) cache with the first n tokens of `other`, on the device."""
+        self.k[:, :, :n] = other.k[:, :, :n]
+        self.v[:, :, :n] = other.v[:, :, :n]
+        self.length = n
+
     def advance(self, n_new: int):
         self.length += n_new
 

@@ -1,0 +1,314 @@
+"""Continuous batching: one engine thread owns the LLM and steps every running sequence together.
+
+Iteration-level scheduling: each step is one LLM.step over all decoding sequences plus as many
+prefilling ones as the per-step prefill budget allows (prompts are prefilled in chunks), so a long
+prompt never stalls running streams for long. Waiting jobs are admitted, first come first served,
+while a batch slot is free and their worst-case KV memory (prompt + max_tokens) fits the budget;
+finished and cancelled sequences leave the batch at once and their KV memory is freed.
+
+Conversation reuse: a job marked `reuse` starts from a copy of the pooled KV cache that shares the
+longest token prefix with its prompt, and when it ends normally its own cache replaces the entries
+it extends. The pool is keyed by token content only (never by a client-chosen id); every job
+computes on its own copy, so no entry is ever shared by running jobs, and an aborted turn leaves
+the conversation as it was. Idle entries are evicted least-recently-used under the memory budget.
+
+No HTTP here: results go to each job's `sink` callback, called on the engine thread.
+"""
+
+import collections
+import ctypes
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .chat import common_prefix
+from .errors import PyllmError
+from .sampling import SamplingParams
+
+log = logging.getLogger("pyllm.scheduler")
+# prompt tokens prefilled per step: small enough that running streams keep flowing past a long
+# prompt (a 256-token chunk costs about two decode steps on SmolLM2 here), large enough to fill GEMMs
+PREFILL_BUDGET = 256
+
+
+def return_freed_memory():
+    """Hand the heap that finished requests freed back to the OS (glibc keeps it otherwise), so an
+    idle server's RSS returns to its idle level after a burst of load."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class QueueFull(Exception):
+    """No room to wait: the queue is full or the scheduler is shutting down."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int          # prompt tokens reused from the pool, not prefilled
+    completion_tokens: int
+    ttft_s: float | None        # arrival to first token
+    tpot_s: float | None        # mean time per output token after the first
+
+
+@dataclass
+class Update:
+    """What a sink receives: new text; the last update also has a finish reason and usage."""
+    text: str = ""
+    finish_reason: str | None = None   # "stop" | "length" | "error"
+    usage: Usage | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Update], None]
+    reuse: bool = False                # look up and keep the KV cache by token prefix
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    sequence: object = None            # the engine's Sequence while running
+
+
+@dataclass(eq=False)
+class _Entry:
+    ids: list[int]     # the tokens whose K/V the cache holds, in order
+    cache: object
+    last_used: int
+
+
+class PrefixPool:
+    """Idle KV caches of finished conversations, found by the token prefix they share with a prompt."""
+
+    def __init__(self, bytes_per_token: int):
+        self.bytes_per_token = bytes_per_token
+        self.entries: list[_Entry] = []
+        self._clock = itertools.count()
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(e.ids) for e in self.entries) * self.bytes_per_token
+
+    def put(self, ids, cache):
+        """Keep a cache; entries holding a prefix of its tokens are now redundant and go."""
+        ids = list(ids)
+        self.entries = [e for e in self.entries if ids[:len(e.ids)] != e.ids]
+        self.entries.append(_Entry(ids, cache, next(self._clock)))
+
+    def match(self, ids):
+        """-> (entry, tokens reusable) for the longest common prefix; at least one prompt token
+        is left to prefill, since the last one must be fed to get logits."""
+        best, best_n = None, 0
+        for entry in self.entries:
+            n = min(common_prefix(entry.ids, ids), len(ids) - 1)
+            if n > best_n:
+                best, best_n = entry, n
+        if best is not None:
+            best.last_used = next(self._clock)
+        return best, best_n
+
+    def evict_lru(self) -> bool:
+        if not self.entries:
+            return False
+        self.entries.remove(min(self.entries, key=lambda e: e.last_used))
+        return True
+
+
+def kv_bytes_per_token(llm) -> int:
+    """Bytes of K and V one token occupies in every layer."""
+    cfg = llm.config
+    itemsize = llm.model.new_cache(1).k.itemsize
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+class Scheduler:
+    def __init__(self, llm, max_running=32, max_queue=256, kv_budget_bytes=4 << 30, prefill_budget=PREFILL_BUDGET):
+        self.llm = llm
+        self.context = llm.config.max_position_embeddings
+        self.max_running, self.max_queue = max_running, max_queue
+        self.kv_budget_bytes, self.prefill_budget = kv_budget_bytes, prefill_budget
+        self.bytes_per_token = kv_bytes_per_token(llm)
+        self.pool = PrefixPool(self.bytes_per_token)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []      # admission order; touched by the engine thread only
+        self._cond = threading.Condition()
+        self._accepting, self._closing, self._deadline = True, False, None
+        # keys fixed up front, so another thread can copy the counter while this one counts
+        self.counters = collections.Counter(steps=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        self.batch_sizes = collections.Counter()        # sequences per step -> steps
+        self._thread = threading.Thread(target=self._loop, name="pyllm-engine", daemon=True)
+
+    # ---- the asyncio side -----------------------------------------------------------------
+    def capacity(self, job: Job) -> int:
+        return min(len(job.prompt_ids) + job.params.max_tokens, self.context)
+
+    def submit(self, job: Job):
+        need = self.capacity(job) * self.bytes_per_token
+        if need > self.kv_budget_bytes:
+            raise PyllmError(f"prompt + max_tokens need {need / 2**20:.1f} MiB of KV cache, more than the "
+                             f"server's budget of {self.kv_budget_bytes / 2**20:.1f} MiB; lower max_tokens")
+        with self._cond:
+            if not self._accepting:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job):
+        """Drop a job (its client went away): it leaves the batch before the next step."""
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def start(self):
+        self._thread.start()
+
+    def shutdown(self, grace_s: float):
+        """Refuse new jobs; jobs in flight may run for grace_s more seconds, then running ones end
+        with finish reason 'length' and waiting ones with an error."""
+        with self._cond:
+            self._accepting = False
+            deadline = time.monotonic() + grace_s
+            self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
+            self._cond.notify()
+
+    def stop(self, timeout_s: float = 10.0):
+        self.shutdown(0.0)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def stats(self) -> dict:
+        running = list(self._running)
+        return {
+            "running": len(running), "waiting": len(self._waiting),
+            "kv_bytes_used": sum(s.cache.length for s in (j.sequence for j in running) if s) * self.bytes_per_token,
+            "kv_bytes_reserved": sum(self.capacity(j) for j in running) * self.bytes_per_token,
+            "kv_bytes_pooled": self.pool.bytes, "kv_budget_bytes": self.kv_budget_bytes,
+            "pooled_conversations": len(self.pool.entries),
+            "batch_sizes": dict(self.batch_sizes), **self.counters,
+        }
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _loop(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._running or self._waiting or self._closing)
+                if self._closing and not (self._running or self._waiting):
+                    return
+                self._drop_cancelled()
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._cut_short()
+                self._admit()
+            if self._running:
+                self._step()
+                if not (self._running or self._waiting):
+                    return_freed_memory()
+
+    def _drop_cancelled(self):
+        self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
+        for job in [j for j in self._running if j.cancelled]:
+            job.sequence.abort()
+            self._release(job)
+
+    def _cut_short(self):
+        for job in self._waiting:
+            self._emit(job, Update(finish_reason="error", error="the server is shutting down"))
+        self._waiting.clear()
+        for job in list(self._running):
+            job.sequence.abort()
+            self._finish(job, "", "length")
+
+    def _admit(self):
+        while self._waiting and len(self._running) < self.max_running:
+            job = self._waiting[0]
+            if not self._make_room(self.capacity(job) * self.bytes_per_token):
+                return  # first come first served: a big job is not overtaken forever
+            self._waiting.popleft()
+            try:
+                self._begin(job)
+            except PyllmError as exc:  # the server validates first; this keeps the engine alive regardless
+                self._emit(job, Update(finish_reason="error", error=str(exc)))
+
+    def _make_room(self, need: int) -> bool:
+        reserved = sum(self.capacity(j) for j in self._running) * self.bytes_per_token
+        while reserved + self.pool.bytes + need > self.kv_budget_bytes:
+            if not self.pool.evict_lru():
+                return False
+        return True
+
+    def _begin(self, job: Job):
+        entry, reused = self.pool.match(job.prompt_ids) if job.reuse else (None, 0)
+        cache = self.llm.model.new_cache(self.capacity(job))
+        if reused:  # a copy: the entry stays for others until this job's longer conversation replaces it
+            cache.copy_prefix_from(entry.cache, reused)
+        job.sequence = self.llm.new_sequence(job.prompt_ids, job.params, cache=cache, cached_tokens=reused)
+        self.counters["prompt_tokens"] += len(job.prompt_ids)
+        self.counters["cached_tokens"] += reused
+        self._running.append(job)
+
+    def _pick_batch(self) -> list[Job]:
+        """Every decoding sequence, plus prefilling ones in admission order within the prefill
+        budget (the first always goes, so a chunk larger than the budget still progresses)."""
+        batch, budget = [], self.prefill_budget
+        for job in self._running:
+            pending = len(job.sequence.pending_prompt)
+            chunk = min(pending, self.prefill_budget)
+            if pending and budget < min(chunk, self.prefill_budget):
+                continue
+            batch.append(job)
+            budget -= chunk
+        return batch
+
+    def _step(self):
+        batch = self._pick_batch()
+        by_sequence = {id(job.sequence): job for job in batch}
+        try:
+            events = self.llm.step([job.sequence for job in batch], prefill_chunk=self.prefill_budget)
+        except Exception as exc:  # the batch's caches may be half-written: fail those jobs, keep serving
+            log.exception("engine step failed")
+            for job in batch:
+                job.sequence.abort()
+                self._finish(job, "", "error", f"engine error: {type(exc).__name__}: {exc}")
+            return
+        self.counters["steps"] += 1
+        self.counters["generated_tokens"] += len(events)
+        self.batch_sizes[len(batch)] += 1
+        for sequence, text in events:
+            job = by_sequence[id(sequence)]
+            if sequence.finished:
+                self._finish(job, text, sequence.finish_reason)
+            elif text:
+                self._emit(job, Update(text))
+
+    def _finish(self, job: Job, text: str, reason: str, error: str | None = None):
+        seq, now = job.sequence, time.perf_counter()
+        n_out = len(seq.output_ids)
+        first = seq.first_token_at
+        usage = Usage(len(job.prompt_ids), seq.cached_tokens, n_out,
+                      first - job.arrived if first else None,
+                      (now - first) / (n_out - 1) if first and n_out > 1 else None)
+        if job.reuse and reason in ("stop", "length") and seq.cache.length:
+            self.pool.put((job.prompt_ids + seq.output_ids)[:seq.cache.length], seq.cache)
+        self._release(job)
+        self._emit(job, Update(text, reason, usage, error))
+
+    def _release(self, job: Job):
+        self._running.remove(job)
+        job.sequence = None  # frees the KV cache unless the pool kept it
+
+    def _emit(self, job: Job, update: Update):
+        try:
+            job.sink(update)
+        except Exception:  # a sink whose consumer is gone must not stop the engine
+            log.exception("dropping a job whose sink failed")
+            job.cancelled = True
