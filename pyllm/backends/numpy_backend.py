@@ -99,12 +99,14 @@ def softmax_causal(scores, offset):
     rows (none arise in a causal model, but callers may build them) give zeros, never NaN.
     """
     q_len, kv_len = scores.shape[-2:]
-    if offset < kv_len - 1:  # otherwise every query sees every key (decode)
-        hidden = np.arange(kv_len)[None, :] > (offset + np.arange(q_len))[:, None]  # [q_len, kv_len]
-        np.copyto(scores, -np.inf, where=hidden)
+    first_hidden = offset + 1  # keys before it are visible to every query: no mask to apply there
+    if first_hidden < kv_len:
+        hidden = np.arange(first_hidden, kv_len)[None, :] > (offset + np.arange(q_len))[:, None]
+        np.copyto(scores[..., first_hidden:], -np.inf, where=hidden)  # hidden [q_len, kv_len - first_hidden]
     row_max = scores.max(axis=-1, keepdims=True)
     row_max[~np.isfinite(row_max)] = 0.0
-    np.exp(scores - row_max, out=scores)
+    np.subtract(scores, row_max, out=scores)
+    np.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
     scores /= np.where(total == 0.0, 1.0, total)
     return scores
@@ -133,9 +135,8 @@ def _attention_block(q, k, v, offset):
     n_kv = k.shape[0]
     group = n_heads // n_kv
     # [KV, group * T, D]: heads sharing a KV head stacked so one matmul serves the group
-    q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim)
-    scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L]
-    scores *= np.float32(head_dim ** -0.5)
+    q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim) * np.float32(head_dim ** -0.5)
+    scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L], already scaled (q is the smaller side)
     softmax_causal(scores.reshape(n_heads, n_tokens, -1), offset)
     out = scores @ v  # [KV, group * T, D]
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
