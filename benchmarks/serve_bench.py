@@ -173,12 +173,14 @@ def main(argv=None):
     try:
         server = psutil.Process(proc.pid)
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        httpx.post(url + "/v1/chat/completions", timeout=60,  # warm-up: first-use allocations are not load
+                   json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        time.sleep(1.0)
         report = {"model": model, "duration_s": args.duration, "max_tokens": args.max_tokens,
                   "rss_idle_mb": server.memory_info().rss / 2**20, "levels": []}
-        httpx.post(url + "/v1/chat/completions", timeout=60,  # warm-up
-                   json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
         for clients in levels:
             level = asyncio.run(run_level(url, model, clients, args.duration, args.max_tokens))
+            time.sleep(1.0)  # the server goes idle and hands freed memory back
             level["rss_after_mb"] = server.memory_info().rss / 2**20
             report["levels"].append(level)
             print(f"{clients:3d} clients: {level['output_tok_s']:.1f} tok/s, TTFT p50 {ms(level['ttft_p50'])} ms, "

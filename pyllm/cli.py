@@ -89,6 +89,7 @@ def cmd_serve(args):
     from .pull import ensure_default_model
     checks = [(args.max_running >= 1, "--max-running must be >= 1"), (args.max_queue >= 1, "--max-queue must be >= 1"),
               (0 < args.kv_memory_gb < 1e6, "--kv-memory-gb must be a positive number"),
+              (0 <= args.reuse_memory_mb < 1e9, "--reuse-memory-mb must be >= 0"),
               (0 <= args.port <= 65535, "--port must be 0-65535"), (args.api_key != "", "--api-key must not be empty")]
     for ok, message in checks:
         if not ok:
@@ -99,7 +100,7 @@ def cmd_serve(args):
     llm = load_llm(args)
     server = make_server(llm, Path(args.model).resolve().name, host=args.host, port=args.port, api_key=args.api_key,
                          max_running=args.max_running, max_queue=args.max_queue, kv_memory_gb=args.kv_memory_gb,
-                         cors_origin=args.cors_origin)
+                         reuse_memory_mb=args.reuse_memory_mb, cors_origin=args.cors_origin)
     print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     server.run()
 
@@ -156,6 +157,8 @@ def build_parser():
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503")
     p.add_argument("--kv-memory-gb", type=float, default=4.0, help="K/V cache budget, reuse pool included")
+    p.add_argument("--reuse-memory-mb", type=float, default=64.0,
+                   help="at most this much K/V of finished conversations is kept for reuse (LRU)")
     p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
     p.set_defaults(func=cmd_serve)
 

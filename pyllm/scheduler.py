@@ -128,11 +128,13 @@ def kv_bytes_per_token(llm) -> int:
 
 
 class Scheduler:
-    def __init__(self, llm, max_running=32, max_queue=256, kv_budget_bytes=4 << 30, prefill_budget=PREFILL_BUDGET):
+    def __init__(self, llm, max_running=32, max_queue=256, kv_budget_bytes=4 << 30, prefill_budget=PREFILL_BUDGET,
+                 reuse_budget_bytes=64 << 20):
         self.llm = llm
         self.context = llm.config.max_position_embeddings
         self.max_running, self.max_queue = max_running, max_queue
         self.kv_budget_bytes, self.prefill_budget = kv_budget_bytes, prefill_budget
+        self.reuse_budget_bytes = reuse_budget_bytes  # idle conversations kept for reuse, at most
         self.bytes_per_token = kv_bytes_per_token(llm)
         self.pool = PrefixPool(self.bytes_per_token)
         self._waiting: collections.deque[Job] = collections.deque()
@@ -299,6 +301,8 @@ class Scheduler:
                       (now - first) / (n_out - 1) if first and n_out > 1 else None)
         if job.reuse and reason in ("stop", "length") and seq.cache.length:
             self.pool.put((job.prompt_ids + seq.output_ids)[:seq.cache.length], seq.cache)
+            while self.pool.bytes > self.reuse_budget_bytes and self.pool.evict_lru():
+                pass
         self._release(job)
         self._emit(job, Update(text, reason, usage, error))
 

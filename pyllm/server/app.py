@@ -240,9 +240,10 @@ class Server(uvicorn.Server):
 
 
 def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=32, max_queue=256,
-                kv_memory_gb=4.0, cors_origin=None, log_level="info", grace_s=SHUTDOWN_GRACE_S,
-                max_body_bytes=MAX_BODY_BYTES) -> Server:
-    scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30))
+                kv_memory_gb=4.0, reuse_memory_mb=64.0, cors_origin=None, log_level="info",
+                grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
+    scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30),
+                          reuse_budget_bytes=int(reuse_memory_mb * 2**20))
     app = create_app(llm, scheduler, model_id, api_key, cors_origin, max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s + 5)
     return Server(config, scheduler, grace_s)
