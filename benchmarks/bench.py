@@ -4,6 +4,7 @@ transformers on the same weights, prompt and dtype in the same run, with the rat
 Writes bench.json, bench.md and bench.png into --out. Run it with nothing else on the machine.
 """
 
+import argparse
 import json
 import platform
 import time
@@ -108,10 +109,44 @@ def write_report(results, out_dir: Path):
         f"| machine GEMV GB/s (numpy, same run) | {results['gemv_gb_s']:.1f} | | |",
     ]
     table = "\n".join(lines)
+    if "pyllm_cpu" in results:  # a GPU run also measured the CPU backend
+        table += "\n\n" + cpu_vs_gpu_table(results)
+        plot_cpu_vs_gpu(results, out_dir / "cpu_vs_gpu.png")
     (out_dir / "bench.md").write_text(f"# pyllm bench: {results['model']} ({results['backend']})\n\n{table}\n")
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
     plot(results, out_dir / "bench.png")
     return table
+
+
+def speed_keys(results):
+    return [("prefill tok/s", "prefill_tok_s")] + [
+        (f"decode tok/s (batch {b})", f"decode_b{b}_tok_s") for b in [1] + results["batches"]]
+
+
+def cpu_vs_gpu_table(results) -> str:
+    cpu, gpu = results["pyllm_cpu"], results["pyllm"]
+    lines = [f"| metric | pyllm cpu | pyllm {results['backend']} | {results['backend']} / cpu |", "|---|---|---|---|"]
+    lines += [f"| {label} | {cpu[key]:.1f} | {gpu[key]:.1f} | {gpu[key] / cpu[key]:.1f}x |"
+              for label, key in speed_keys(results)]
+    return "\n".join(lines)
+
+
+def plot_cpu_vs_gpu(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = speed_keys(results)
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for offset, (name, data) in zip((-0.2, 0.2), [("cpu", results["pyllm_cpu"]), (results["backend"], results["pyllm"])]):
+        ax.bar(x + offset, [data[k] for _, k in keys], 0.4, label=f"pyllm {name}")
+    ax.set_xticks(x, [label.replace(" tok/s", "") for label, _ in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (log)")
+    ax.set_title(f"{Path(results['model']).name}: CPU vs {results['backend']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(results, path):
@@ -161,7 +196,9 @@ def main(args):
             results["transformers"] = bench_transformers(args, ids)
         except ImportError:
             print("transformers/torch not installed: skipping the comparison")
-    if args.backend == "cuda":  # per-kernel bandwidth against the device's peak
+    if args.backend == "cuda":  # the CPU backend in the same run, and per-kernel bandwidth against the peak
+        results["pyllm_cpu"], _ = bench_pyllm(argparse.Namespace(**{**vars(args), "backend": "cpu", "dtype": None}),
+                                              ids, batches)
         from benchmarks.kernel_bench import report
         results["kernels"] = report(out_dir, "cuda", args.dtype or "f16")
     print(write_report(results, out_dir))

@@ -20,3 +20,15 @@ def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
     assert report["transformers"]["decode_b1_tok_s"] > 0
     assert "| decode tok/s (batch 1) |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_vs_gpu_report(tmp_path):
+    """The CPU-vs-GPU section a `--backend cuda` run adds (GPU figures made up: none here)."""
+    from benchmarks.bench import write_report
+    speeds = {"prefill_tok_s": 600.0, "decode_b1_tok_s": 40.0, "decode_b8_tok_s": 130.0}
+    gpu = {**{k: v * 10 for k, v in speeds.items()}, "load_s": 1.0, "weight_bytes": 5e8, "peak_rss_bytes": 1e9}
+    results = {"model": "m", "backend": "cuda", "machine": "test", "batches": [8], "gemv_gb_s": 20.0,
+               "pyllm": gpu, "pyllm_cpu": speeds}
+    table = write_report(results, tmp_path)
+    assert "| decode tok/s (batch 8) | 130.0 | 1300.0 | 10.0x |" in table
+    assert (tmp_path / "cpu_vs_gpu.png").read_bytes()[:4] == b"\x89PNG"
