@@ -8,6 +8,8 @@ from .errors import PyllmError
 from .sampling import SamplingParams
 
 
+CHAT_MAX_TOKENS = 512  # a chat answer's default length
+
 def common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -17,11 +19,17 @@ def common_prefix(a, b) -> int:
     return n
 
 
+def reusable_prefix(cached_ids, ids) -> int:
+    """Tokens of `ids` whose cached K/V can be kept: the common prefix, less the last token of
+    `ids`, which must be fed again to get logits."""
+    return min(common_prefix(cached_ids, ids), len(ids) - 1)
+
+
 class ChatSession:
     def __init__(self, llm, system: str | None = None, sampling: SamplingParams | None = None):
         self.llm = llm
         self.system = system
-        self.sampling = sampling or SamplingParams(max_tokens=512)
+        self.sampling = sampling or SamplingParams(max_tokens=CHAT_MAX_TOKENS)
         self.cache = llm.model.new_cache()  # the whole context window; NumPy pages it in lazily
         self.cached_ids: list[int] = []     # the tokens whose K/V the cache holds, in order
         self.messages: list[dict] = []
@@ -64,8 +72,7 @@ class ChatSession:
         messages, ids = self._fit(user_text, params.max_tokens)
         self.dropped_turns = (len(self.messages) - len(messages)) // 2
         self.messages = messages
-        # reuse the cached prefix; at least one token must be fed to get logits
-        reused = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
+        reused = reusable_prefix(self.cached_ids, ids)
         self.cache.truncate(reused)
         self.cached_ids = ids[:reused]
         seq = self.llm.new_sequence(ids, params, cache=self.cache, cached_tokens=reused)
@@ -86,6 +93,6 @@ class ChatSession:
         finally:  # also on Ctrl-C or a closed generator: keep the conversation and cache consistent
             if not seq.finished:
                 seq.abort()
-            self.cached_ids = (ids + seq.output_ids)[:self.cache.length]
+            self.cached_ids = seq.cached_ids
             self.messages = self.messages + [{"role": "user", "content": user_text},
                                              {"role": "assistant", "content": seq.text}]

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PyllmError
+from .errors import PyllmError, first_line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -200,11 +200,6 @@ def main(argv=None):
         if os.environ.get("PYLLM_DEBUG"):
             raise
         fail(f"unexpected {type(exc).__name__}: {first_line(exc)} (PYLLM_DEBUG=1 shows the traceback)")
-
-
-def first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else "no details"
 
 
 def fail(message: str):

@@ -46,11 +46,6 @@ class ModelConfig:
         if self.dtype not in DTYPES.values():
             raise PyllmError(f"unsupported dtype {self.dtype!r}; supported: float32, float16, bfloat16")
 
-    @property
-    def kv_group(self) -> int:
-        """Query heads that share one key/value head."""
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         architecture = (raw.get("architectures") or ["?"])[0]

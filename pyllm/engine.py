@@ -64,13 +64,14 @@ class LLM:
             raise PyllmError(f"token id out of range: the vocabulary has {self.config.vocab_size} tokens")
         return ids
 
-    def check_fits(self, n_prompt: int, params: SamplingParams):
+    def _check_fits(self, n_prompt: int):
+        """A prompt must leave room for at least one generated token."""
         limit = self.config.max_position_embeddings
         if n_prompt >= limit:
             raise PyllmError(f"prompt too long: {n_prompt} tokens, the context window is {limit}")
 
     def new_sequence(self, prompt_ids, params: SamplingParams, cache=None, cached_tokens=0) -> Sequence:
-        self.check_fits(len(prompt_ids), params)
+        self._check_fits(len(prompt_ids))
         cache = cache or self.model.new_cache(len(prompt_ids) + params.max_tokens)
         return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens)
 
@@ -99,7 +100,7 @@ class LLM:
         """One prompt -> Output; a list of prompts -> list[Output], run as one batch."""
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and all(isinstance(t, (int, np.integer)) for t in prompts))
-        params = sampling or SamplingParams(**kwargs)
+        params = sampling_params(sampling, kwargs)
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise PyllmError("no prompts given")
@@ -112,7 +113,7 @@ class LLM:
 
     def stream(self, prompt, sampling: SamplingParams | None = None, **kwargs):
         """Yield text pieces of one prompt's continuation as they are generated."""
-        sequence = self.new_sequence(self.encode_prompt(prompt), sampling or SamplingParams(**kwargs))
+        sequence = self.new_sequence(self.encode_prompt(prompt), sampling_params(sampling, kwargs))
         try:
             for _, piece in self.run([sequence]):
                 if piece:
@@ -124,15 +125,24 @@ class LLM:
     def score(self, token_ids) -> np.ndarray:
         """Logits at every position: token_ids [n] -> float32 [n, vocab]."""
         ids = self.encode_prompt(list(token_ids))
-        self.check_fits(len(ids), SamplingParams(max_tokens=1))
+        limit = self.config.max_position_embeddings
+        if len(ids) > limit:
+            raise PyllmError(f"too many tokens to score: {len(ids)}, the context window is {limit}")
         cache = self.model.new_cache(len(ids))
         rows = [self.model.forward([(cache, ids[i:i + PREFILL_CHUNK])], all_logits=True)
                 for i in range(0, len(ids), PREFILL_CHUNK)]
         return np.concatenate(rows)
 
     def chat_session(self, system: str | None = None, **kwargs):
-        from .chat import ChatSession
-        return ChatSession(self, system, SamplingParams(**kwargs) if kwargs else None)
+        from .chat import CHAT_MAX_TOKENS, ChatSession
+        return ChatSession(self, system, SamplingParams(**{"max_tokens": CHAT_MAX_TOKENS, **kwargs}))
+
+
+def sampling_params(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
+    """Either a SamplingParams or keywords, not both (keywords would be silently ignored)."""
+    if sampling is not None and kwargs:
+        raise PyllmError(f"give either a SamplingParams or sampling keywords, not both: {', '.join(kwargs)}")
+    return sampling or SamplingParams(**kwargs)
 
 
 class StepTimer:

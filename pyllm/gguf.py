@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .dtypes import convert
-from .errors import PyllmError
+from .errors import PyllmError, first_line
 from .progress import progress
 
 SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1)
@@ -70,7 +70,7 @@ def open_gguf(path) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on foreign or truncated files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise PyllmError(f"{path} is not a valid GGUF file ({reason})") from None
 
 
@@ -214,7 +214,7 @@ def build_tokenizer(meta) -> tuple:
     except PyllmError:
         raise
     except Exception as e:  # tokenizers rejects inconsistent vocabularies with its own errors
-        raise PyllmError(f"invalid GGUF tokenizer: {str(e).splitlines()[0]}") from None
+        raise PyllmError(f"invalid GGUF tokenizer: {first_line(e)}") from None
     special = {}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         if (token_id := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None:

@@ -79,12 +79,17 @@ def _top_p_mask(probs, top_p):
 
 def probabilities(logits, params: SamplingParams, seen_ids=()) -> np.ndarray:
     """The distribution sample() draws from: float64 [vocab], exactly 0 for every filtered token."""
-    logits = apply_repetition_penalty(np.array(logits, dtype=np.float32), seen_ids, params.repetition_penalty)
+    logits = apply_repetition_penalty(np.array(logits, dtype=np.float64), seen_ids, params.repetition_penalty)
     probs = np.zeros(logits.size)
     if params.temperature == 0:
         probs[np.argmax(logits)] = 1.0
         return probs
-    scores = logits.astype(np.float64) / params.temperature
+    # extreme (valid) temperatures or penalties overflow, and a device may hand back NaN: keep
+    # the distribution defined rather than failing every sequence batched with this one
+    scores = np.nan_to_num(logits / params.temperature, nan=-np.inf, posinf=np.finfo(np.float64).max)
+    if not np.isfinite(scores.max()):
+        probs[np.argmax(logits)] = 1.0
+        return probs
     if 0 < params.top_k < scores.size:
         scores[scores < np.partition(scores, -params.top_k)[-params.top_k]] = -np.inf
     probs = np.exp(scores - scores.max())

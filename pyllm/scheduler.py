@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .chat import common_prefix
+from .chat import reusable_prefix
 from .errors import PyllmError
 from .sampling import SamplingParams
 
@@ -106,7 +106,7 @@ class PrefixPool:
         is left to prefill, since the last one must be fed to get logits."""
         best, best_n = None, 0
         for entry in self.entries:
-            n = min(common_prefix(entry.ids, ids), len(ids) - 1)
+            n = reusable_prefix(entry.ids, ids)
             if n > best_n:
                 best, best_n = entry, n
         if best is not None:
@@ -210,7 +210,9 @@ class Scheduler:
                 self._drop_cancelled()
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     self._cut_short()
-                self._admit()
+                admitted = self._take_admissible()
+            for job in admitted:  # outside the lock: allocating and copying caches takes a while
+                self._begin(job)
             if self._running:
                 self._step()
                 if not (self._running or self._waiting):
@@ -230,16 +232,16 @@ class Scheduler:
             job.sequence.abort()
             self._finish(job, "", "length")
 
-    def _admit(self):
-        while self._waiting and len(self._running) < self.max_running:
-            job = self._waiting[0]
-            if not self._make_room(self.capacity(job) * self.bytes_per_token):
-                return  # first come first served: a big job is not overtaken forever
-            self._waiting.popleft()
-            try:
-                self._begin(job)
-            except PyllmError as exc:  # the server validates first; this keeps the engine alive regardless
-                self._emit(job, Update(finish_reason="error", error=str(exc)))
+    def _take_admissible(self) -> list[Job]:
+        """Waiting jobs that fit now, in order: first come first served, so a big job is not
+        overtaken forever."""
+        taken = []
+        while self._waiting and len(self._running) + len(taken) < self.max_running:
+            need = sum(self.capacity(j) for j in [*taken, self._waiting[0]]) * self.bytes_per_token
+            if not self._make_room(need):
+                break
+            taken.append(self._waiting.popleft())
+        return taken
 
     def _make_room(self, need: int) -> bool:
         reserved = sum(self.capacity(j) for j in self._running) * self.bytes_per_token
@@ -249,6 +251,12 @@ class Scheduler:
         return True
 
     def _begin(self, job: Job):
+        try:
+            self._start_sequence(job)
+        except PyllmError as exc:  # the server validates first; this keeps the engine alive regardless
+            self._emit(job, Update(finish_reason="error", error=str(exc)))
+
+    def _start_sequence(self, job: Job):
         entry, reused = self.pool.match(job.prompt_ids) if job.reuse else (None, 0)
         cache = self.llm.model.new_cache(self.capacity(job))
         if reused:  # a copy: the entry stays for others until this job's longer conversation replaces it
@@ -265,7 +273,7 @@ class Scheduler:
         for job in self._running:
             pending = len(job.sequence.pending_prompt)
             chunk = min(pending, self.prefill_budget)
-            if pending and budget < min(chunk, self.prefill_budget):
+            if chunk > budget:
                 continue
             batch.append(job)
             budget -= chunk
@@ -300,7 +308,10 @@ class Scheduler:
                       first - job.arrived if first else None,
                       (now - first) / (n_out - 1) if first and n_out > 1 else None)
         if job.reuse and reason in ("stop", "length") and seq.cache.length:
-            self.pool.put((job.prompt_ids + seq.output_ids)[:seq.cache.length], seq.cache)
+            # pooled at its true size: the cache was allocated for prompt + max_tokens
+            kept = self.llm.model.new_cache(seq.cache.length)
+            kept.copy_prefix_from(seq.cache, seq.cache.length)
+            self.pool.put(seq.cached_ids, kept)
             while self.pool.bytes > self.reuse_budget_bytes and self.pool.evict_lru():
                 pass
         self._release(job)

@@ -19,7 +19,6 @@ class Sequence:
         self._held = ""         # text that might be the start of a stop string
         self.finish_reason = None  # "stop" | "length" | "abort"
         self.cached_tokens = cached_tokens  # prompt tokens found in the cache, not prefilled
-        self.started = time.perf_counter()
         self.first_token_at = None
 
     @property
@@ -30,6 +29,11 @@ class Sequence:
     def pending_prompt(self) -> list[int]:
         """Prompt tokens not yet in the cache."""
         return self.prompt_ids[self.cache.length:] if self.cache.length < len(self.prompt_ids) else []
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The tokens whose K/V the cache holds, in order (the last sampled token is not fed yet)."""
+        return (self.prompt_ids + self.output_ids)[:self.cache.length]
 
     @property
     def last_token(self) -> int:

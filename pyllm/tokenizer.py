@@ -9,7 +9,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import PyllmError
+from .config import read_json_object
+from .errors import PyllmError, first_line
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -40,9 +41,9 @@ class Tokenizer:
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises plain Exceptions with multi-line text
-            raise PyllmError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+            raise PyllmError(f"cannot read {path}: {first_line(exc)}") from None
         config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         self.bos_token = _token_text(config.get("bos_token")) or ""
         self.eos_token = _token_text(config.get("eos_token")) or ""
         template = config.get("chat_template") or CHATML_TEMPLATE

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-CORES = len(os.sched_getaffinity(0))
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SKINNY_MAX_ROWS = 8  # batched decode: OpenBLAS's small-matrix kernel wins up to here
 _pool = ThreadPoolExecutor(max_workers=max(CORES - 1, 1))
 
