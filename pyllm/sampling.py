@@ -84,12 +84,15 @@ def probabilities(logits, params: SamplingParams, seen_ids=()) -> np.ndarray:
     if params.temperature == 0:
         probs[np.argmax(logits)] = 1.0
         return probs
-    # extreme (valid) temperatures or penalties overflow, and a device may hand back NaN: keep
-    # the distribution defined rather than failing every sequence batched with this one
-    scores = np.nan_to_num(logits / params.temperature, nan=-np.inf, posinf=np.finfo(np.float64).max)
-    if not np.isfinite(scores.max()):
+    # a device may hand back NaN and extreme (valid) penalties overflow: keep the distribution
+    # defined rather than failing every sequence batched with this one. Subtracting the maximum
+    # before dividing keeps tiny temperatures from overflowing: the top token scores exactly 0.
+    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max)
+    if not np.isfinite(logits.max()):
         probs[np.argmax(logits)] = 1.0
         return probs
+    with np.errstate(over="ignore"):  # overflowing to -inf is the intended limit: probability 0
+        scores = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < scores.size:
         scores[scores < np.partition(scores, -params.top_k)[-params.top_k]] = -np.inf
     probs = np.exp(scores - scores.max())

@@ -183,3 +183,18 @@ def test_invalid_params_through_generate(tiny_llm):
 
 def test_stop_accepts_a_single_string():
     assert SamplingParams(stop="END").stop == ["END"]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1e-308), dict(temperature=1.0, repetition_penalty=1e-300)])
+def test_extreme_but_valid_settings_still_sample_the_top_token(settings):
+    """Overflowing scores must not turn into NaN probabilities (which would fail a whole batch)."""
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    seen = [0] if "repetition_penalty" in settings else []  # 1 / 1e-300: token 0's logit overflows f32
+    expected = 0 if seen else 1
+    token = sample(logits, SamplingParams(seed=0, **settings), np.random.default_rng(0), seen)
+    assert token == expected
+
+
+def test_nan_logits_do_not_raise():
+    logits = np.array([np.nan, 1.0, np.nan], np.float32)
+    assert sample(logits, SamplingParams(temperature=0.7, seed=0), np.random.default_rng(0)) == 1
