@@ -54,7 +54,7 @@ def cases(be, rows: int, width: int = WIDTH):
         ("rope", f"{rows}x{qkv_heads}x{dim}", 2 * rows * width * item + angles + 8 * rows,
          lambda: be.rope(x.reshape(rows, qkv_heads, dim), positions)),
         ("qkv_rope_cache", f"{rows}x({qkv_heads - 2 * kv_heads}+2x{kv_heads})x{dim}",
-         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, *rows_cache, 0)),
+         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, [(*rows_cache, 0, rows)])),
         ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
          (2 * kv_heads * width + 2 * heads) * dim * item,
          lambda: be.attention(q_one, k_cache, v_cache, width - 1)),

@@ -24,11 +24,10 @@ class KVCache:
             raise PyllmError(f"context full: {self.length} cached + {n_new} new tokens exceed "
                              f"the context window of {self.capacity} tokens")
 
-    def store(self, layer: int, qkv, bias):
-        """New tokens' fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
-        Their k (with rope) and v are stored after the cached tokens (length advances in advance());
-        the backend does all of it in one op."""
-        return self.backend.qkv_rope_cache(qkv, bias, self.k[layer], self.v[layer], self.length)
+    def slot(self, layer: int, n_new: int):
+        """Where a step's n_new tokens go in one layer, for backend.qkv_rope_cache:
+        (k [KV, capacity, D], v [KV, capacity, D], first row, n_new). length advances in advance()."""
+        return self.k[layer], self.v[layer], self.length, n_new
 
     def view(self, layer: int, n_new: int):
         """k, v [KV, length + n_new, D]: everything attention may read for this step."""

@@ -45,11 +45,14 @@ class LlamaModel:
         """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
         be = self.backend
         qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
+        sequences = list(zip(batch, starts[:-1], starts[1:]))
+        # q [T, H, D] with rope; each sequence's rope(k) and v go into its cache
+        q = be.qkv_rope_cache(qkv, layer.qkv_bias, [cache.slot(layer_index, end - start)
+                                                    for (cache, _), start, end in sequences])
         outs = []
-        for (cache, _), start, end in zip(batch, starts[:-1], starts[1:]):
-            q = cache.store(layer_index, qkv[start:end], layer.qkv_bias)  # [t, H, D] with rope
-            keys, values = cache.view(layer_index, end - start)           # [KV, length + t, D]
-            outs.append(be.attention(q, keys, values, cache.length))
+        for (cache, _), start, end in sequences:
+            keys, values = cache.view(layer_index, end - start)  # [KV, length + t, D]
+            outs.append(be.attention(q[start:end], keys, values, cache.length))
         out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]
         return out.reshape(out.shape[0], -1)
 

@@ -32,6 +32,11 @@ log = logging.getLogger("pyllm.scheduler")
 # prompt tokens prefilled per step: small enough that running streams keep flowing past a long
 # prompt (a 256-token chunk costs about two decode steps on SmolLM2 here), large enough to fill GEMMs
 PREFILL_BUDGET = 256
+# serving defaults, shared by `pyllm serve`, make_server and Scheduler
+MAX_RUNNING, MAX_QUEUE, KV_MEMORY_GB = 32, 256, 4.0
+# finished conversations kept for reuse: ~700 tokens of SmolLM2 K/V; all of it stays resident, so
+# it is what a server's RSS grows by under load (here ~5% of its idle RSS)
+REUSE_MEMORY_MB = 32.0
 
 
 def return_freed_memory():
@@ -128,8 +133,8 @@ def kv_bytes_per_token(llm) -> int:
 
 
 class Scheduler:
-    def __init__(self, llm, max_running=32, max_queue=256, kv_budget_bytes=4 << 30, prefill_budget=PREFILL_BUDGET,
-                 reuse_budget_bytes=64 << 20):
+    def __init__(self, llm, max_running=MAX_RUNNING, max_queue=MAX_QUEUE, kv_budget_bytes=int(KV_MEMORY_GB * 2**30),
+                 prefill_budget=PREFILL_BUDGET, reuse_budget_bytes=int(REUSE_MEMORY_MB * 2**20)):
         self.llm = llm
         self.context = llm.config.max_position_embeddings
         self.max_running, self.max_queue = max_running, max_queue

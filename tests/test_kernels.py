@@ -132,8 +132,8 @@ def test_qkv_rope_cache(device, dtype, with_bias, n_new, start):
     qkv, qkv_values = put(be, randn(n_new, (H + 2 * KV) * D))
     bias, bias_values = put(be, randn((H + 2 * KV) * D)) if with_bias else (None, None)
     (k_cache, k_values), (v_cache, v_values) = put(be, randn(KV, 320, D)), put(be, randn(KV, 320, D))
-    q_expected = reference.qkv_rope_cache(qkv_values, bias_values, k_values, v_values, start)
-    check(be, be.qkv_rope_cache(qkv, bias, k_cache, v_cache, start), q_expected)
+    q_expected = reference.qkv_rope_cache(qkv_values, bias_values, [(k_values, v_values, start, n_new)])
+    check(be, be.qkv_rope_cache(qkv, bias, [(k_cache, v_cache, start, n_new)]), q_expected)
     check(be, k_cache, k_values)  # rows outside start .. start + n_new - 1 are untouched
     check(be, v_cache, v_values)
 
@@ -187,6 +187,22 @@ def test_rms_norm_without_its_barrier_fails_under_the_executor():
         checked.get_function("rms_norm")((4,), (256,), args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rope_cache_batch_of_sequences(device, dtype):
+    """A ragged batch: each sequence's rows go to its own cache, each with its own capacity."""
+    be, reference = backend(device, dtype), ops.NumpyBackend(config())
+    qkv, qkv_values = put(be, randn(1 + 4 + 2, (H + 2 * KV) * D))
+    caches = [(put(be, randn(KV, capacity, D)), put(be, randn(KV, capacity, D))) for capacity in (9, 300, 40)]
+    starts, counts = (8, 290, 0), (1, 4, 2)
+    q_expected = reference.qkv_rope_cache(qkv_values, None, [(k[1], v[1], start, n) for (k, v), start, n
+                                                             in zip(caches, starts, counts)])
+    q = be.qkv_rope_cache(qkv, None, [(k[0], v[0], start, n) for (k, v), start, n in zip(caches, starts, counts)])
+    check(be, q, q_expected)
+    for k, v in caches:
+        check(be, k[0], k[1])
+        check(be, v[0], v[1])
+
+
 def test_real_kernels_pass_the_race_check(monkeypatch):
     """Every launch runs twice, threads and blocks in opposite orders; results must not differ."""
     monkeypatch.setenv("PYLLM_CUDA_EMU_RACE_CHECK", "1")
@@ -197,7 +213,7 @@ def test_real_kernels_pass_the_race_check(monkeypatch):
     check(be, be.softmax_causal(scores, 32), ops.softmax_causal(values, 32))
     qkv, qkv_values = put(be, randn(2, (H + 2 * KV) * D))
     (k, k_values), (v, v_values) = put(be, randn(KV, 37, D)), put(be, randn(KV, 37, D))
-    q = be.qkv_rope_cache(qkv, None, k, v, 35)
-    check(be, q, ops.NumpyBackend(config()).qkv_rope_cache(qkv_values, None, k_values, v_values, 35))
+    q = be.qkv_rope_cache(qkv, None, [(k, v, 35, 2)])
+    check(be, q, ops.NumpyBackend(config()).qkv_rope_cache(qkv_values, None, [(k_values, v_values, 35, 2)]))
     stored = [be.to_host(a) for a in (q, k, v)]  # attention reads the rounded q, k, v
     check(be, be.attention(q, k, v, 35), ops.attention(*stored, 35))

@@ -192,15 +192,20 @@ class CudaBackend:
                      (x, positions, self.cos, self.sin, out, np.int32(x.shape[1]), np.int32(x.shape[2])))
         return out
 
-    def qkv_rope_cache(self, qkv, bias, k_cache, v_cache, start):
-        """One sequence's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; rope(k) and v
-        go into one layer's cache k_cache, v_cache [KV, capacity, D] at rows start .. start + T - 1."""
-        n_kv, capacity, dim = k_cache.shape
+    def qkv_rope_cache(self, qkv, bias, slots):
+        """A batch's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; slots as in
+        numpy_backend: per sequence (k_cache, v_cache [KV, capacity, D], start, n_tokens). One
+        launch per sequence writes its q rows and its rope(k), v cache rows."""
+        n_kv, _, dim = slots[0][0].shape
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
-        self._launch("rope", "qkv_rope_cache", (qkv.shape[0],), (ROPE_THREADS,),
-                     (qkv, bias, self.cos, self.sin, q, k_cache, v_cache, np.int32(n_heads), np.int32(n_kv),
-                      np.int32(dim), np.int32(start), np.int32(capacity)))
+        row = 0
+        for k_cache, v_cache, start, n in slots:  # each cache has its own capacity
+            self._launch("rope", "qkv_rope_cache", (int(n),), (ROPE_THREADS,),
+                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], k_cache, v_cache,
+                          np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(start),
+                          np.int32(k_cache.shape[1])))
+            row += n
         return q
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):

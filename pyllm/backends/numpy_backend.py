@@ -98,18 +98,29 @@ def softmax_causal(scores, offset):
     Query i sits at absolute position offset + i and sees keys 0..offset+i. Fully masked
     rows (none arise in a causal model, but callers may build them) give zeros, never NaN.
     """
+    scores /= _exp_causal(scores, offset)
+    return scores
+
+
+def _exp_causal(scores, offset):
+    """softmax_causal without the division: scores become exp(score - row max), zero where
+    masked, and the row totals [heads, q_len, 1] are returned (1 for a fully masked row).
+    Attention divides after P.V instead, on head_dim columns rather than kv_len."""
     q_len, kv_len = scores.shape[-2:]
     first_hidden = offset + 1  # keys before it are visible to every query: no mask to apply there
-    if first_hidden < kv_len:
+    masked = first_hidden < kv_len  # never in a decode step, which sees its whole cache
+    if masked:
         hidden = np.arange(first_hidden, kv_len)[None, :] > (offset + np.arange(q_len))[:, None]
         np.copyto(scores[..., first_hidden:], -np.inf, where=hidden)  # hidden [q_len, kv_len - first_hidden]
     row_max = scores.max(axis=-1, keepdims=True)
-    row_max[~np.isfinite(row_max)] = 0.0
+    if masked:
+        row_max[~np.isfinite(row_max)] = 0.0  # a fully masked row: exp(-inf - 0) = 0, not NaN
     np.subtract(scores, row_max, out=scores)
     np.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
-    scores /= np.where(total == 0.0, 1.0, total)
-    return scores
+    if masked:
+        total[total == 0.0] = 1.0
+    return total
 
 
 QUERY_BLOCK = 128  # long prompts attend block by block, skipping keys the causal mask hides
@@ -137,8 +148,9 @@ def _attention_block(q, k, v, offset):
     # [KV, group * T, D]: heads sharing a KV head stacked so one matmul serves the group
     q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim) * np.float32(head_dim ** -0.5)
     scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L], already scaled (q is the smaller side)
-    softmax_causal(scores.reshape(n_heads, n_tokens, -1), offset)
+    totals = _exp_causal(scores.reshape(n_heads, n_tokens, -1), offset)  # [H, T, 1]
     out = scores @ v  # [KV, group * T, D]
+    out /= totals.reshape(n_kv, group * n_tokens, 1)
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
 
 
@@ -162,16 +174,24 @@ class NumpyBackend:
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
-    def qkv_rope_cache(self, qkv, bias, k_cache, v_cache, start):
-        """One sequence's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with
-        rope; rope(k) and v go into one layer's cache k_cache, v_cache [KV, capacity, D] at rows
-        start .. start + T - 1. One op, so the cuda backend can do it in one kernel launch."""
-        n_kv, _, dim = k_cache.shape
-        end = start + qkv.shape[0]
+    def qkv_rope_cache(self, qkv, bias, slots):
+        """A batch's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
+
+        slots: one (k_cache, v_cache [KV, capacity, D], start, n_tokens) per sequence, in row
+        order: that sequence's rope(k) and v go into rows start .. start + n_tokens - 1 of its
+        layer cache. One op, so this backend ropes the whole batch at once (a decode step would
+        otherwise pay a dozen small NumPy calls per sequence) and the cuda one fuses each
+        sequence's epilogue into one launch.
+        """
+        n_kv, _, dim = slots[0][0].shape
+        positions = np.concatenate([np.arange(start, start + n) for _, _, start, n in slots])  # [T]
         heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
-        rotated = rope(heads[:, :-n_kv], np.arange(start, end), self.cos, self.sin)   # [T, H + KV, D]
-        k_cache[:, start:end] = rotated[:, -n_kv:].transpose(1, 0, 2)
-        v_cache[:, start:end] = heads[:, -n_kv:].transpose(1, 0, 2)
+        rotated = rope(heads[:, :-n_kv], positions, self.cos, self.sin)               # [T, H + KV, D]
+        row = 0
+        for k_cache, v_cache, start, n in slots:
+            k_cache[:, start:start + n] = rotated[row:row + n, -n_kv:].transpose(1, 0, 2)
+            v_cache[:, start:start + n] = heads[row:row + n, -n_kv:].transpose(1, 0, 2)
+            row += n
         return rotated[:, :-n_kv]
 
     def upload(self, host_array):

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
-from ..scheduler import Job, QueueFull, Scheduler
+from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Job, QueueFull, Scheduler
 from .metrics import Metrics
 from .protocol import RequestError, Shaper, parse_chat, parse_completion, parse_tokenize
 
@@ -239,9 +239,9 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=32, max_queue=256,
-                kv_memory_gb=4.0, reuse_memory_mb=64.0, cors_origin=None, log_level="info",
-                grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
+def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=MAX_RUNNING,
+                max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, reuse_memory_mb=REUSE_MEMORY_MB, cors_origin=None,
+                log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
     scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30),
                           reuse_budget_bytes=int(reuse_memory_mb * 2**20))
     app = create_app(llm, scheduler, model_id, api_key, cors_origin, max_body_bytes)
