@@ -6,6 +6,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama as hf
 
+from pyllm.backends import cpu_kernels
 from pyllm.backends import numpy_backend as ops
 
 rng = np.random.default_rng(0)
@@ -93,6 +94,19 @@ def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
 
 @pytest.mark.parametrize("m,n", [(2, 1728), (8, 576), (5, 49152 // 64), (8, 100)])
 def test_matmul_transb_skinny_path(m, n):
-    """Few rows (batched decode) take the blocked, threaded path; same result as one matmul."""
+    """Few rows (batched decode) take the skinny path; same result as one matmul."""
     a, b = randn(m, 64), randn(n, 64)
     np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", range(2, 9))
+@pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
+def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
+    """kernels/skinny_matmul.c (odd weight rows, k not a multiple of 16) and the OpenBLAS blocks."""
+    a, b = randn(m, k), randn(n, k)
+    expected = a.astype(np.float64) @ b.T
+    np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)
+    kernel = cpu_kernels.skinny_matmul(m)
+    if kernel is None:
+        pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
+    np.testing.assert_allclose(ops._kernel_matmul_transb(kernel, a, b), expected, atol=1e-4)

@@ -5,9 +5,36 @@ cuda      hand-written CUDA kernels and cuBLAS through CuPy on a GPU (cuda_backe
 cuda-emu  the same backend with the kernels run on the CPU by cuda_emu: slow, for testing.
 """
 
+import os
+import tempfile
+from pathlib import Path
+
 from ..errors import PyllmError
 
 BACKENDS = ("cpu", "cuda", "cuda-emu")
+
+
+def kernels_dir() -> Path:
+    """The kernel sources (kernels/*.cu, skinny_matmul.c): inside the package in a wheel, or
+    kernels/ of a checkout."""
+    backends = Path(__file__).resolve().parent
+    candidates = (backends.parent / "kernels", backends.parents[1] / "kernels")
+    for candidate in candidates:
+        if (candidate / "attention.cu").is_file():
+            return candidate
+    raise PyllmError(f"kernel sources not found in {' or '.join(map(str, candidates))}")
+
+
+def build_cache_dir(name: str) -> Path:
+    """Where compiled kernels are kept: $XDG_CACHE_HOME/pyllm/NAME (default ~/.cache/pyllm/NAME)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "pyllm" / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (some CI sandboxes): fall back to the temp dir
+        path = Path(tempfile.gettempdir()) / f"pyllm-{name}-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def make_backend(name: str, config, dtype: str | None = None):

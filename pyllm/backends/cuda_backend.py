@@ -14,13 +14,12 @@ f32. Weights are uploaded once, the KV cache lives on the device, and a decode s
 token ids and brings back logits rows. `launches` counts kernel launches and cuBLAS calls.
 """
 
-from pathlib import Path
 
 import numpy as np
 
 from ..dtypes import convert, storage_dtype
 from ..errors import PyllmError
-from . import nvrtc
+from . import kernels_dir, nvrtc
 from .numpy_backend import rope_tables
 
 SCALAR_TYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}  # SCALAR_T per dtype
@@ -30,16 +29,6 @@ ROPE_THREADS = 128       # one block per token
 ATTENTION_THREADS = 128  # one block per (token, query head)
 CUDA_DATA_TYPES = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType_t: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
 CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t: f32 accumulation for every storage dtype
-
-
-def kernels_dir() -> Path:
-    """The .cu sources: shipped inside the package by a wheel, or kernels/ of a checkout."""
-    backends = Path(__file__).resolve().parent
-    candidates = (backends.parent / "kernels", backends.parents[1] / "kernels")
-    for candidate in candidates:
-        if (candidate / "attention.cu").is_file():
-            return candidate
-    raise PyllmError(f"CUDA kernel sources not found in {' or '.join(map(str, candidates))}")
 
 
 def attention_shared_bytes(head_dim: int, kv_len: int, threads: int = ATTENTION_THREADS) -> int:

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .cpu_kernels import skinny_matmul
+
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-SKINNY_MAX_ROWS = 8  # batched decode: OpenBLAS's small-matrix kernel wins up to here
+SKINNY_MAX_ROWS = 8  # batched decode: up to here a skinny matmul beats OpenBLAS's general one
 _pool = ThreadPoolExecutor(max_workers=max(CORES - 1, 1))
 
 
@@ -49,11 +51,34 @@ def rope(x, positions, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
+def _skinny_matmul_transb(a, b):
+    """a [M, K] @ b [N, K]^T for 2 <= M <= 8 -> [M, N]: batched decode, where a step streams all
+    the weights once for a few rows. The C kernel (cpu_kernels.py) where it builds, else OpenBLAS
+    in blocks."""
+    kernel = skinny_matmul(a.shape[0]) if b.dtype == np.float32 and b.flags.c_contiguous else None
+    return _kernel_matmul_transb(kernel, a, b) if kernel else _blocked_matmul_transb(a, b)
+
+
+def _kernel_matmul_transb(kernel, a, b):
+    """The C kernel on every core, each core on its own range of weight rows (even-sized, as the
+    kernel takes two at a time): a [M, K], b [N, K] -> [M, N]."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
+    bounds = [b.shape[0] * i // CORES // 2 * 2 for i in range(CORES)] + [b.shape[0]]
+    calls = [(a.ctypes.data, a.shape[1], b.ctypes.data, lo, hi, out.ctypes.data, out.shape[1])
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    futures = [_pool.submit(kernel, *call) for call in calls[1:]]
+    kernel(*calls[0])
+    for future in futures:
+        future.result()
+    return out
+
+
 SKINNY_BLOCK = 64  # weight rows per call: measured best across SmolLM2's shapes at 4 and 8 rows
 
 
-def _skinny_matmul_transb(a, b):
-    """a [M, K] @ b[N, K]^T for 2 <= M <= 8 -> [M, N].
+def _blocked_matmul_transb(a, b):
+    """a [M, K] @ b[N, K]^T for 2 <= M <= 8 -> [M, N] through OpenBLAS.
 
     One big call for a few rows makes OpenBLAS pack the whole weight and run its general kernel
     (~7 GB/s here). Cutting b into blocks of 64 rows keeps each call inside OpenBLAS's
@@ -61,6 +86,8 @@ def _skinny_matmul_transb(a, b):
     released inside matmul): ~1.7x faster. Blocks are views, so the weights keep one layout.
     """
     n_blocks = b.shape[0] // SKINNY_BLOCK
+    if n_blocks == 0:
+        return a @ b.T
     full = n_blocks * SKINNY_BLOCK
     blocks = b[:full].reshape(n_blocks, SKINNY_BLOCK, -1).transpose(0, 2, 1)  # [n_blocks, K, 64]
     step = -(-n_blocks // CORES)
@@ -72,7 +99,7 @@ def _skinny_matmul_transb(a, b):
 
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
-    skinny = 1 < a.shape[0] <= SKINNY_MAX_ROWS and b.shape[0] >= SKINNY_BLOCK
+    skinny = 1 < a.shape[0] <= SKINNY_MAX_ROWS
     product = _skinny_matmul_transb(a, b) if skinny else a @ b.T
     if alpha != 1.0:
         product *= np.float32(alpha)

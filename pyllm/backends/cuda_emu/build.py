@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .. import build_cache_dir
 from .errors import CompileError
 
 EMU_DIR = Path(__file__).resolve().parent
@@ -55,14 +56,7 @@ _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = Path(base) / "pyllm" / "cuda_emu"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:  # read-only home (some CI sandboxes): fall back to the temp dir
-        path = Path(tempfile.gettempdir()) / f"pyllm-cuda-emu-{os.getuid()}"
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    return build_cache_dir("cuda_emu")
 
 
 def compiler() -> str:
