@@ -79,24 +79,26 @@ def _top_p_mask(probs, top_p):
 
 def probabilities(logits, params: SamplingParams, seen_ids=()) -> np.ndarray:
     """The distribution sample() draws from: float64 [vocab], exactly 0 for every filtered token."""
-    logits = apply_repetition_penalty(np.array(logits, dtype=np.float64), seen_ids, params.repetition_penalty)
-    probs = np.zeros(logits.size)
-    if params.temperature == 0:
-        probs[np.argmax(logits)] = 1.0
-        return probs
-    # a device may hand back NaN and extreme (valid) penalties overflow: keep the distribution
-    # defined rather than failing every sequence batched with this one. Subtracting the maximum
-    # before dividing keeps tiny temperatures from overflowing: the top token scores exactly 0.
-    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max)
-    if not np.isfinite(logits.max()):
-        probs[np.argmax(logits)] = 1.0
-        return probs
+    scores = apply_repetition_penalty(np.array(logits, dtype=np.float64), seen_ids, params.repetition_penalty)
+    top = scores.max()
+    if not np.isfinite(top):
+        # a device may hand back NaN, and extreme (valid) penalties overflow: keep the distribution
+        # defined rather than failing every sequence batched with this one
+        scores = np.nan_to_num(scores, nan=-np.inf, posinf=np.finfo(np.float64).max)
+        top = scores.max()
+    if params.temperature == 0 or not np.isfinite(top):
+        return one_hot(int(np.argmax(scores)), scores.size)
+    # subtracting the maximum before dividing keeps tiny temperatures from overflowing: the top
+    # token scores exactly 0, so exp() below needs no second maximum
+    scores -= top
     with np.errstate(over="ignore"):  # overflowing to -inf is the intended limit: probability 0
-        scores = (logits - logits.max()) / params.temperature
+        scores /= params.temperature
     if 0 < params.top_k < scores.size:
         scores[scores < np.partition(scores, -params.top_k)[-params.top_k]] = -np.inf
-    probs = np.exp(scores - scores.max())
+    probs = np.exp(scores, out=scores)
     probs /= probs.sum()
+    if params.top_p >= 1.0 and params.min_p == 0:
+        return probs
     if params.top_p < 1.0:
         probs[_top_p_mask(probs, params.top_p)] = 0.0
     if params.min_p > 0:
@@ -104,9 +106,23 @@ def probabilities(logits, params: SamplingParams, seen_ids=()) -> np.ndarray:
     return probs / probs.sum()
 
 
+def one_hot(index: int, size: int) -> np.ndarray:
+    probs = np.zeros(size)
+    probs[index] = 1.0
+    return probs
+
+
 def sample(logits, params: SamplingParams, rng: np.random.Generator, seen_ids=()) -> int:
     """logits [vocab] f32 (host) -> next token id."""
+    # greedy draws nothing, so it leaves the generator's stream alone; on finite logits without a
+    # penalty it needs no distribution either (a finite maximum means no NaN and no +inf)
+    if params.temperature == 0 and params.repetition_penalty == 1.0 and np.isfinite(logits.max()):
+        return int(np.argmax(logits))
     probs = probabilities(logits, params, seen_ids)
-    if params.temperature == 0:  # greedy draws nothing, so it leaves the generator's stream alone
+    if params.temperature == 0:
         return int(np.argmax(probs))
-    return int(rng.choice(probs.size, p=probs))
+    # inverse CDF with one uniform double: the draw rng.choice(vocab, p=probs) makes, without the
+    # ~0.2 ms it spends checking probs (a batch of 8 samples every step)
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))

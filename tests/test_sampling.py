@@ -195,6 +195,7 @@ def test_extreme_but_valid_settings_still_sample_the_top_token(settings):
     assert token == expected
 
 
-def test_nan_logits_do_not_raise():
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_nan_logits_do_not_raise_and_are_never_picked(temperature):
     logits = np.array([np.nan, 1.0, np.nan], np.float32)
-    assert sample(logits, SamplingParams(temperature=0.7, seed=0), np.random.default_rng(0)) == 1
+    assert sample(logits, SamplingParams(temperature=temperature, seed=0), np.random.default_rng(0)) == 1
