@@ -6,16 +6,21 @@
 // memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth.
 // Here each weight row is read once and used for all M activation rows while it is in registers.
 //
-// Work split: the caller's threads each take a range of weight rows [lo, hi). One call walks its
-// range two weight rows at a time: 2 x M accumulators of 16 lanes (at most 16 of the 32 zmm
-// registers), per 16 k one load of each weight row, one load of each activation row and 2 x M
-// FMAs. Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not
+// Work split: skinny_matmul() hands each of the threads (the caller and skinny_matmul_start's
+// workers) its own range of weight rows. A thread walks its range two weight rows at a time: 2 x M
+// accumulators of 16 lanes (at most 16 of the 32 zmm registers), per 16 k one load of each weight
+// row, one load of each activation row and 2 x M FMAs. Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not
 // reach at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
 // Numerics: f32 products and sums; each output is 16 partial sums added at the end, plus the
 // K % 16 tail, so results differ from a sequential dot product by rounding only.
 #ifdef __AVX512F__
 #include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 
 #define PREFETCH_FLOATS 2048
 
@@ -55,9 +60,105 @@ static inline void skinny(const int M, const float *x, int K, const float *w, in
     for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
 }
 
-#define ENTRY(M)                                                                                     \
-  void skinny_matmul_##M(const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) { \
-    skinny(M, x, K, w, lo, hi, out, ldo);                                                            \
+typedef void (*rows_fn)(const float *x, int K, const float *w, int lo, int hi, float *out, int ldo);
+#define ENTRY(M)                                                                                \
+  static void rows_##M(const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) { \
+    skinny(M, x, K, w, lo, hi, out, ldo);                                                       \
   }
 ENTRY(2) ENTRY(3) ENTRY(4) ENTRY(5) ENTRY(6) ENTRY(7) ENTRY(8)
+static const rows_fn ROWS[9] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+
+// The thread pool. A decode step makes ~120 of these calls a few hundred microseconds apart, so
+// waking a sleeping thread each time (tens of microseconds in a VM) would cost more than the
+// split gains: workers spin for SPIN_NS after a call before they sleep on the condition variable.
+#define MAX_THREADS 64
+#define SPIN_NS 500000L
+
+static struct {
+  pthread_mutex_t call_lock;  // one matmul at a time, whichever thread calls
+  pthread_mutex_t lock;       // with wake: how idle workers sleep
+  pthread_cond_t wake;
+  int threads;                // the caller and its running workers
+  int wanted;                 // threads asked for by skinny_matmul_start
+  pid_t owner;                // the process whose workers run (a forked child has none of them)
+  atomic_ulong generation;    // bumped once per matmul
+  atomic_int pending;         // workers not yet done with the current matmul
+  unsigned long first_seen;   // the generation when the workers started: each runs every later one
+  rows_fn fn;                 // the current matmul
+  const float *x, *w;
+  float *out;
+  int K, N;
+} pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER, .threads = 1, .wanted = 1};
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void run_share(int part) {  // even bounds: the kernel takes weight rows two at a time
+  const int lo = (int)((long long)pool.N * part / pool.threads) / 2 * 2;
+  const int hi = part + 1 == pool.threads ? pool.N : (int)((long long)pool.N * (part + 1) / pool.threads) / 2 * 2;
+  pool.fn(pool.x, pool.K, pool.w, lo, hi, pool.out, pool.N);
+}
+
+static void *worker(void *arg) {
+  const int part = (int)(intptr_t)arg;
+  unsigned long seen = pool.first_seen;  // not the generation now: a call may have come before this thread ran
+  for (;;) {
+    const long give_up = now_ns() + SPIN_NS;
+    for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
+      _mm_pause();
+      if ((spins & 255) == 255 && now_ns() > give_up) {
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+      }
+    }
+    seen = atomic_load(&pool.generation);
+    run_share(part);
+    atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+static void start_workers(void) {  // with call_lock held
+  pool.owner = getpid();
+  pool.threads = 1;
+  pool.first_seen = atomic_load(&pool.generation);
+  for (int part = 1; part < pool.wanted; part++) {
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)part) != 0) break;
+    pthread_detach(thread);
+    pool.threads++;
+  }
+}
+
+// Asks for `threads` threads per matmul (the caller and threads - 1 workers, started once per
+// process) -> how many run.
+int skinny_matmul_start(int threads) {
+  pthread_mutex_lock(&pool.call_lock);
+  if (pool.owner != getpid()) {
+    pool.wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    start_workers();
+  }
+  pthread_mutex_unlock(&pool.call_lock);
+  return pool.threads;
+}
+
+// out [M, N] = x [M, K] @ w [N, K]^T for 2 <= M <= 8, all arrays C-contiguous f32.
+void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
+  pthread_mutex_lock(&pool.call_lock);
+  if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
+  pool.fn = ROWS[M], pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
+  atomic_store(&pool.pending, pool.threads - 1);
+  pthread_mutex_lock(&pool.lock);
+  atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+  pthread_cond_broadcast(&pool.wake);
+  pthread_mutex_unlock(&pool.lock);
+  run_share(0);
+  while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
+  pthread_mutex_unlock(&pool.call_lock);
+}
 #endif

@@ -1,5 +1,8 @@
 """Each NumPy operator against transformers' own module or a plain PyTorch reference."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -106,7 +109,22 @@ def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
     a, b = randn(m, k), randn(n, k)
     expected = a.astype(np.float64) @ b.T
     np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)
-    kernel = cpu_kernels.skinny_matmul(m)
-    if kernel is None:
+    if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
-    np.testing.assert_allclose(ops._kernel_matmul_transb(kernel, a, b), expected, atol=1e-4)
+    np.testing.assert_allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4)
+
+
+def test_skinny_matmul_c_kernel_threads_start_in_a_forked_child():
+    """The kernel's worker threads do not survive fork(); a child starts its own and its first
+    matmul, made before they run, must neither hang nor miss a share of rows."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
+    a, b = randn(8, 64), randn(301, 64)
+    expected = a.astype(np.float64) @ b.T
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:  # the child: SIGALRM ends it if the matmul hangs
+            signal.alarm(10)
+            os._exit(0 if np.allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import PyllmError
 
 BACKENDS = ("cpu", "cuda", "cuda-emu")
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def kernels_dir() -> Path:

@@ -1,10 +1,9 @@
 """kernels/skinny_matmul.c, the CPU backend's one C kernel, for batched decode.
 
 Built on first use by the host C compiler ($CC, else cc) with -O3 -march=native into the build
-cache (keyed by the source, the compiler and this CPU), and loaded with ctypes, which releases
-the GIL during the call, so the backend's threads run it on every core at once. Nothing depends
-on it: with no compiler, no AVX-512, or PYLLM_CPU_KERNELS=0, skinny_matmul() gives None and the
-NumPy path serves.
+cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernel shares
+each matmul among its own threads, one per core. Nothing depends on it: with no compiler, no
+AVX-512, or PYLLM_CPU_KERNELS=0, skinny_matmul_transb() gives None and the NumPy path serves.
 """
 
 import ctypes
@@ -14,13 +13,13 @@ import os
 import platform
 import subprocess
 
-from . import build_cache_dir, kernels_dir
+import numpy as np
+
+from . import CORES, build_cache_dir, kernels_dir
 
 SOURCE = "skinny_matmul.c"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-ROWS = range(2, 9)  # the entry points skinny_matmul_2 .. skinny_matmul_8
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-             ctypes.c_int]  # x, K, w, first weight row, end weight row, out, out row stride
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+MAX_ROWS = 8
 
 
 def _this_cpu() -> bytes:
@@ -45,21 +44,33 @@ def _build(compiler: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _functions() -> dict | None:
+def _library():
     if os.environ.get("PYLLM_CPU_KERNELS", "1") == "0":
         return None
     try:
         library = _build(os.environ.get("CC", "cc"))
-        functions = {rows: getattr(library, f"skinny_matmul_{rows}") for rows in ROWS}
+        start, matmul = library.skinny_matmul_start, library.skinny_matmul
     except (OSError, subprocess.CalledProcessError, AttributeError):  # no compiler, or built without AVX-512
         return None
-    for function in functions.values():
-        function.argtypes, function.restype = _ARGTYPES, None
-    return functions
+    start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
+    # M, x, K, w, N, out
+    matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    matmul.restype = None
+    start(CORES)
+    return library
 
 
-def skinny_matmul(rows: int):
-    """The C function for `rows` activation rows, or None where the kernel is not available:
-    f(x, K, w, lo, hi, out, ldo) sets out[m, n] = x[m] . w[n] for weight rows lo <= n < hi."""
-    functions = _functions()
-    return functions.get(rows) if functions else None
+def available() -> bool:
+    return _library() is not None
+
+
+def skinny_matmul_transb(a, b):
+    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 2 <= M <= 8 on every core; None where the kernel
+    is not available (or b is not a contiguous f32 matrix): the caller's NumPy path serves."""
+    library = _library()
+    if library is None or not 2 <= a.shape[0] <= MAX_ROWS or b.dtype != np.float32 or not b.flags.c_contiguous:
+        return None
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
+    library.skinny_matmul(a.shape[0], a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[0], out.ctypes.data)
+    return out

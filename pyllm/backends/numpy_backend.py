@@ -4,14 +4,12 @@ Every operator works in float32. Shapes use T = new tokens (all sequences of a b
 concatenated), H = query heads, KV = key/value heads, D = head_dim, L = cached + new tokens.
 """
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .cpu_kernels import skinny_matmul
+from . import CORES, cpu_kernels
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SKINNY_MAX_ROWS = 8  # batched decode: up to here a skinny matmul beats OpenBLAS's general one
 _pool = ThreadPoolExecutor(max_workers=max(CORES - 1, 1))
 
@@ -55,23 +53,8 @@ def _skinny_matmul_transb(a, b):
     """a [M, K] @ b [N, K]^T for 2 <= M <= 8 -> [M, N]: batched decode, where a step streams all
     the weights once for a few rows. The C kernel (cpu_kernels.py) where it builds, else OpenBLAS
     in blocks."""
-    kernel = skinny_matmul(a.shape[0]) if b.dtype == np.float32 and b.flags.c_contiguous else None
-    return _kernel_matmul_transb(kernel, a, b) if kernel else _blocked_matmul_transb(a, b)
-
-
-def _kernel_matmul_transb(kernel, a, b):
-    """The C kernel on every core, each core on its own range of weight rows (even-sized, as the
-    kernel takes two at a time): a [M, K], b [N, K] -> [M, N]."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
-    bounds = [b.shape[0] * i // CORES // 2 * 2 for i in range(CORES)] + [b.shape[0]]
-    calls = [(a.ctypes.data, a.shape[1], b.ctypes.data, lo, hi, out.ctypes.data, out.shape[1])
-             for lo, hi in zip(bounds[:-1], bounds[1:])]
-    futures = [_pool.submit(kernel, *call) for call in calls[1:]]
-    kernel(*calls[0])
-    for future in futures:
-        future.result()
-    return out
+    out = cpu_kernels.skinny_matmul_transb(a, b)
+    return out if out is not None else _blocked_matmul_transb(a, b)
 
 
 SKINNY_BLOCK = 64  # weight rows per call: measured best across SmolLM2's shapes at 4 and 8 rows
