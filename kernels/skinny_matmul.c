@@ -1,4 +1,4 @@
-// The CPU backend's matmul for batched decode: out [M, N] = x [M, K] @ w [N, K]^T for 2 <= M <= 8.
+// The CPU backend's matmul for batched decode: out [M, N] = x [M, K] @ w [N, K]^T for a few rows.
 // Compiled at run time by the host C compiler (-O3 -march=native, pyllm/backends/cpu_kernels.py);
 // without AVX-512 it builds nothing and the NumPy path serves.
 //
@@ -7,10 +7,11 @@
 // Here each weight row is read once and used for all M activation rows while it is in registers.
 //
 // Work split: skinny_matmul() hands each of the threads (the caller and skinny_matmul_start's
-// workers) its own range of weight rows. A thread walks its range two weight rows at a time: 2 x M
-// accumulators of 16 lanes (at most 16 of the 32 zmm registers), per 16 k one load of each weight
-// row, one load of each activation row and 2 x M FMAs. Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not
-// reach at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
+// workers) its own range of weight rows. A thread walks its range two weight rows at a time, and
+// meets the activation rows 8 at a time: 2 x 8 accumulators of 16 lanes (16 of the 32 zmm
+// registers), per 16 k one load of each weight row, one of each activation row and 16 FMAs.
+// Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not reach
+// at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
 // Numerics: f32 products and sums; each output is 16 partial sums added at the end, plus the
 // K % 16 tail, so results differ from a sequential dot product by rounding only.
 #ifdef __AVX512F__
@@ -51,22 +52,22 @@ static inline void two_rows(const int M, const float *x, int K, const float *w0,
   }
 }
 
-// M is a compile-time constant in each entry point, so the loops over m unroll into registers
-static inline void skinny(const int M, const float *x, int K, const float *w, int lo, int hi, float *out,
-                          int ldo) {
+// Each pair of weight rows meets the activation rows in chunks of at most 8 (the registers hold
+// 2 x 8 accumulators) while the pair is still in L1, so the weights are streamed once for any M.
+typedef void (*pair_fn)(const float *x, int K, const float *w0, float *out, int ldo);
+#define PAIR(M) \
+  static void pair_##M(const float *x, int K, const float *w0, float *out, int ldo) { two_rows(M, x, K, w0, out, ldo); }
+PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6) PAIR(7) PAIR(8)
+static const pair_fn PAIRS[9] = {0, pair_1, pair_2, pair_3, pair_4, pair_5, pair_6, pair_7, pair_8};
+
+static void weight_rows(int M, const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) {
   int n = lo;
-  for (; n + 1 < hi; n += 2) two_rows(M, x, K, w + (size_t)n * K, out + n, ldo);
+  for (; n + 1 < hi; n += 2)
+    for (int m = 0; m < M; m += 8)
+      PAIRS[M - m < 8 ? M - m : 8](x + (size_t)m * K, K, w + (size_t)n * K, out + (size_t)m * ldo + n, ldo);
   for (; n < hi; n++)
     for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
 }
-
-typedef void (*rows_fn)(const float *x, int K, const float *w, int lo, int hi, float *out, int ldo);
-#define ENTRY(M)                                                                                \
-  static void rows_##M(const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) { \
-    skinny(M, x, K, w, lo, hi, out, ldo);                                                       \
-  }
-ENTRY(2) ENTRY(3) ENTRY(4) ENTRY(5) ENTRY(6) ENTRY(7) ENTRY(8)
-static const rows_fn ROWS[9] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
 
 // The thread pool. A decode step makes ~120 of these calls a few hundred microseconds apart, so
 // waking a sleeping thread each time (tens of microseconds in a VM) would cost more than the
@@ -84,10 +85,9 @@ static struct {
   atomic_ulong generation;    // bumped once per matmul
   atomic_int pending;         // workers not yet done with the current matmul
   unsigned long first_seen;   // the generation when the workers started: each runs every later one
-  rows_fn fn;                 // the current matmul
-  const float *x, *w;
+  const float *x, *w;         // the current matmul
   float *out;
-  int K, N;
+  int M, K, N;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER, .threads = 1, .wanted = 1};
 
@@ -100,7 +100,7 @@ static long now_ns(void) {
 static void run_share(int part) {  // even bounds: the kernel takes weight rows two at a time
   const int lo = (int)((long long)pool.N * part / pool.threads) / 2 * 2;
   const int hi = part + 1 == pool.threads ? pool.N : (int)((long long)pool.N * (part + 1) / pool.threads) / 2 * 2;
-  pool.fn(pool.x, pool.K, pool.w, lo, hi, pool.out, pool.N);
+  weight_rows(pool.M, pool.x, pool.K, pool.w, lo, hi, pool.out, pool.N);
 }
 
 static void *worker(void *arg) {
@@ -147,11 +147,11 @@ int skinny_matmul_start(int threads) {
   return pool.threads;
 }
 
-// out [M, N] = x [M, K] @ w [N, K]^T for 2 <= M <= 8, all arrays C-contiguous f32.
+// out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
   pthread_mutex_lock(&pool.call_lock);
   if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
-  pool.fn = ROWS[M], pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
+  pool.M = M, pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
   atomic_store(&pool.pending, pool.threads - 1);
   pthread_mutex_lock(&pool.lock);
   atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);

@@ -102,10 +102,11 @@ def test_matmul_transb_skinny_path(m, n):
     np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", range(2, 9))
+@pytest.mark.parametrize("m", [2, 3, 5, 8, 9, 13, 16])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
 def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
-    """kernels/skinny_matmul.c (odd weight rows, k not a multiple of 16) and the OpenBLAS blocks."""
+    """kernels/skinny_matmul.c (rows in chunks of 8, odd weight rows, k not a multiple of 16) and
+    the OpenBLAS blocks."""
     a, b = randn(m, k), randn(n, k)
     expected = a.astype(np.float64) @ b.T
     np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)

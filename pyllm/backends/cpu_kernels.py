@@ -19,7 +19,9 @@ from . import CORES, build_cache_dir, kernels_dir
 
 SOURCE = "skinny_matmul.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
-MAX_ROWS = 8
+# the kernel's time grows with the rows (8 at a time) while OpenBLAS's improves: measured on
+# SmolLM2's shapes here, 8 rows 15.8 vs 6.6 GB/s, 16 rows 7.4 vs 6.6, 24 rows 4.9 vs 5.6
+MAX_ROWS = 16
 
 
 def _this_cpu() -> bytes:
@@ -65,10 +67,12 @@ def available() -> bool:
 
 
 def skinny_matmul_transb(a, b):
-    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 2 <= M <= 8 on every core; None where the kernel
-    is not available (or b is not a contiguous f32 matrix): the caller's NumPy path serves."""
+    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 2 <= M <= MAX_ROWS on every core; None where the
+    kernel is not available (or b is not a contiguous f32 matrix): the caller's NumPy path serves."""
+    if not 2 <= a.shape[0] <= MAX_ROWS or b.dtype != np.float32 or not b.flags.c_contiguous:
+        return None
     library = _library()
-    if library is None or not 2 <= a.shape[0] <= MAX_ROWS or b.dtype != np.float32 or not b.flags.c_contiguous:
+    if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
     out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]

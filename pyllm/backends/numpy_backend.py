@@ -10,7 +10,7 @@ import numpy as np
 
 from . import CORES, cpu_kernels
 
-SKINNY_MAX_ROWS = 8  # batched decode: up to here a skinny matmul beats OpenBLAS's general one
+BLOCKED_MAX_ROWS = 8  # without the C kernel, OpenBLAS's small-matrix kernel in blocks wins up to here
 _pool = ThreadPoolExecutor(max_workers=max(CORES - 1, 1))
 
 
@@ -49,19 +49,11 @@ def rope(x, positions, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def _skinny_matmul_transb(a, b):
-    """a [M, K] @ b [N, K]^T for 2 <= M <= 8 -> [M, N]: batched decode, where a step streams all
-    the weights once for a few rows. The C kernel (cpu_kernels.py) where it builds, else OpenBLAS
-    in blocks."""
-    out = cpu_kernels.skinny_matmul_transb(a, b)
-    return out if out is not None else _blocked_matmul_transb(a, b)
-
-
 SKINNY_BLOCK = 64  # weight rows per call: measured best across SmolLM2's shapes at 4 and 8 rows
 
 
 def _blocked_matmul_transb(a, b):
-    """a [M, K] @ b[N, K]^T for 2 <= M <= 8 -> [M, N] through OpenBLAS.
+    """a [M, K] @ b[N, K]^T for 2 <= M <= 8 -> [M, N] through OpenBLAS, where the C kernel is not.
 
     One big call for a few rows makes OpenBLAS pack the whole weight and run its general kernel
     (~7 GB/s here). Cutting b into blocks of 64 rows keeps each call inside OpenBLAS's
@@ -82,8 +74,11 @@ def _blocked_matmul_transb(a, b):
 
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
-    skinny = 1 < a.shape[0] <= SKINNY_MAX_ROWS
-    product = _skinny_matmul_transb(a, b) if skinny else a @ b.T
+    # batched decode: a few rows stream all the weights once, which OpenBLAS's general kernel does
+    # at a fraction of its GEMV bandwidth; the C kernel (cpu_kernels.py) or OpenBLAS in blocks
+    product = cpu_kernels.skinny_matmul_transb(a, b) if a.shape[0] > 1 else None
+    if product is None:
+        product = _blocked_matmul_transb(a, b) if 1 < a.shape[0] <= BLOCKED_MAX_ROWS else a @ b.T
     if alpha != 1.0:
         product *= np.float32(alpha)
     if bias is not None:
