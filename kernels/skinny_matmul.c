@@ -1,9 +1,10 @@
-// The CPU backend's matmul for batched decode: out [M, N] = x [M, K] @ w [N, K]^T for a few rows.
+// The CPU backend's matmul for decode steps: out [M, N] = x [M, K] @ w [N, K]^T for a few rows.
 // Compiled at run time by the host C compiler (-O3 -march=native, pyllm/backends/cpu_kernels.py);
 // without AVX-512 it builds nothing and the NumPy path serves.
 //
 // Why: every decode step streams all the weights once, so at a few rows the matmul should run at
-// memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth.
+// memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth (and
+// its GEMV, threads and all, at ~85% of this kernel's one-row speed).
 // Here each weight row is read once and used for all M activation rows while it is in registers.
 //
 // Work split: skinny_matmul() hands each of the threads (the caller and skinny_matmul_start's
@@ -17,6 +18,7 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -123,7 +125,28 @@ static void *worker(void *arg) {
   return NULL;
 }
 
+// fork(): the child has none of the workers, and may inherit the locks held and the condition
+// variable counting the parent's sleepers as its waiters. Hold both locks across the fork; the
+// child makes fresh ones and starts its own workers at its first call (owner is not its pid).
+static void before_fork(void) {
+  pthread_mutex_lock(&pool.call_lock);
+  pthread_mutex_lock(&pool.lock);
+}
+static void after_fork_in_parent(void) {
+  pthread_mutex_unlock(&pool.lock);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+static void after_fork_in_child(void) {
+  pthread_mutex_init(&pool.call_lock, NULL);
+  pthread_mutex_init(&pool.lock, NULL);
+  pthread_cond_init(&pool.wake, NULL);
+  pool.owner = 0;
+}
+static void register_fork_handlers(void) { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); }
+
 static void start_workers(void) {  // with call_lock held
+  static pthread_once_t fork_handlers = PTHREAD_ONCE_INIT;
+  pthread_once(&fork_handlers, register_fork_handlers);
   pool.owner = getpid();
   pool.threads = 1;
   pool.first_seen = atomic_load(&pool.generation);
@@ -158,7 +181,9 @@ void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *o
   pthread_cond_broadcast(&pool.wake);
   pthread_mutex_unlock(&pool.lock);
   run_share(0);
-  while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
+  // a worker normally finishes within microseconds; one that was descheduled gets the core back
+  for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++)
+    if (spins < 100000) _mm_pause(); else sched_yield();
   pthread_mutex_unlock(&pool.call_lock);
 }
 #endif

@@ -114,6 +114,7 @@ def one_hot(index: int, size: int) -> np.ndarray:
 
 def sample(logits, params: SamplingParams, rng: np.random.Generator, seen_ids=()) -> int:
     """logits [vocab] f32 (host) -> next token id."""
+    logits = np.asarray(logits)
     # greedy draws nothing, so it leaves the generator's stream alone; on finite logits without a
     # penalty it needs no distribution either (a finite maximum means no NaN and no +inf)
     if params.temperature == 0 and params.repetition_penalty == 1.0 and np.isfinite(logits.max()):

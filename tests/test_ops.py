@@ -2,6 +2,8 @@
 
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +66,8 @@ def test_softmax_fully_masked_row_gives_zeros():
     out = ops.softmax_causal(scores, offset=-1)  # query 0 sees no key at all
     assert np.all(out[:, 0] == 0) and np.all(np.isfinite(out))
     np.testing.assert_allclose(out[:, 1:].sum(-1), 1.0, rtol=1e-6)
+    # a row the caller masked itself, where the causal mask hides nothing
+    assert np.all(ops.softmax_causal(np.full((2, 1, 5), -np.inf, np.float32), offset=4) == 0)
 
 
 def test_swiglu_matches_llama_mlp_activation():
@@ -102,7 +106,7 @@ def test_matmul_transb_skinny_path(m, n):
     np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", [2, 3, 5, 8, 9, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
 def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
     """kernels/skinny_matmul.c (rows in chunks of 8, odd weight rows, k not a multiple of 16) and
@@ -115,17 +119,41 @@ def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
     np.testing.assert_allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4)
 
 
-def test_skinny_matmul_c_kernel_threads_start_in_a_forked_child():
-    """The kernel's worker threads do not survive fork(); a child starts its own and its first
-    matmul, made before they run, must neither hang nor miss a share of rows."""
+def _forked_child_results(a, b, calls=3):
+    """Exit codes of children forked now, each making `calls` kernel matmuls far enough apart for
+    its workers to fall asleep in between (SIGALRM ends a child that hangs: code -14)."""
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        expected = a.astype(np.float64) @ b.T
+        ok = True
+        for _ in range(calls):
+            ok &= np.allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4)
+            time.sleep(0.01)
+        os._exit(0 if ok else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_skinny_matmul_c_kernel_threads_survive_fork():
+    """fork() keeps none of the kernel's worker threads: a child starts its own, and must not
+    inherit the parent's sleeping workers as waiters nor a lock held by a call in flight."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
     a, b = randn(8, 64), randn(301, 64)
-    expected = a.astype(np.float64) @ b.T
-    for _ in range(20):
-        pid = os.fork()
-        if pid == 0:  # the child: SIGALRM ends it if the matmul hangs
-            signal.alarm(10)
-            os._exit(0 if np.allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4) else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+    cpu_kernels.skinny_matmul_transb(a, b)
+    time.sleep(0.01)  # the parent's workers are asleep
+    assert [_forked_child_results(a, b) for _ in range(5)] == [0] * 5
+    big_a, big_b = randn(8, 576), randn(4096, 576)
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            cpu_kernels.skinny_matmul_transb(big_a, big_b)
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()  # forks while another thread is inside a matmul
+    try:
+        assert [_forked_child_results(a, b) for _ in range(5)] == [0] * 5
+    finally:
+        stop.set()
+        busy.join()

@@ -5,6 +5,7 @@ cuda      hand-written CUDA kernels and cuBLAS through CuPy on a GPU (cuda_backe
 cuda-emu  the same backend with the kernels run on the CPU by cuda_emu: slow, for testing.
 """
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +13,23 @@ from pathlib import Path
 from ..errors import PyllmError
 
 BACKENDS = ("cpu", "cuda", "cuda-emu")
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def usable_cores() -> int:
+    """CPUs this process may keep busy: its affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 2 CPUs on a 64-core host must not start 64 threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+CORES = usable_cores()
 
 
 def kernels_dir() -> Path:

@@ -1,4 +1,4 @@
-"""kernels/skinny_matmul.c, the CPU backend's one C kernel, for batched decode.
+"""kernels/skinny_matmul.c, the CPU backend's one C kernel: the matmul of decode steps.
 
 Built on first use by the host C compiler ($CC, else cc) with -O3 -march=native into the build
 cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernel shares
@@ -11,10 +11,13 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
+import tempfile
 
 import numpy as np
 
+from ..errors import PyllmError
 from . import CORES, build_cache_dir, kernels_dir
 
 SOURCE = "skinny_matmul.c"
@@ -33,27 +36,32 @@ def _this_cpu() -> bytes:
         return platform.processor().encode()
 
 
-def _build(compiler: str):
+def _build(compiler: list[str]):
     source = kernels_dir() / SOURCE
-    version = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
+    version = subprocess.run([*compiler, "--version"], capture_output=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version, " ".join(FLAGS).encode(), _this_cpu()]))
     library = build_cache_dir("cpu") / f"skinny_matmul-{key.hexdigest()[:24]}.so"
     if not library.exists():
-        partial = library.with_suffix(f".{os.getpid()}.partial")
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(partial)], capture_output=True, check=True)
-        os.replace(partial, library)  # atomic: a concurrent process sees the whole library or none
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        try:
+            subprocess.run([*compiler, *FLAGS, str(source), "-o", partial], capture_output=True, check=True)
+            os.replace(partial, library)  # atomic: other processes and threads see all of it or none
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return ctypes.CDLL(str(library))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # thread-safe enough: a second first call builds to its own file
 def _library():
     if os.environ.get("PYLLM_CPU_KERNELS", "1") == "0":
         return None
     try:
-        library = _build(os.environ.get("CC", "cc"))
+        library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
         start, matmul = library.skinny_matmul_start, library.skinny_matmul
-    except (OSError, subprocess.CalledProcessError, AttributeError):  # no compiler, or built without AVX-512
-        return None
+    except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
+        return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
     start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
     # M, x, K, w, N, out
     matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -67,9 +75,10 @@ def available() -> bool:
 
 
 def skinny_matmul_transb(a, b):
-    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 2 <= M <= MAX_ROWS on every core; None where the
+    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 1 <= M <= MAX_ROWS on every core; None where the
     kernel is not available (or b is not a contiguous f32 matrix): the caller's NumPy path serves."""
-    if not 2 <= a.shape[0] <= MAX_ROWS or b.dtype != np.float32 or not b.flags.c_contiguous:
+    if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not 1 <= a.shape[0] <= MAX_ROWS
+            or b.dtype != np.float32 or not b.flags.c_contiguous):
         return None
     library = _library()
     if library is None:

@@ -74,9 +74,9 @@ def _blocked_matmul_transb(a, b):
 
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
-    # batched decode: a few rows stream all the weights once, which OpenBLAS's general kernel does
-    # at a fraction of its GEMV bandwidth; the C kernel (cpu_kernels.py) or OpenBLAS in blocks
-    product = cpu_kernels.skinny_matmul_transb(a, b) if a.shape[0] > 1 else None
+    # decode: a few rows stream all the weights once, which OpenBLAS's general kernel does at a
+    # fraction of its GEMV bandwidth; the C kernel (cpu_kernels.py), else OpenBLAS in blocks
+    product = cpu_kernels.skinny_matmul_transb(a, b)
     if product is None:
         product = _blocked_matmul_transb(a, b) if 1 < a.shape[0] <= BLOCKED_MAX_ROWS else a @ b.T
     if alpha != 1.0:
@@ -103,27 +103,27 @@ def softmax_causal(scores, offset):
     Query i sits at absolute position offset + i and sees keys 0..offset+i. Fully masked
     rows (none arise in a causal model, but callers may build them) give zeros, never NaN.
     """
-    scores /= _exp_causal(scores, offset)
+    scores /= _exp_causal(scores, offset, rows_may_be_empty=True)
     return scores
 
 
-def _exp_causal(scores, offset):
+def _exp_causal(scores, offset, rows_may_be_empty):
     """softmax_causal without the division: scores become exp(score - row max), zero where
     masked, and the row totals [heads, q_len, 1] are returned (1 for a fully masked row).
-    Attention divides after P.V instead, on head_dim columns rather than kv_len."""
+    Attention divides after P.V instead, on head_dim columns rather than kv_len, and skips the
+    care for rows without a visible key, which a causal query never has."""
     q_len, kv_len = scores.shape[-2:]
     first_hidden = offset + 1  # keys before it are visible to every query: no mask to apply there
-    masked = first_hidden < kv_len  # never in a decode step, which sees its whole cache
-    if masked:
+    if first_hidden < kv_len:  # never in a decode step, which sees its whole cache
         hidden = np.arange(first_hidden, kv_len)[None, :] > (offset + np.arange(q_len))[:, None]
         np.copyto(scores[..., first_hidden:], -np.inf, where=hidden)  # hidden [q_len, kv_len - first_hidden]
     row_max = scores.max(axis=-1, keepdims=True)
-    if masked:
+    if rows_may_be_empty:
         row_max[~np.isfinite(row_max)] = 0.0  # a fully masked row: exp(-inf - 0) = 0, not NaN
     np.subtract(scores, row_max, out=scores)
     np.exp(scores, out=scores)
     total = scores.sum(axis=-1, keepdims=True)
-    if masked:
+    if rows_may_be_empty:
         total[total == 0.0] = 1.0
     return total
 
@@ -153,7 +153,8 @@ def _attention_block(q, k, v, offset):
     # [KV, group * T, D]: heads sharing a KV head stacked so one matmul serves the group
     q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim) * np.float32(head_dim ** -0.5)
     scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L], already scaled (q is the smaller side)
-    totals = _exp_causal(scores.reshape(n_heads, n_tokens, -1), offset)  # [H, T, 1]
+    # [H, T, 1]
+    totals = _exp_causal(scores.reshape(n_heads, n_tokens, -1), offset, rows_may_be_empty=False)
     out = scores @ v  # [KV, group * T, D]
     out /= totals.reshape(n_kv, group * n_tokens, 1)
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
