@@ -49,11 +49,15 @@ class LlamaModel:
         # q [T, H, D] with rope; each sequence's rope(k) and v go into its cache
         q = be.qkv_rope_cache(qkv, layer.qkv_bias, [cache.slot(layer_index, end - start)
                                                     for (cache, _), start, end in sequences])
-        outs = []
-        for (cache, _), start, end in sequences:
-            keys, values = cache.view(layer_index, end - start)  # [KV, length + t, D]
-            outs.append(be.attention(q[start:end], keys, values, cache.length))
-        out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]
+        decoding = all(end - start == 1 for _, start, end in sequences)
+        out = be.decode_attention(q, [cache.decode_slot(layer_index) for (cache, _), _, _ in sequences]) \
+            if decoding else None  # [T, H, D] where the backend batches a decode step
+        if out is None:
+            outs = []
+            for (cache, _), start, end in sequences:
+                keys, values = cache.view(layer_index, end - start)  # [KV, length + t, D]
+                outs.append(be.attention(q[start:end], keys, values, cache.length))
+            out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]
         return out.reshape(out.shape[0], -1)
 
 

@@ -109,7 +109,7 @@ def test_matmul_transb_skinny_path(m, n):
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
 def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
-    """kernels/skinny_matmul.c (rows in chunks of 8, odd weight rows, k not a multiple of 16) and
+    """kernels/decode.c's matmul (rows in chunks of 8, odd weight rows, k not a multiple of 16) and
     the OpenBLAS blocks."""
     a, b = randn(m, k), randn(n, k)
     expected = a.astype(np.float64) @ b.T
@@ -157,3 +157,18 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
     finally:
         stop.set()
         busy.join()
+
+
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32)])
+def test_decode_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_dim):
+    """kernels/decode.c: one new token per sequence, caches of different lengths and capacities
+    (lengths not multiples of 16, one of a single row), against the NumPy attention above."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
+    lengths, capacities = [1, 37, 300, 16], [8, 40, 512, 16]
+    slots = [(randn(n_kv, capacity, head_dim) * 3, randn(n_kv, capacity, head_dim), length)
+             for length, capacity in zip(lengths, capacities)]
+    q = randn(len(slots), n_heads, head_dim) * 3
+    expected = np.concatenate([ops.attention(q[i:i + 1], k[:, :length], v[:, :length], length - 1)
+                               for i, (k, v, length) in enumerate(slots)])
+    np.testing.assert_allclose(cpu_kernels.decode_attention(q, slots), expected, atol=2e-6, rtol=1e-5)

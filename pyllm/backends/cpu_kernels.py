@@ -1,9 +1,10 @@
-"""kernels/skinny_matmul.c, the CPU backend's one C kernel: the matmul of decode steps.
+"""kernels/decode.c, the CPU backend's C kernels for decode steps: the matmul of a few rows, and
+attention of one new token per sequence.
 
 Built on first use by the host C compiler ($CC, else cc) with -O3 -march=native into the build
-cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernel shares
-each matmul among its own threads, one per core. Nothing depends on it: with no compiler, no
-AVX-512, or PYLLM_CPU_KERNELS=0, skinny_matmul_transb() gives None and the NumPy path serves.
+cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernels share
+each call among their own threads, one per core. Nothing depends on them: with no compiler, no
+AVX-512, or PYLLM_CPU_KERNELS=0, both functions here give None and the NumPy path serves.
 """
 
 import ctypes
@@ -20,7 +21,7 @@ import numpy as np
 from ..errors import PyllmError
 from . import CORES, build_cache_dir, kernels_dir
 
-SOURCE = "skinny_matmul.c"
+SOURCE = "decode.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 # the kernel's time grows with the rows (8 at a time) while OpenBLAS's improves: measured on
 # SmolLM2's shapes here, 8 rows 15.8 vs 6.6 GB/s, 16 rows 7.4 vs 6.6, 24 rows 4.9 vs 5.6
@@ -40,7 +41,7 @@ def _build(compiler: list[str]):
     source = kernels_dir() / SOURCE
     version = subprocess.run([*compiler, "--version"], capture_output=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version, " ".join(FLAGS).encode(), _this_cpu()]))
-    library = build_cache_dir("cpu") / f"skinny_matmul-{key.hexdigest()[:24]}.so"
+    library = build_cache_dir("cpu") / f"decode-{key.hexdigest()[:24]}.so"
     if not library.exists():
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
@@ -59,13 +60,17 @@ def _library():
         return None
     try:
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
-        start, matmul = library.skinny_matmul_start, library.skinny_matmul
+        start, matmul, attention = library.start_threads, library.skinny_matmul, library.decode_attention
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
     start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
     # M, x, K, w, N, out
     matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     matmul.restype = None
+    # S, H, KV, D, scale, q, k pointers, v pointers, lengths, capacities, out
+    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [
+        ctypes.c_void_p]
+    attention.restype = None
     start(CORES)
     return library
 
@@ -86,4 +91,26 @@ def skinny_matmul_transb(a, b):
     a = np.ascontiguousarray(a, dtype=np.float32)
     out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
     library.skinny_matmul(a.shape[0], a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[0], out.ctypes.data)
+    return out
+
+
+def decode_attention(q, slots):
+    """One new token per sequence over its whole cache: q [S, H, D] (rope applied); slots: per
+    sequence (k_cache, v_cache [KV, capacity, D], rows to attend, the new token's included)
+    -> [S, H, D] f32, or None where the kernel is not available (or D is not a multiple of 16)."""
+    n_seqs, n_heads, head_dim = q.shape
+    if head_dim % 16 or q.dtype != np.float32 or not all(
+            k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous for k, v, _ in slots):
+        return None
+    library = _library()
+    if library is None:
+        return None
+    q = np.ascontiguousarray(q)
+    out = np.empty_like(q)  # [S, H, D]
+    pointers = ctypes.c_void_p * n_seqs
+    library.decode_attention(
+        n_seqs, n_heads, slots[0][0].shape[0], head_dim, head_dim ** -0.5, q.ctypes.data,
+        pointers(*[k.ctypes.data for k, _, _ in slots]), pointers(*[v.ctypes.data for _, v, _ in slots]),
+        (ctypes.c_int * n_seqs)(*[length for _, _, length in slots]),
+        (ctypes.c_int * n_seqs)(*[k.shape[1] for k, _, _ in slots]), out.ctypes.data)
     return out

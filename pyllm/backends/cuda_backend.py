@@ -222,6 +222,10 @@ class CudaBackend:
                      (scores, np.int32(q_len), np.int32(kv_len), np.int32(offset)))
         return scores
 
+    def decode_attention(self, q, slots):
+        """No batched form here (numpy_backend.decode_attention): the model attends per sequence."""
+        return None
+
     def attention(self, q, k, v, offset):
         """q [T, H, D], k, v [KV, L, D] (views into the cache: rows contiguous, heads strided) -> [T, H, D]."""
         q = self.xp.ascontiguousarray(q)

@@ -200,6 +200,13 @@ class NumpyBackend:
             row += n
         return rotated[:, :-n_kv]
 
+    @staticmethod
+    def decode_attention(q, slots):
+        """A decode step's attention for every sequence at once: q [S, H, D], one new token per
+        sequence; slots: per sequence (k_cache, v_cache [KV, capacity, D], rows to attend)
+        -> [S, H, D], or None (no C kernel here): then the model attends sequence by sequence."""
+        return cpu_kernels.decode_attention(q, slots)
+
     def upload(self, host_array):
         """Host f32 array -> backend array (here: the same array)."""
         return host_array

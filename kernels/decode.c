@@ -1,27 +1,31 @@
-// The CPU backend's matmul for decode steps: out [M, N] = x [M, K] @ w [N, K]^T for a few rows.
+// The CPU backend's kernels for decode steps, sharing one thread pool: skinny_matmul (a few rows
+// times a weight matrix) and decode_attention (one new token per sequence over its KV cache).
 // Compiled at run time by the host C compiler (-O3 -march=native, pyllm/backends/cpu_kernels.py);
 // without AVX-512 it builds nothing and the NumPy path serves.
 //
+// skinny_matmul: out [M, N] = x [M, K] @ w [N, K]^T.
 // Why: every decode step streams all the weights once, so at a few rows the matmul should run at
 // memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth (and
 // its GEMV, threads and all, at ~85% of this kernel's one-row speed).
 // Here each weight row is read once and used for all M activation rows while it is in registers.
 //
-// Work split: skinny_matmul() hands each of the threads (the caller and skinny_matmul_start's
-// workers) its own range of weight rows. A thread walks its range two weight rows at a time, and
-// meets the activation rows 8 at a time: 2 x 8 accumulators of 16 lanes (16 of the 32 zmm
-// registers), per 16 k one load of each weight row, one of each activation row and 16 FMAs.
+// Work split: skinny_matmul() hands each thread (the caller and the workers of start_threads)
+// its own range of weight rows. A thread walks its range two weight rows at a time, and meets the
+// activation rows 8 at a time: 2 x 8 accumulators of 16 lanes (16 of the 32 zmm registers), per
+// 16 k one load of each weight row, one of each activation row and 16 FMAs.
 // Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not reach
 // at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
 // Numerics: f32 products and sums; each output is 16 partial sums added at the end, plus the
 // K % 16 tail, so results differ from a sequential dot product by rounding only.
 #ifdef __AVX512F__
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -82,12 +86,13 @@ static struct {
   pthread_mutex_t lock;       // with wake: how idle workers sleep
   pthread_cond_t wake;
   int threads;                // the caller and its running workers
-  int wanted;                 // threads asked for by skinny_matmul_start
+  int wanted;                 // threads asked for by start_threads
   pid_t owner;                // the process whose workers run (a forked child has none of them)
   atomic_ulong generation;    // bumped once per matmul
   atomic_int pending;         // workers not yet done with the current matmul
   unsigned long first_seen;   // the generation when the workers started: each runs every later one
-  const float *x, *w;         // the current matmul
+  void (*task)(int part);     // the current call: each thread runs its part
+  const float *x, *w;         // skinny_matmul's arguments
   float *out;
   int M, K, N;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
@@ -99,7 +104,7 @@ static long now_ns(void) {
   return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-static void run_share(int part) {  // even bounds: the kernel takes weight rows two at a time
+static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
   const int lo = (int)((long long)pool.N * part / pool.threads) / 2 * 2;
   const int hi = part + 1 == pool.threads ? pool.N : (int)((long long)pool.N * (part + 1) / pool.threads) / 2 * 2;
   weight_rows(pool.M, pool.x, pool.K, pool.w, lo, hi, pool.out, pool.N);
@@ -119,7 +124,7 @@ static void *worker(void *arg) {
       }
     }
     seen = atomic_load(&pool.generation);
-    run_share(part);
+    pool.task(part);
     atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
   }
   return NULL;
@@ -160,7 +165,7 @@ static void start_workers(void) {  // with call_lock held
 
 // Asks for `threads` threads per matmul (the caller and threads - 1 workers, started once per
 // process) -> how many run.
-int skinny_matmul_start(int threads) {
+int start_threads(int threads) {
   pthread_mutex_lock(&pool.call_lock);
   if (pool.owner != getpid()) {
     pool.wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
@@ -170,20 +175,118 @@ int skinny_matmul_start(int threads) {
   return pool.threads;
 }
 
-// out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
-void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
-  pthread_mutex_lock(&pool.call_lock);
-  if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
-  pool.M = M, pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
+// Runs task(part) for part 0 .. threads - 1, part 0 on the calling thread.
+static void run(void (*task)(int part)) {
+  pool.task = task;
   atomic_store(&pool.pending, pool.threads - 1);
   pthread_mutex_lock(&pool.lock);
   atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
   pthread_cond_broadcast(&pool.wake);
   pthread_mutex_unlock(&pool.lock);
-  run_share(0);
+  task(0);
   // a worker normally finishes within microseconds; one that was descheduled gets the core back
   for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++)
     if (spins < 100000) _mm_pause(); else sched_yield();
+}
+
+static void lock_pool(void) {
+  pthread_mutex_lock(&pool.call_lock);
+  if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
+}
+
+// out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
+void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
+  lock_pool();
+  pool.M = M, pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
+  run(matmul_part);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+
+// decode_attention: one new token per sequence attends over its whole cache (no mask needed).
+// q [S, H, D] (rope applied) -> out [S, H, D]; sequence s reads k[s], v[s] [KV, capacity[s], D]
+// up to length[s] rows; query head h uses KV head h / (H / KV), as HF's repeat_kv. D % 16 == 0.
+// Work split: the S x KV (sequence, KV head) pairs are dealt round-robin to the threads; one pair's
+// query heads share its K and V rows while they are in cache.
+// Numerics: f32 throughout; scores are scaled dot products, the softmax subtracts the row maximum
+// before exp (vectorized below, within 2 ulp of expf), and P.V is divided by the sum at the end.
+static inline __m512 exp512(__m512 x) {
+  // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two steps (Cody-Waite), and
+  // exp(r) = 1 + r + r^2 P(r) on |r| <= ln 2 / 2 (Cephes' expf coefficients)
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));  // 0 .. FLT_MAX
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static struct {
+  const float *q, *const *k, *const *v;
+  const int *length, *capacity;
+  float *out, scale;
+  int S, H, KV, D;
+} att;
+
+static void attend(int s, int g, float *scores) {  // query heads of KV head g of sequence s
+  const int D = att.D, L = att.length[s], group = att.H / att.KV;
+  const float *keys = att.k[s] + (size_t)g * att.capacity[s] * D;    // [L, D]
+  const float *values = att.v[s] + (size_t)g * att.capacity[s] * D;  // [L, D]
+  for (int h = g * group; h < (g + 1) * group; h++) {
+    const float *q = att.q + ((size_t)s * att.H + h) * D;
+    float top = -INFINITY;
+    for (int j = 0; j < L; j++) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16)
+        dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(keys + (size_t)j * D + d), dot);
+      scores[j] = _mm512_reduce_add_ps(dot) * att.scale;
+      top = scores[j] > top ? scores[j] : top;
+    }
+    __m512 total = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= L; j += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(scores + j, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (j < L) {
+      const __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(scores + j, tail, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+    }
+    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+    float *out = att.out + ((size_t)s * att.H + h) * D;
+    for (int d = 0; d < D; d += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (j = 0; j < L; j++)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_loadu_ps(values + (size_t)j * D + d), acc);
+      _mm512_storeu_ps(out + d, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
+    }
+  }
+}
+
+static void attention_part(int part) {
+  int longest = 0;
+  for (int s = 0; s < att.S; s++) longest = att.length[s] > longest ? att.length[s] : longest;
+  float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
+  if (scores == NULL) abort();
+  for (int unit = part; unit < att.S * att.KV; unit += pool.threads) attend(unit / att.KV, unit % att.KV, scores);
+  free(scores);
+}
+
+void decode_attention(int S, int H, int KV, int D, float scale, const float *q, const float *const *k,
+                      const float *const *v, const int *length, const int *capacity, float *out) {
+  lock_pool();
+  att.q = q, att.k = k, att.v = v, att.length = length, att.capacity = capacity;
+  att.out = out, att.scale = scale, att.S = S, att.H = H, att.KV = KV, att.D = D;
+  run(attention_part);
   pthread_mutex_unlock(&pool.call_lock);
 }
 #endif
