@@ -203,8 +203,9 @@ void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *o
 }
 
 // decode_attention: one new token per sequence attends over its whole cache (no mask needed).
-// q [S, H, D] (rope applied) -> out [S, H, D]; sequence s reads k[s], v[s] [KV, capacity[s], D]
-// up to length[s] rows; query head h uses KV head h / (H / KV), as HF's repeat_kv. D % 16 == 0.
+// q [S, H, D] (rope applied) -> out [S, H, D]; sequence s reads layer `layer` of its caches
+// k[s], v[s] [layers, KV, capacity[s], D] up to length[s] rows; query head h uses KV head
+// h / (H / KV), as HF's repeat_kv. D % 16 == 0.
 // Work split: the S x KV (sequence, KV head) pairs are dealt round-robin to the threads; one pair's
 // query heads share its K and V rows while they are in cache.
 // Numerics: f32 throughout; scores are scaled dot products, the softmax subtracts the row maximum
@@ -231,13 +232,13 @@ static struct {
   const float *q, *const *k, *const *v;
   const int *length, *capacity;
   float *out, scale;
-  int S, H, KV, D;
+  int S, H, KV, D, layer;
 } att;
 
 static void attend(int s, int g, float *scores) {  // query heads of KV head g of sequence s
   const int D = att.D, L = att.length[s], group = att.H / att.KV;
-  const float *keys = att.k[s] + (size_t)g * att.capacity[s] * D;    // [L, D]
-  const float *values = att.v[s] + (size_t)g * att.capacity[s] * D;  // [L, D]
+  const size_t head = ((size_t)att.layer * att.KV + g) * att.capacity[s] * D;
+  const float *keys = att.k[s] + head, *values = att.v[s] + head;  // [L, D] each
   for (int h = g * group; h < (g + 1) * group; h++) {
     const float *q = att.q + ((size_t)s * att.H + h) * D;
     float top = -INFINITY;
@@ -281,11 +282,11 @@ static void attention_part(int part) {
   free(scores);
 }
 
-void decode_attention(int S, int H, int KV, int D, float scale, const float *q, const float *const *k,
+void decode_attention(int S, int H, int KV, int D, float scale, int layer, const float *q, const float *const *k,
                       const float *const *v, const int *length, const int *capacity, float *out) {
   lock_pool();
   att.q = q, att.k = k, att.v = v, att.length = length, att.capacity = capacity;
-  att.out = out, att.scale = scale, att.S = S, att.H = H, att.KV = KV, att.D = D;
+  att.out = out, att.scale = scale, att.S = S, att.H = H, att.KV = KV, att.D = D, att.layer = layer;
   run(attention_part);
   pthread_mutex_unlock(&pool.call_lock);
 }

@@ -165,10 +165,11 @@ def test_decode_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv,
     (lengths not multiples of 16, one of a single row), against the NumPy attention above."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
-    lengths, capacities = [1, 37, 300, 16], [8, 40, 512, 16]
-    slots = [(randn(n_kv, capacity, head_dim) * 3, randn(n_kv, capacity, head_dim), length)
+    lengths, capacities, layers = [1, 37, 300, 16], [8, 40, 512, 16], 3
+    slots = [(randn(layers, n_kv, capacity, head_dim) * 3, randn(layers, n_kv, capacity, head_dim), length)
              for length, capacity in zip(lengths, capacities)]
-    q = randn(len(slots), n_heads, head_dim) * 3
-    expected = np.concatenate([ops.attention(q[i:i + 1], k[:, :length], v[:, :length], length - 1)
-                               for i, (k, v, length) in enumerate(slots)])
-    np.testing.assert_allclose(cpu_kernels.decode_attention(q, slots), expected, atol=2e-6, rtol=1e-5)
+    for layer in range(layers):
+        q = randn(len(slots), n_heads, head_dim) * 3
+        expected = np.concatenate([ops.attention(q[i:i + 1], k[layer, :, :length], v[layer, :, :length], length - 1)
+                                   for i, (k, v, length) in enumerate(slots)])
+        np.testing.assert_allclose(cpu_kernels.decode_attention(q, slots, layer), expected, atol=2e-6, rtol=1e-5)

@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -67,9 +68,8 @@ def _library():
     # M, x, K, w, N, out
     matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     matmul.restype = None
-    # S, H, KV, D, scale, q, k pointers, v pointers, lengths, capacities, out
-    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [
-        ctypes.c_void_p]
+    # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, out
+    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 6
     attention.restype = None
     start(CORES)
     return library
@@ -94,23 +94,38 @@ def skinny_matmul_transb(a, b):
     return out
 
 
-def decode_attention(q, slots):
+_last_step = threading.local()  # a step's slots in C form: its layers all attend over the same caches
+
+
+def _slot_arrays(slots):
+    """(k pointers, v pointers, rows, capacities) as C arrays, or None if a cache is not a
+    contiguous f32 array; computed once per step."""
+    if getattr(_last_step, "slots", None) is not slots:
+        pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
+        usable = slots and all(k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous
+                               for k, v, _ in slots)
+        _last_step.slots = slots
+        _last_step.arrays = (pointers(*[k.ctypes.data for k, _, _ in slots]),
+                             pointers(*[v.ctypes.data for _, v, _ in slots]),
+                             ints(*[rows for _, _, rows in slots]),
+                             ints(*[k.shape[2] for k, _, _ in slots])) if usable else None
+    return _last_step.arrays
+
+
+def decode_attention(q, slots, layer):
     """One new token per sequence over its whole cache: q [S, H, D] (rope applied); slots: per
-    sequence (k_cache, v_cache [KV, capacity, D], rows to attend, the new token's included)
-    -> [S, H, D] f32, or None where the kernel is not available (or D is not a multiple of 16)."""
+    sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend, the new token's included),
+    the same list for every layer of a step -> [S, H, D] f32, or None where the kernel is not
+    available (or D is not a multiple of 16)."""
     n_seqs, n_heads, head_dim = q.shape
-    if head_dim % 16 or q.dtype != np.float32 or not all(
-            k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous for k, v, _ in slots):
+    if head_dim % 16 or q.dtype != np.float32:
         return None
     library = _library()
-    if library is None:
+    arrays = _slot_arrays(slots) if library is not None else None
+    if arrays is None:
         return None
     q = np.ascontiguousarray(q)
     out = np.empty_like(q)  # [S, H, D]
-    pointers = ctypes.c_void_p * n_seqs
-    library.decode_attention(
-        n_seqs, n_heads, slots[0][0].shape[0], head_dim, head_dim ** -0.5, q.ctypes.data,
-        pointers(*[k.ctypes.data for k, _, _ in slots]), pointers(*[v.ctypes.data for _, v, _ in slots]),
-        (ctypes.c_int * n_seqs)(*[length for _, _, length in slots]),
-        (ctypes.c_int * n_seqs)(*[k.shape[1] for k, _, _ in slots]), out.ctypes.data)
+    library.decode_attention(n_seqs, n_heads, slots[0][0].shape[1], head_dim, head_dim ** -0.5, layer, q.ctypes.data,
+                             *arrays, out.ctypes.data)
     return out

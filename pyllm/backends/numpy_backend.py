@@ -201,11 +201,12 @@ class NumpyBackend:
         return rotated[:, :-n_kv]
 
     @staticmethod
-    def decode_attention(q, slots):
+    def decode_attention(q, slots, layer):
         """A decode step's attention for every sequence at once: q [S, H, D], one new token per
-        sequence; slots: per sequence (k_cache, v_cache [KV, capacity, D], rows to attend)
-        -> [S, H, D], or None (no C kernel here): then the model attends sequence by sequence."""
-        return cpu_kernels.decode_attention(q, slots)
+        sequence; slots: per sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend),
+        the same list for every layer of the step -> [S, H, D], or None (no C kernel here): then
+        the model attends sequence by sequence."""
+        return cpu_kernels.decode_attention(q, slots, layer)
 
     def upload(self, host_array):
         """Host f32 array -> backend array (here: the same array)."""
