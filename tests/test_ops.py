@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -173,3 +175,18 @@ def test_decode_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv,
         expected = np.concatenate([ops.attention(q[i:i + 1], k[layer, :, :length], v[layer, :, :length], length - 1)
                                    for i, (k, v, length) in enumerate(slots)])
         np.testing.assert_allclose(cpu_kernels.decode_attention(q, slots, layer), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("environment", [
+    {"CC": "cc -mno-avx512f"}, {"CC": "no-such-compiler"}, {"PYLLM_CPU_KERNELS": "0"}])
+def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
+    """Built without AVX-512 (the source compiles to nothing), no compiler, or turned off."""
+    script = ("import numpy as np\n"
+              "from pyllm.backends import cpu_kernels, numpy_backend as ops\n"
+              "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
+              "assert not cpu_kernels.available()\n"
+              "assert cpu_kernels.decode_attention(np.ones((1, 2, 16), np.float32), [], 0) is None\n"
+              "assert (ops.matmul_transb(a, b) == 64).all()\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **environment}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
