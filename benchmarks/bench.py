@@ -231,5 +231,5 @@ def main(args):
 
 
 def _cores() -> int:
-    from pyllm.backends.numpy_backend import CORES
+    from pyllm.backends import CORES
     return CORES

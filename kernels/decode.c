@@ -75,26 +75,23 @@ static void weight_rows(int M, const float *x, int K, const float *w, int lo, in
     for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
 }
 
-// The thread pool. A decode step makes ~120 of these calls a few hundred microseconds apart, so
-// waking a sleeping thread each time (tens of microseconds in a VM) would cost more than the
-// split gains: workers spin for SPIN_NS after a call before they sleep on the condition variable.
+// The thread pool both kernels run on. A decode step makes ~150 calls a few hundred microseconds
+// apart, so waking a sleeping thread each time (tens of microseconds in a VM) would cost more than
+// the split gains: workers spin for SPIN_NS after a call before they sleep on the condition variable.
 #define MAX_THREADS 64
 #define SPIN_NS 500000L
 
 static struct {
-  pthread_mutex_t call_lock;  // one matmul at a time, whichever thread calls
+  pthread_mutex_t call_lock;  // one call at a time, whichever thread makes it
   pthread_mutex_t lock;       // with wake: how idle workers sleep
   pthread_cond_t wake;
   int threads;                // the caller and its running workers
   int wanted;                 // threads asked for by start_threads
   pid_t owner;                // the process whose workers run (a forked child has none of them)
-  atomic_ulong generation;    // bumped once per matmul
-  atomic_int pending;         // workers not yet done with the current matmul
+  atomic_ulong generation;    // bumped once per call
+  atomic_int pending;         // workers not yet done with the current call
   unsigned long first_seen;   // the generation when the workers started: each runs every later one
   void (*task)(int part);     // the current call: each thread runs its part
-  const float *x, *w;         // skinny_matmul's arguments
-  float *out;
-  int M, K, N;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER, .threads = 1, .wanted = 1};
 
@@ -104,10 +101,16 @@ static long now_ns(void) {
   return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+static struct {  // the current skinny_matmul call
+  const float *x, *w;
+  float *out;
+  int M, K, N;
+} mm;
+
 static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
-  const int lo = (int)((long long)pool.N * part / pool.threads) / 2 * 2;
-  const int hi = part + 1 == pool.threads ? pool.N : (int)((long long)pool.N * (part + 1) / pool.threads) / 2 * 2;
-  weight_rows(pool.M, pool.x, pool.K, pool.w, lo, hi, pool.out, pool.N);
+  const int lo = (int)((long long)mm.N * part / pool.threads) / 2 * 2;
+  const int hi = part + 1 == pool.threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool.threads) / 2 * 2;
+  weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
 }
 
 static void *worker(void *arg) {
@@ -163,7 +166,7 @@ static void start_workers(void) {  // with call_lock held
   }
 }
 
-// Asks for `threads` threads per matmul (the caller and threads - 1 workers, started once per
+// Asks for `threads` threads per call (the caller and threads - 1 workers, started once per
 // process) -> how many run.
 int start_threads(int threads) {
   pthread_mutex_lock(&pool.call_lock);
@@ -197,7 +200,7 @@ static void lock_pool(void) {
 // out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
   lock_pool();
-  pool.M = M, pool.x = x, pool.K = K, pool.w = w, pool.N = N, pool.out = out;
+  mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
   run(matmul_part);
   pthread_mutex_unlock(&pool.call_lock);
 }
@@ -228,7 +231,7 @@ static inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-static struct {
+static struct {  // the current decode_attention call
   const float *q, *const *k, *const *v;
   const int *length, *capacity;
   float *out, scale;

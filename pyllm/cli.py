@@ -157,9 +157,11 @@ def build_parser():
                    help="require Authorization: Bearer KEY on the API (default: $PYLLM_API_KEY, else none)")
     p.add_argument("--max-running", type=int, default=MAX_RUNNING, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 503")
-    p.add_argument("--kv-memory-gb", type=float, default=KV_MEMORY_GB, help="K/V cache budget, reuse pool included (default: %(default)s)")
+    p.add_argument("--kv-memory-gb", type=float, default=KV_MEMORY_GB,
+                   help="K/V cache budget, reuse pool included (default: %(default)s)")
     p.add_argument("--reuse-memory-mb", type=float, default=REUSE_MEMORY_MB,
-                   help="at most this much K/V of finished conversations is kept for reuse, LRU (default: %(default)s)")
+                   help="at most this much K/V of finished conversations is kept for reuse, LRU "
+                        "(default: %(default)s)")
     p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
     p.set_defaults(func=cmd_serve)
 

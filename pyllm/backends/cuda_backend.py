@@ -14,7 +14,6 @@ f32. Weights are uploaded once, the KV cache lives on the device, and a decode s
 token ids and brings back logits rows. `launches` counts kernel launches and cuBLAS calls.
 """
 
-
 import numpy as np
 
 from ..dtypes import convert, storage_dtype

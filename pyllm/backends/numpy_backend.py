@@ -153,8 +153,8 @@ def _attention_block(q, k, v, offset):
     # [KV, group * T, D]: heads sharing a KV head stacked so one matmul serves the group
     q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group * n_tokens, head_dim) * np.float32(head_dim ** -0.5)
     scores = q_grouped @ k.transpose(0, 2, 1)  # [KV, group * T, L], already scaled (q is the smaller side)
-    # [H, T, 1]
-    totals = _exp_causal(scores.reshape(n_heads, n_tokens, -1), offset, rows_may_be_empty=False)
+    totals = _exp_causal(scores.reshape(n_heads, n_tokens, -1), offset,  # [H, T, 1]
+                         rows_may_be_empty=False)
     out = scores @ v  # [KV, group * T, D]
     out /= totals.reshape(n_kv, group * n_tokens, 1)
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
