@@ -29,10 +29,10 @@ class KVCache:
         (k [KV, capacity, D], v [KV, capacity, D], first row, n_new). length advances in advance()."""
         return self.k[layer], self.v[layer], self.length, n_new
 
-    def decode_slot(self):
-        """What a decode step's attention reads, its new token stored in every layer by then:
-        (k, v [layers, KV, capacity, D], rows = length + 1)."""
-        return self.k, self.v, self.length + 1
+    def attention_slot(self, n_new: int):
+        """What a step's attention reads, its n_new tokens stored in every layer by then:
+        (k, v [layers, KV, capacity, D], rows = length + n_new, n_new)."""
+        return self.k, self.v, self.length + n_new, n_new
 
     def view(self, layer: int, n_new: int):
         """k, v [KV, length + n_new, D]: everything attention may read for this step."""

@@ -23,15 +23,25 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+@pytest.fixture(params=["c", "numpy"])
+def kernels(request, monkeypatch):
+    """Runs a test through kernels/cpu.c (skipped where it cannot be built) and through NumPy alone."""
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
+    elif not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    return request.param
+
+
 def test_gather_picks_rows():
     table, ids = randn(50, 8), np.array([3, 0, 49, 3])
     expected = torch.nn.functional.embedding(torch.from_numpy(ids), torch.from_numpy(table)).numpy()
     np.testing.assert_array_equal(ops.gather(table, ids), expected)
 
 
-@pytest.mark.parametrize("hidden", [100, 576])
-def test_rms_norm_matches_llama_rmsnorm(hidden):
-    x, w = randn(7, hidden), randn(hidden)
+@pytest.mark.parametrize("rows,hidden", [(7, 100), (7, 576), (300, 576)])  # C: a tail; one thread; all
+def test_rms_norm_matches_llama_rmsnorm(kernels, rows, hidden):
+    x, w = randn(rows, hidden), randn(hidden)
     module = hf.LlamaRMSNorm(hidden, eps=1e-5)
     module.weight.data = torch.from_numpy(w)
     expected = module(torch.from_numpy(x)).detach().numpy()
@@ -72,14 +82,16 @@ def test_softmax_fully_masked_row_gives_zeros():
     assert np.all(ops.softmax_causal(np.full((2, 1, 5), -np.inf, np.float32), offset=4) == 0)
 
 
-def test_swiglu_matches_llama_mlp_activation():
-    gate_up = randn(6, 2 * 40)
+@pytest.mark.parametrize("rows,inter", [(6, 40), (70, 1000)])
+def test_swiglu_matches_llama_mlp_activation(kernels, rows, inter):
+    gate_up = randn(rows, 2 * inter)
+    gate_up[0, :4] = [-120.0, -90.0, 90.0, 120.0]  # past where exp over- or underflows
     gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
     expected = (torch.nn.functional.silu(gate) * up).numpy()
     np.testing.assert_allclose(ops.swiglu(gate_up), expected, atol=1e-6)
 
 
-def test_matmul_transb_alpha_beta():
+def test_matmul_transb_alpha_beta(kernels):
     a, b, c = randn(5, 12), randn(7, 12), randn(5, 7)
     expected = 0.5 * np.einsum("mk,nk->mn", a.astype(np.float64), b) + 2.0 * c
     np.testing.assert_allclose(ops.matmul_transb(a, b, alpha=0.5, beta=2.0, c=c.copy()), expected, atol=1e-5)
@@ -108,17 +120,22 @@ def test_matmul_transb_skinny_path(m, n):
     np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16, 17, 40, 100])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
-def test_skinny_matmul_c_kernel_and_blocked_fallback(m, n, k):
-    """kernels/decode.c's matmul (rows in chunks of 8, odd weight rows, k not a multiple of 16) and
-    the OpenBLAS blocks."""
-    a, b = randn(m, k), randn(n, k)
+def test_matmul_c_kernels_and_blocked_fallback(m, n, k):
+    """kernels/cpu.c's matmuls: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
+    16), and more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a ragged
+    last one), alone and added into a result; and the OpenBLAS blocks for a few rows."""
+    a, b, c = randn(m, k), randn(n, k), randn(m, n)
     expected = a.astype(np.float64) @ b.T
-    np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)
+    if m <= ops.BLOCKED_MAX_ROWS:
+        np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)
     if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
-    np.testing.assert_allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4)
+        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    np.testing.assert_allclose(cpu_kernels.matmul_transb(a, b), expected, atol=1e-4)
+    added = c.copy()
+    assert cpu_kernels.matmul_transb(a, b, add_to=added) is added
+    np.testing.assert_allclose(added, c + expected, atol=1e-4)
 
 
 def _forked_child_results(a, b, calls=3):
@@ -130,7 +147,7 @@ def _forked_child_results(a, b, calls=3):
         expected = a.astype(np.float64) @ b.T
         ok = True
         for _ in range(calls):
-            ok &= np.allclose(cpu_kernels.skinny_matmul_transb(a, b), expected, atol=1e-4)
+            ok &= np.allclose(cpu_kernels.matmul_transb(a, b), expected, atol=1e-4)
             time.sleep(0.01)
         os._exit(0 if ok else 1)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -142,7 +159,7 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
     a, b = randn(8, 64), randn(301, 64)
-    cpu_kernels.skinny_matmul_transb(a, b)
+    cpu_kernels.matmul_transb(a, b)
     time.sleep(0.01)  # the parent's workers are asleep
     assert [_forked_child_results(a, b) for _ in range(5)] == [0] * 5
     big_a, big_b = randn(8, 576), randn(4096, 576)
@@ -150,7 +167,7 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
 
     def keep_busy():
         while not stop.is_set():
-            cpu_kernels.skinny_matmul_transb(big_a, big_b)
+            cpu_kernels.matmul_transb(big_a, big_b)
 
     busy = threading.Thread(target=keep_busy)
     busy.start()  # forks while another thread is inside a matmul
@@ -161,20 +178,26 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
         busy.join()
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32)])
-def test_decode_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_dim):
-    """kernels/decode.c: one new token per sequence, caches of different lengths and capacities
-    (lengths not multiples of 16, one of a single row), against the NumPy attention above."""
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32), (2, 1, 80)])
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [1, 37, 1, 16], [200, 2, 3, 1]])
+def test_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_dim, new_tokens):
+    """kernels/cpu.c: a step's sequences at once, each with its own new tokens (decode steps,
+    prompts, a mix; lengths not multiples of 16, tiles and key chunks with ragged ends), caches
+    of different lengths and capacities, against the NumPy attention above."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
     lengths, capacities, layers = [1, 37, 300, 16], [8, 40, 512, 16], 3
-    slots = [(randn(layers, n_kv, capacity, head_dim) * 3, randn(layers, n_kv, capacity, head_dim), length)
-             for length, capacity in zip(lengths, capacities)]
+    lengths = [max(length, n) for length, n in zip(lengths, new_tokens)]
+    capacities = [max(length, capacity) for length, capacity in zip(lengths, capacities)]
+    slots = [(randn(layers, n_kv, capacity, head_dim) * 3, randn(layers, n_kv, capacity, head_dim), length, n)
+             for length, capacity, n in zip(lengths, capacities, new_tokens)]
+    starts = np.cumsum([0] + new_tokens)
     for layer in range(layers):
-        q = randn(len(slots), n_heads, head_dim) * 3
-        expected = np.concatenate([ops.attention(q[i:i + 1], k[layer, :, :length], v[layer, :, :length], length - 1)
-                                   for i, (k, v, length) in enumerate(slots)])
-        np.testing.assert_allclose(cpu_kernels.decode_attention(q, slots, layer), expected, atol=2e-6, rtol=1e-5)
+        q = randn(starts[-1], n_heads, head_dim) * 3
+        expected = np.concatenate([ops.attention(q[start:start + n], k[layer, :, :length], v[layer, :, :length], length - n)
+                                   for (k, v, length, n), start in zip(slots, starts)])
+        # scores reach ~100 before scaling, where an f32 ulp is 8e-6: summation order shows
+        np.testing.assert_allclose(cpu_kernels.attention(q, slots, layer), expected, atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("environment", [
@@ -185,7 +208,9 @@ def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
               "from pyllm.backends import cpu_kernels, numpy_backend as ops\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
               "assert not cpu_kernels.available()\n"
-              "assert cpu_kernels.decode_attention(np.ones((1, 2, 16), np.float32), [], 0) is None\n"
+              "cache = np.ones((1, 1, 4, 16), np.float32)\n"
+              "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(cache, cache, 1, 1)], 0) is None\n"
+              "assert cpu_kernels.rms_norm(a, a[0], 1e-5) is None and cpu_kernels.swiglu(a) is None\n"
               "assert (ops.matmul_transb(a, b) == 64).all()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **environment}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,6 @@
-"""kernels/decode.c, the CPU backend's C kernels for decode steps: the matmul of a few rows, and
-attention of one new token per sequence.
+"""kernels/cpu.c, the CPU backend's C kernels: matmul (a few rows: decode steps; many: prompts),
+rms_norm, swiglu, and causal attention for a whole step's sequences at once (decode, prefill, or
+a mix).
 
 Built on first use by the host C compiler ($CC, else cc) with -O3 -march=native into the build
 cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernels share
@@ -22,7 +23,7 @@ import numpy as np
 from ..errors import PyllmError
 from . import CORES, build_cache_dir, kernels_dir
 
-SOURCE = "decode.c"
+SOURCE = "cpu.c"
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 # the kernel's time grows with the rows (8 at a time) while OpenBLAS's improves: measured on
 # SmolLM2's shapes here, 8 rows 15.8 vs 6.6 GB/s, 16 rows 7.4 vs 6.6, 24 rows 4.9 vs 5.6
@@ -42,7 +43,7 @@ def _build(compiler: list[str]):
     source = kernels_dir() / SOURCE
     version = subprocess.run([*compiler, "--version"], capture_output=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version, " ".join(FLAGS).encode(), _this_cpu()]))
-    library = build_cache_dir("cpu") / f"decode-{key.hexdigest()[:24]}.so"
+    library = build_cache_dir("cpu") / f"kernels-{key.hexdigest()[:24]}.so"
     if not library.exists():
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
@@ -61,15 +62,23 @@ def _library():
         return None
     try:
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
-        start, matmul, attention = library.start_threads, library.skinny_matmul, library.decode_attention
+        start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
+                                            library.attention)
+        norm, glu = library.rms_norm, library.swiglu
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
     start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
-    # M, x, K, w, N, out
-    matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    matmul.restype = None
-    # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, out
-    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 6
+    # M, x, K, w, N, out (, accumulate)
+    skinny.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    matmul.argtypes = skinny.argtypes + [ctypes.c_int]
+    skinny.restype = matmul.restype = None
+    # T, width, x, weight, eps, out
+    norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                   ctypes.c_void_p], None
+    # T, width, gate_up, out
+    glu.argtypes, glu.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], None
+    # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, new-token counts, out
+    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
     start(CORES)
     return library
@@ -79,18 +88,55 @@ def available() -> bool:
     return _library() is not None
 
 
-def skinny_matmul_transb(a, b):
-    """a [M, K] @ b [N, K]^T -> [M, N] f32 for 1 <= M <= MAX_ROWS on every core; None where the
-    kernel is not available (or b is not a contiguous f32 matrix): the caller's NumPy path serves."""
-    if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not 1 <= a.shape[0] <= MAX_ROWS
+def matmul_transb(a, b, add_to=None):
+    """a [M, K] @ b [N, K]^T -> [M, N] f32 on every core, or that product added into add_to [M, N]
+    (returned); None where the kernels are not available (or b is not a contiguous f32 matrix):
+    the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights."""
+    if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0
             or b.dtype != np.float32 or not b.flags.c_contiguous):
         return None
     library = _library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
-    out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
-    library.skinny_matmul(a.shape[0], a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[0], out.ctypes.data)
+    (rows, depth), columns = a.shape, b.shape[0]
+    if rows <= MAX_ROWS:
+        out = np.empty((rows, columns), np.float32)  # [M, N]
+        library.skinny_matmul(rows, a.ctypes.data, depth, b.ctypes.data, columns, out.ctypes.data)
+        if add_to is None:
+            return out
+        add_to += out
+        return add_to
+    accumulate = add_to is not None and add_to.dtype == np.float32 and add_to.flags.c_contiguous
+    out = add_to if accumulate else np.empty((rows, columns), np.float32)  # [M, N]
+    library.matmul(rows, a.ctypes.data, depth, b.ctypes.data, columns, out.ctypes.data, int(accumulate))
+    if add_to is not None and not accumulate:
+        add_to += out
+        return add_to
+    return out
+
+
+def _contiguous_f32(*arrays):
+    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def rms_norm(x, weight, eps):
+    """x [T, hidden], weight [hidden] -> [T, hidden] f32, or None (no kernels, or not contiguous f32)."""
+    library = _library()
+    if library is None or x.ndim != 2 or weight.shape != x.shape[1:] or not _contiguous_f32(x, weight):
+        return None
+    out = np.empty_like(x)  # [T, hidden]
+    library.rms_norm(x.shape[0], x.shape[1], x.ctypes.data, weight.ctypes.data, eps, out.ctypes.data)
+    return out
+
+
+def swiglu(gate_up):
+    """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter] f32, or None (as rms_norm)."""
+    library = _library()
+    if library is None or gate_up.ndim != 2 or gate_up.shape[1] % 2 or not _contiguous_f32(gate_up):
+        return None
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)  # [T, inter]
+    library.swiglu(gate_up.shape[0], out.shape[1], gate_up.ctypes.data, out.ctypes.data)
     return out
 
 
@@ -98,26 +144,29 @@ _last_step = threading.local()  # a step's slots in C form: its layers all atten
 
 
 def _slot_arrays(slots):
-    """(k pointers, v pointers, rows, capacities) as C arrays, or None if a cache is not a
-    contiguous f32 array; computed once per step."""
+    """(k pointers, v pointers, lengths, capacities, new-token counts) as C arrays, or None if a
+    cache is not a contiguous f32 array; computed once per step."""
     if getattr(_last_step, "slots", None) is not slots:
         pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
         usable = slots and all(k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous
-                               for k, v, _ in slots)
+                               for k, v, _, _ in slots)
         _last_step.slots = slots
-        _last_step.arrays = (pointers(*[k.ctypes.data for k, _, _ in slots]),
-                             pointers(*[v.ctypes.data for _, v, _ in slots]),
-                             ints(*[rows for _, _, rows in slots]),
-                             ints(*[k.shape[2] for k, _, _ in slots])) if usable else None
+        _last_step.arrays = (pointers(*[k.ctypes.data for k, _, _, _ in slots]),
+                             pointers(*[v.ctypes.data for _, v, _, _ in slots]),
+                             ints(*[length for _, _, length, _ in slots]),
+                             ints(*[k.shape[2] for k, _, _, _ in slots]),
+                             ints(*[n_new for _, _, _, n_new in slots])) if usable else None
     return _last_step.arrays
 
 
-def decode_attention(q, slots, layer):
-    """One new token per sequence over its whole cache: q [S, H, D] (rope applied); slots: per
-    sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend, the new token's included),
-    the same list for every layer of a step -> [S, H, D] f32, or None where the kernel is not
-    available (or D is not a multiple of 16)."""
-    n_seqs, n_heads, head_dim = q.shape
+def attention(q, slots, layer):
+    """Every sequence's new tokens attend causally over its cache: q [T, H, D] (rope applied, the
+    sequences' rows in order); slots: per sequence (k_cache, v_cache [layers, KV, capacity, D],
+    rows to attend, new tokens among them), the same list for every layer of a step -> [T, H, D]
+    f32, or None where the kernel is not available (or D is not a multiple of 16)."""
+    n_tokens, n_heads, head_dim = q.shape
+    if sum(n_new for _, _, _, n_new in slots) != n_tokens:
+        raise ValueError(f"attention: {n_tokens} query rows for {sum(n for *_, n in slots)} new tokens")
     if head_dim % 16 or q.dtype != np.float32:
         return None
     library = _library()
@@ -125,7 +174,7 @@ def decode_attention(q, slots, layer):
     if arrays is None:
         return None
     q = np.ascontiguousarray(q)
-    out = np.empty_like(q)  # [S, H, D]
-    library.decode_attention(n_seqs, n_heads, slots[0][0].shape[1], head_dim, head_dim ** -0.5, layer, q.ctypes.data,
-                             *arrays, out.ctypes.data)
+    out = np.empty_like(q)  # [T, H, D]
+    library.attention(len(slots), n_heads, slots[0][0].shape[1], head_dim, head_dim ** -0.5, layer, q.ctypes.data,
+                      *arrays, out.ctypes.data)
     return out

@@ -221,8 +221,8 @@ class CudaBackend:
                      (scores, np.int32(q_len), np.int32(kv_len), np.int32(offset)))
         return scores
 
-    def decode_attention(self, q, slots, layer):
-        """No batched form here (numpy_backend.decode_attention): the model attends per sequence."""
+    def batch_attention(self, q, slots, layer):
+        """No batched form here (numpy_backend.batch_attention): the model attends per sequence."""
         return None
 
     def attention(self, q, k, v, offset):

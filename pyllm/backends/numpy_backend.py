@@ -21,6 +21,9 @@ def gather(table, ids):
 
 def rms_norm(x, weight, eps):
     """x [T, hidden], weight [hidden] -> [T, hidden]; statistics in f32 as HF's LlamaRMSNorm."""
+    out = cpu_kernels.rms_norm(x, weight, eps)  # the C kernel where built: one pass, no temporaries
+    if out is not None:
+        return out
     variance = np.mean(np.square(x), axis=-1, keepdims=True)
     return x * (1.0 / np.sqrt(variance + np.float32(eps))) * weight
 
@@ -74,9 +77,13 @@ def _blocked_matmul_transb(a, b):
 
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
-    # decode: a few rows stream all the weights once, which OpenBLAS's general kernel does at a
-    # fraction of its GEMV bandwidth; the C kernel (cpu_kernels.py), else OpenBLAS in blocks
-    product = cpu_kernels.skinny_matmul_transb(a, b)
+    # the C kernels (cpu_kernels.py) where built: they stream the weights at memory speed for the
+    # few rows of a decode step, and share this pool's threads with the other kernels for a prompt;
+    # else OpenBLAS, in blocks for a few rows (its general kernel streams them at a fraction of that)
+    plain_residual = c is not None and beta == 1.0 and alpha == 1.0 and bias is None
+    product = cpu_kernels.matmul_transb(a, b, add_to=c if plain_residual else None)
+    if product is not None and plain_residual:
+        return product
     if product is None:
         product = _blocked_matmul_transb(a, b) if 1 < a.shape[0] <= BLOCKED_MAX_ROWS else a @ b.T
     if alpha != 1.0:
@@ -93,8 +100,12 @@ def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
 
 def swiglu(gate_up):
     """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter]."""
+    out = cpu_kernels.swiglu(gate_up)  # the C kernel where built
+    if out is not None:
+        return out
     gate, up = np.split(gate_up, 2, axis=-1)
-    return gate / (1.0 + np.exp(-gate)) * up
+    with np.errstate(over="ignore"):  # exp(-gate) = inf for gate < -88 gives silu = -0, as it should
+        return gate / (1.0 + np.exp(-gate)) * up
 
 
 def softmax_causal(scores, offset):
@@ -201,12 +212,12 @@ class NumpyBackend:
         return rotated[:, :-n_kv]
 
     @staticmethod
-    def decode_attention(q, slots, layer):
-        """A decode step's attention for every sequence at once: q [S, H, D], one new token per
-        sequence; slots: per sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend),
-        the same list for every layer of the step -> [S, H, D], or None (no C kernel here): then
-        the model attends sequence by sequence."""
-        return cpu_kernels.decode_attention(q, slots, layer)
+    def batch_attention(q, slots, layer):
+        """A step's attention for every sequence at once: q [T, H, D], the sequences' new tokens in
+        order; slots: per sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend, new
+        tokens), the same list for every layer of the step -> [T, H, D], or None (no C kernel
+        here): then the model attends sequence by sequence with attention() above."""
+        return cpu_kernels.attention(q, slots, layer)
 
     def upload(self, host_array):
         """Host f32 array -> backend array (here: the same array)."""

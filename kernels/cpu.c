@@ -1,0 +1,633 @@
+// The CPU backend's kernels for decode steps, sharing one thread pool: skinny_matmul (a few rows
+// times a weight matrix) and decode_attention (one new token per sequence over its KV cache).
+// Compiled at run time by the host C compiler (-O3 -march=native, pyllm/backends/cpu_kernels.py);
+// without AVX-512 it builds nothing and the NumPy path serves.
+//
+// skinny_matmul: out [M, N] = x [M, K] @ w [N, K]^T.
+// Why: every decode step streams all the weights once, so at a few rows the matmul should run at
+// memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth (and
+// its GEMV, threads and all, at ~85% of this kernel's one-row speed).
+// Here each weight row is read once and used for all M activation rows while it is in registers.
+//
+// Work split: skinny_matmul() hands each thread (the caller and the workers of start_threads)
+// its own range of weight rows. A thread walks its range two weight rows at a time, and meets the
+// activation rows 8 at a time: 2 x 8 accumulators of 16 lanes (16 of the 32 zmm registers), per
+// 16 k one load of each weight row, one of each activation row and 16 FMAs.
+// Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not reach
+// at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
+// Numerics: f32 products and sums; each output is 16 partial sums added at the end, plus the
+// K % 16 tail, so results differ from a sequential dot product by rounding only.
+#ifdef __AVX512F__
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PREFETCH_FLOATS 2048
+
+static inline float dot_tail(const float *x, const float *w, int k, int K, float sum) {
+  for (; k < K; k++) sum += x[k] * w[k];
+  return sum;
+}
+
+static inline void two_rows(const int M, const float *x, int K, const float *w0, float *out, int ldo) {
+  const float *w1 = w0 + K;
+  __m512 a[8], b[8];
+  for (int m = 0; m < M; m++) a[m] = b[m] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_prefetch((const char *)(w0 + k + PREFETCH_FLOATS), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w1 + k + PREFETCH_FLOATS), _MM_HINT_T0);
+    const __m512 u = _mm512_loadu_ps(w0 + k), v = _mm512_loadu_ps(w1 + k);
+    for (int m = 0; m < M; m++) {
+      const __m512 xm = _mm512_loadu_ps(x + (size_t)m * K + k);
+      a[m] = _mm512_fmadd_ps(xm, u, a[m]);
+      b[m] = _mm512_fmadd_ps(xm, v, b[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    const float *xm = x + (size_t)m * K;
+    out[(size_t)m * ldo] = dot_tail(xm, w0, k, K, _mm512_reduce_add_ps(a[m]));
+    out[(size_t)m * ldo + 1] = dot_tail(xm, w1, k, K, _mm512_reduce_add_ps(b[m]));
+  }
+}
+
+// Each pair of weight rows meets the activation rows in chunks of at most 8 (the registers hold
+// 2 x 8 accumulators) while the pair is still in L1, so the weights are streamed once for any M.
+typedef void (*pair_fn)(const float *x, int K, const float *w0, float *out, int ldo);
+#define PAIR(M) \
+  static void pair_##M(const float *x, int K, const float *w0, float *out, int ldo) { two_rows(M, x, K, w0, out, ldo); }
+PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6) PAIR(7) PAIR(8)
+static const pair_fn PAIRS[9] = {0, pair_1, pair_2, pair_3, pair_4, pair_5, pair_6, pair_7, pair_8};
+
+static void weight_rows(int M, const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) {
+  int n = lo;
+  for (; n + 1 < hi; n += 2)
+    for (int m = 0; m < M; m += 8)
+      PAIRS[M - m < 8 ? M - m : 8](x + (size_t)m * K, K, w + (size_t)n * K, out + (size_t)m * ldo + n, ldo);
+  for (; n < hi; n++)
+    for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
+}
+
+// The thread pool both kernels run on. A decode step makes ~150 calls a few hundred microseconds
+// apart, so waking a sleeping thread each time (tens of microseconds in a VM) would cost more than
+// the split gains: workers spin for SPIN_NS after a call before they sleep on the condition variable.
+#define MAX_THREADS 64
+#define SPIN_NS 500000L
+
+static struct {
+  pthread_mutex_t call_lock;  // one call at a time, whichever thread makes it
+  pthread_mutex_t lock;       // with wake: how idle workers sleep
+  pthread_cond_t wake;
+  int threads;                // the caller and its running workers
+  int wanted;                 // threads asked for by start_threads
+  pid_t owner;                // the process whose workers run (a forked child has none of them)
+  atomic_ulong generation;    // bumped once per call
+  atomic_int pending;         // workers not yet done with the current call
+  unsigned long first_seen;   // the generation when the workers started: each runs every later one
+  void (*task)(int part);     // the current call: each thread runs its part
+} pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER, .threads = 1, .wanted = 1};
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static struct {  // the current skinny_matmul call
+  const float *x, *w;
+  float *out;
+  int M, K, N;
+} mm;
+
+static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
+  const int lo = (int)((long long)mm.N * part / pool.threads) / 2 * 2;
+  const int hi = part + 1 == pool.threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool.threads) / 2 * 2;
+  weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
+}
+
+static void *worker(void *arg) {
+  const int part = (int)(intptr_t)arg;
+  unsigned long seen = pool.first_seen;  // not the generation now: a call may have come before this thread ran
+  for (;;) {
+    const long give_up = now_ns() + SPIN_NS;
+    for (int spins = 0; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
+      _mm_pause();
+      if ((spins & 255) == 255 && now_ns() > give_up) {
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+      }
+    }
+    seen = atomic_load(&pool.generation);
+    pool.task(part);
+    atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+// fork(): the child has none of the workers, and may inherit the locks held and the condition
+// variable counting the parent's sleepers as its waiters. Hold both locks across the fork; the
+// child makes fresh ones and starts its own workers at its first call (owner is not its pid).
+static void before_fork(void) {
+  pthread_mutex_lock(&pool.call_lock);
+  pthread_mutex_lock(&pool.lock);
+}
+static void after_fork_in_parent(void) {
+  pthread_mutex_unlock(&pool.lock);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+static void after_fork_in_child(void) {
+  pthread_mutex_init(&pool.call_lock, NULL);
+  pthread_mutex_init(&pool.lock, NULL);
+  pthread_cond_init(&pool.wake, NULL);
+  pool.owner = 0;
+}
+static void register_fork_handlers(void) { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); }
+
+static void start_workers(void) {  // with call_lock held
+  static pthread_once_t fork_handlers = PTHREAD_ONCE_INIT;
+  pthread_once(&fork_handlers, register_fork_handlers);
+  pool.owner = getpid();
+  pool.threads = 1;
+  pool.first_seen = atomic_load(&pool.generation);
+  for (int part = 1; part < pool.wanted; part++) {
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)part) != 0) break;
+    pthread_detach(thread);
+    pool.threads++;
+  }
+}
+
+// Asks for `threads` threads per call (the caller and threads - 1 workers, started once per
+// process) -> how many run.
+int start_threads(int threads) {
+  pthread_mutex_lock(&pool.call_lock);
+  if (pool.owner != getpid()) {
+    pool.wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    start_workers();
+  }
+  pthread_mutex_unlock(&pool.call_lock);
+  return pool.threads;
+}
+
+// Runs task(part) for part 0 .. threads - 1, part 0 on the calling thread.
+static void run(void (*task)(int part)) {
+  pool.task = task;
+  atomic_store(&pool.pending, pool.threads - 1);
+  pthread_mutex_lock(&pool.lock);
+  atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+  pthread_cond_broadcast(&pool.wake);
+  pthread_mutex_unlock(&pool.lock);
+  task(0);
+  // a worker normally finishes within microseconds; one that was descheduled gets the core back
+  for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++)
+    if (spins < 100000) _mm_pause(); else sched_yield();
+}
+
+static void lock_pool(void) {
+  pthread_mutex_lock(&pool.call_lock);
+  if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
+}
+
+// out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
+void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
+  lock_pool();
+  mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
+  run(matmul_part);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+
+
+// matmul: out [M, N] (+)= x [M, K] @ w [N, K]^T for many rows (a prompt), all C-contiguous f32.
+// Why here and not OpenBLAS: OpenBLAS's threads spin after each call and take the second core
+// from this pool's kernels, which run between the matmuls of a prefill; and it reaches ~75% of
+// this CPU's FMA peak, which a plain AVX-512 kernel matches.
+// Layout: x is first packed into panels of 32 rows, k-major (panel [K][32]), so one k of a panel
+// is two zmm registers. A tile is 32 rows x W_ROWS weight rows: 2 x W_ROWS accumulators (24 zmm);
+// per k, two loads of the panel, W_ROWS broadcast weights and 2 x W_ROWS FMAs. The weights need
+// no packing: a tile reads W_ROWS rows of w sequentially, and tiles of the same weight rows meet
+// every panel in turn while those rows are in L1 (the panels, ~1 MB for a 512-token prompt, in L2).
+// Work split: packing by panels, then the tiles' weight rows, in runs of W_ROWS, among threads.
+// Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS, no blocking of k).
+#define PANEL 32
+#define W_ROWS 12
+
+static struct {  // the current matmul call
+  const float *x, *w;
+  float *out, *panels;  // panels [ceil(M / PANEL), K, PANEL]; kept between calls: the pages stay mapped
+  size_t panel_floats;  // allocated
+  int M, K, N, accumulate;
+} gemm;
+
+// rows [16] (row i: 16 floats) -> columns [16] (column j: element j of every row): three rounds of
+// in-lane unpacks, then two of 128-bit lane shuffles
+static inline void transpose16(const __m512 rows[16], __m512 columns[16]) {
+  __m512 a[16], b[16], x[2];
+  for (int i = 0; i < 8; i++) {  // a[2i], a[2i+1], lane L: rows 2i, 2i+1 interleaved at columns 4L + 0..1, 4L + 2..3
+    a[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++)  // b[4i + c], lane L: rows 4i .. 4i + 3 at column 4L + c
+    for (int c = 0; c < 2; c++) {
+      const __m512d lo = _mm512_castps_pd(a[4 * i + c]), hi = _mm512_castps_pd(a[4 * i + 2 + c]);
+      b[4 * i + 2 * c] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      b[4 * i + 2 * c + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  for (int c = 0; c < 4; c++) {  // column 4L + c gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    for (int h = 0; h < 2; h++) x[h] = _mm512_shuffle_f32x4(b[c], b[4 + c], h ? 0xDD : 0x88);  // lanes 0, 2 | 1, 3
+    const __m512 y0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), y1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
+    columns[c] = _mm512_shuffle_f32x4(x[0], y0, 0x88);
+    columns[8 + c] = _mm512_shuffle_f32x4(x[0], y0, 0xDD);
+    columns[4 + c] = _mm512_shuffle_f32x4(x[1], y1, 0x88);
+    columns[12 + c] = _mm512_shuffle_f32x4(x[1], y1, 0xDD);
+  }
+}
+
+static void pack_part(int part) {  // panel p: [K, PANEL] <- x rows 32p .. 32p + 31 (zeros past M)
+  const int n_panels = (gemm.M + PANEL - 1) / PANEL, K = gemm.K;
+  for (int p = part; p < n_panels; p += pool.threads)
+    for (int half = 0; half < PANEL; half += 16) {
+      const int first_row = p * PANEL + half;
+      const int rows = gemm.M - first_row < 16 ? gemm.M - first_row : 16;  // of x, for these 16 lanes
+      float *panel = gemm.panels + (size_t)p * K * PANEL + half;
+      for (int k = 0; k < K; k += 16) {
+        const int ks = K - k < 16 ? K - k : 16;
+        __m512 block[16], columns[16];
+        for (int i = 0; i < 16; i++)
+          block[i] = i < rows ? _mm512_maskz_loadu_ps((__mmask16)((1u << ks) - 1), gemm.x + (size_t)(first_row + i) * K + k)
+                              : _mm512_setzero_ps();
+        transpose16(block, columns);
+        for (int i = 0; i < ks; i++) _mm512_storeu_ps(panel + (size_t)(k + i) * PANEL, columns[i]);
+      }
+    }
+}
+
+// out rows of panel `p`, columns n .. n + R - 1
+static inline __attribute__((always_inline)) void tile(const int R, int p, int n) {
+  const int K = gemm.K;
+  const float *panel = gemm.panels + (size_t)p * K * PANEL, *w = gemm.w + (size_t)n * K;
+  __m512 lo[W_ROWS], hi[W_ROWS];
+  for (int j = 0; j < R; j++) lo[j] = hi[j] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k++) {
+    _mm_prefetch((const char *)(panel + (size_t)(k + 16) * PANEL), _MM_HINT_T0);
+    _mm_prefetch((const char *)(panel + (size_t)(k + 16) * PANEL + 16), _MM_HINT_T0);
+    const __m512 a = _mm512_loadu_ps(panel + (size_t)k * PANEL), b = _mm512_loadu_ps(panel + (size_t)k * PANEL + 16);
+    for (int j = 0; j < R; j++) {
+      const __m512 weight = _mm512_set1_ps(w[(size_t)j * K + k]);
+      lo[j] = _mm512_fmadd_ps(a, weight, lo[j]);
+      hi[j] = _mm512_fmadd_ps(b, weight, hi[j]);
+    }
+  }
+  float columns[W_ROWS][PANEL];  // columns[j][r] = out[32p + r][n + j]
+  for (int j = 0; j < R; j++) _mm512_storeu_ps(columns[j], lo[j]), _mm512_storeu_ps(columns[j] + 16, hi[j]);
+  const int rows = gemm.M - p * PANEL < PANEL ? gemm.M - p * PANEL : PANEL;
+  for (int r = 0; r < rows; r++) {
+    float *out = gemm.out + (size_t)(p * PANEL + r) * gemm.N + n;
+    for (int j = 0; j < R; j++) out[j] = gemm.accumulate ? out[j] + columns[j][r] : columns[j][r];
+  }
+}
+typedef void (*tile_fn)(int p, int n);
+#define TILE(R) \
+  static void tile_##R(int p, int n) { tile(R, p, n); }
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
+                                          tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
+
+static void gemm_part(int part) {
+  const int n_panels = (gemm.M + PANEL - 1) / PANEL, runs = (gemm.N + W_ROWS - 1) / W_ROWS;
+  for (int run = (int)((long long)runs * part / pool.threads); run < (long long)runs * (part + 1) / pool.threads; run++) {
+    const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
+    for (int p = 0; p < n_panels; p++) TILES[R](p, n);
+  }
+}
+
+void matmul(int M, const float *x, int K, const float *w, int N, float *out, int accumulate) {
+  const size_t panel_floats = (size_t)((M + PANEL - 1) / PANEL) * K * PANEL;
+  lock_pool();
+  if (panel_floats > gemm.panel_floats) {
+    free(gemm.panels);
+    gemm.panels = aligned_alloc(64, sizeof(float) * panel_floats);
+    if (gemm.panels == NULL) abort();
+    gemm.panel_floats = panel_floats;
+  }
+  gemm.x = x, gemm.w = w, gemm.out = out;
+  gemm.M = M, gemm.K = K, gemm.N = N, gemm.accumulate = accumulate;
+  run(pack_part);
+  run(gemm_part);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+
+static inline __m512 exp512(__m512 x) {
+  // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two steps (Cody-Waite), and
+  // exp(r) = 1 + r + r^2 P(r) on |r| <= ln 2 / 2 (Cephes' expf coefficients); within 2 ulp of expf
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));  // 0 .. FLT_MAX
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Row kernels, rms_norm and swiglu: a row is 16 lanes at a time with a masked tail. Rows are split
+// evenly among the threads, or all run on the caller when the call is too small to pay for the
+// handoff (a decode step's few rows).
+#define SERIAL_FLOATS 32768
+
+static struct {  // the current row kernel call
+  void (*row)(int r);
+  int rows;
+} each_row;
+
+static void rows_part(int part) {
+  const int lo = (int)((long long)each_row.rows * part / pool.threads);
+  const int hi = (int)((long long)each_row.rows * (part + 1) / pool.threads);
+  for (int r = lo; r < hi; r++) each_row.row(r);
+}
+
+static void for_each_row(void (*row)(int r), int rows, long floats) {  // with call_lock held
+  each_row.row = row, each_row.rows = rows;
+  if (floats < SERIAL_FLOATS)
+    for (int r = 0; r < rows; r++) row(r);
+  else
+    run(rows_part);
+}
+
+static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+static struct {  // the current rms_norm call
+  const float *x, *weight;
+  float *out;
+  int width;
+  float eps;
+} norm;
+
+// rms_norm: out [T, width] = x / sqrt(mean(x^2) + eps) * weight, as HF's LlamaRMSNorm (f32 statistics:
+// 16 partial sums of squares, added at the end)
+static void norm_row(int r) {
+  const float *x = norm.x + (size_t)r * norm.width;
+  float *out = norm.out + (size_t)r * norm.width;
+  __m512 squares = _mm512_setzero_ps();
+  for (int i = 0; i < norm.width; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lanes(norm.width - i), x + i);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / norm.width + norm.eps));
+  for (int i = 0; i < norm.width; i += 16) {
+    const __mmask16 m = lanes(norm.width - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), scale),
+                                                    _mm512_maskz_loadu_ps(m, norm.weight + i)));
+  }
+}
+
+void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out) {
+  lock_pool();
+  norm.x = x, norm.weight = weight, norm.out = out, norm.width = width, norm.eps = eps;
+  for_each_row(norm_row, T, (long)T * width);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+
+static struct {  // the current swiglu call
+  const float *gate_up;
+  float *out;
+  int width;
+} glu;
+
+// swiglu: out [T, width] = silu(gate) * up = gate / (1 + exp(-gate)) * up, gate_up [T, 2 width] (gate | up)
+static void glu_row(int r) {
+  const float *gate = glu.gate_up + (size_t)r * 2 * glu.width, *up = gate + glu.width;
+  float *out = glu.out + (size_t)r * glu.width;
+  for (int i = 0; i < glu.width; i += 16) {
+    const __mmask16 m = lanes(glu.width - i);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+  }
+}
+
+void swiglu(int T, int width, const float *gate_up, float *out) {
+  lock_pool();
+  glu.gate_up = gate_up, glu.out = out, glu.width = width;
+  for_each_row(glu_row, T, (long)T * width);
+  pthread_mutex_unlock(&pool.call_lock);
+}
+
+// attention: the new tokens of every sequence in a step attend causally over their KV caches, in
+// one call (a decode step: one token each; a prompt: many; or a mix).
+// q [T, H, D] (rope applied), sequence s owning the next count[s] rows -> out [T, H, D]. Sequence s
+// reads layer `layer` of k[s], v[s] [layers, KV, capacity[s], D], its first length[s] rows (the new
+// tokens' included): new token i sits at position length[s] - count[s] + i and sees keys 0 .. that.
+// Query head h uses KV head h / (H / KV), as HF's repeat_kv. D % 16 == 0.
+// Work split: a unit is (sequence, KV head, tile of consecutive queries); its rows, the tile's
+// queries times the KV head's query heads (about TILE_ROWS), share each chunk of CHUNK keys and
+// values while it is in L1. Threads take units from a shared counter, costliest first.
+// Numerics: f32. A score is the dot product of the scaled query and a key, 16 keys at a time (their
+// 16 accumulators reduced together). The softmax is online, as in flash attention: a row keeps its
+// running maximum and total, a chunk that raises the maximum rescales the row's sums so far by
+// exp(old - new), so exp never sees a positive argument; the end divides by the total.
+#define CHUNK 64      // keys (and values) per chunk: 2 x 16 KB at D = 64
+#define TILE_ROWS 48  // rows per unit: its scores, queries and sums (3 x 12 KB at D = 64) stay in L1/L2
+
+// lane j = the sum of a[j]'s 16 lanes: halves, then quarters, then pairs within quarters, then the
+// lane order put right (45 operations, where 16 separate reductions take ~130)
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
+  __m512 half[8], quarter[4], pair[2];
+  for (int i = 0; i < 8; i++)  // half[i]: a[2i] in lanes 0-7, a[2i+1] in 8-15, each folded to 8
+    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                            _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)  // quarter[i]: 128-bit lane c holds a[4i + c] folded to 4
+    quarter[i] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * i], half[2 * i + 1], 0x88),
+                               _mm512_shuffle_f32x4(half[2 * i], half[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++)  // pair[i], lane c: a[8i + c] in two partial sums, then a[8i + 4 + c]
+    pair[i] = _mm512_add_ps(_mm512_shuffle_ps(quarter[2 * i], quarter[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_ps(quarter[2 * i], quarter[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4c + i now holds key c + 4i
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pair[0], pair[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(pair[0], pair[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), sums);
+}
+
+// scores of one query row q [D] against 16 keys [16, D]
+static inline __attribute__((always_inline)) __m512 scores16(const float *q, const float *keys, int D) {
+  __m512 a[16];
+  for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16) {
+    const __m512 qd = _mm512_loadu_ps(q + d);
+    for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys + (size_t)j * D + d), a[j]);
+  }
+  return sum16(a);
+}
+
+// o [R rows, stride D] (16 Z columns) += p [R rows, stride CHUNK] [:, :n] @ values [n, D] (same columns):
+// R x Z accumulators, each value row loaded once for the R rows
+static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, const float *values, int D, int n, float *o) {
+  __m512 acc[4][4];
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) acc[r][z] = _mm512_loadu_ps(o + (size_t)r * D + 16 * z);
+  for (int j = 0; j < n; j++) {
+    __m512 v[4];
+    for (int z = 0; z < Z; z++) v[z] = _mm512_loadu_ps(values + (size_t)j * D + 16 * z);
+    for (int r = 0; r < R; r++) {
+      const __m512 weight = _mm512_set1_ps(p[r * CHUNK + j]);
+      for (int z = 0; z < Z; z++) acc[r][z] = _mm512_fmadd_ps(weight, v[z], acc[r][z]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) _mm512_storeu_ps(o + (size_t)r * D + 16 * z, acc[r][z]);
+}
+typedef void (*weigh_fn)(const float *p, const float *values, int D, int n, float *o);
+#define WEIGH(R, Z) \
+  static void weigh_##R##_##Z(const float *p, const float *values, int D, int n, float *o) { \
+    weigh_values(R, Z, p, values, D, n, o); }
+WEIGH(1, 1) WEIGH(1, 2) WEIGH(1, 3) WEIGH(1, 4) WEIGH(2, 1) WEIGH(2, 2) WEIGH(2, 3) WEIGH(2, 4)
+WEIGH(3, 1) WEIGH(3, 2) WEIGH(3, 3) WEIGH(3, 4) WEIGH(4, 1) WEIGH(4, 2) WEIGH(4, 3) WEIGH(4, 4)
+static const weigh_fn WEIGHS[5][5] = {{0}, {0, weigh_1_1, weigh_1_2, weigh_1_3, weigh_1_4},
+                                      {0, weigh_2_1, weigh_2_2, weigh_2_3, weigh_2_4},
+                                      {0, weigh_3_1, weigh_3_2, weigh_3_3, weigh_3_4},
+                                      {0, weigh_4_1, weigh_4_2, weigh_4_3, weigh_4_4}};
+
+struct unit {
+  int s, g, first, n;  // sequence, KV head, its first query (0 = the sequence's first new token), queries
+  long cost;           // rows x keys seen by the last query
+};
+
+static struct {  // the current attention call
+  const float *q, *const *k, *const *v;
+  const int *length, *capacity, *count;
+  int *row;  // q's row of each sequence's first new token
+  struct unit *units;
+  float *out, scale;
+  int S, H, KV, D, layer, n_units;
+  atomic_int next_unit;
+} att;
+
+static int costlier_first(const void *a, const void *b) {
+  const long x = ((const struct unit *)a)->cost, y = ((const struct unit *)b)->cost;
+  return (x < y) - (x > y);
+}
+
+// One unit. Rows are query-major (row r: query r / group, head g * group + r % group), so the rows
+// a weigh_values call takes together see nearly the same keys. Scratch: 3 R (D or CHUNK) + 2 R + 16 D floats.
+static void attend(const struct unit *u, float *scratch) {
+  const int D = att.D, group = att.H / att.KV, R = u->n * group, L = att.length[u->s];
+  const int first_position = L - att.count[u->s] + u->first;
+  const size_t head = ((size_t)att.layer * att.KV + u->g) * att.capacity[u->s] * D;
+  const float *keys = att.k[u->s] + head, *values = att.v[u->s] + head;  // [L, D] each
+  float *query = scratch, *o = query + (size_t)R * D, *p = o + (size_t)R * D;  // [R, D], [R, D], [R, CHUNK]
+  float *top = p + (size_t)R * CHUNK, *total = top + R, *padded = total + R;    // [R], [R], [16, D]
+  for (int r = 0; r < R; r++) {
+    const float *q = att.q + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    for (int d = 0; d < D; d += 16)
+      _mm512_storeu_ps(query + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(att.scale)));
+    memset(o + (size_t)r * D, 0, sizeof(float) * D);
+    top[r] = -INFINITY, total[r] = 0.0f;
+  }
+  const int keys_seen = first_position + u->n;  // by the last query
+  for (int c = 0; c < keys_seen; c += CHUNK) {
+    const int n = keys_seen - c < CHUNK ? keys_seen - c : CHUNK;
+    const int last_block = (n - 1) / 16 * 16;  // past the cache's end, its keys come from `padded`
+    const int pad = c + last_block + 16 > L;
+    if (pad) {
+      memset(padded, 0, sizeof(float) * 16 * D);
+      memcpy(padded, keys + (size_t)(c + last_block) * D, sizeof(float) * (L - c - last_block) * D);
+    }
+    for (int r = 0; r < R; r++) {
+      float *pr = p + (size_t)r * CHUNK;
+      int seen = first_position + r / group + 1 - c;  // keys of this chunk row r sees
+      seen = seen < 0 ? 0 : seen > n ? n : seen;
+      __m512 row_top = _mm512_set1_ps(-INFINITY);
+      for (int j = 0; j < seen; j += 16) {
+        const float *block = pad && j == last_block ? padded : keys + (size_t)(c + j) * D;
+        const __mmask16 visible = seen - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
+        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), visible, scores16(query + (size_t)r * D, block, D));
+        _mm512_storeu_ps(pr + j, s);
+        row_top = _mm512_max_ps(row_top, s);
+      }
+      const float chunk_top = _mm512_reduce_max_ps(row_top);
+      if (seen == 0 || chunk_top == -INFINITY) {  // nothing visible here (or only -inf scores)
+        memset(pr, 0, sizeof(float) * CHUNK);
+        continue;
+      }
+      const float new_top = chunk_top > top[r] ? chunk_top : top[r];
+      const float rescale = expf(top[r] - new_top);  // 0 on the first chunk
+      __m512 sum = _mm512_setzero_ps();
+      for (int j = 0; j < CHUNK; j += 16) {
+        const __mmask16 visible = j >= seen ? 0 : seen - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(visible, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), _mm512_set1_ps(new_top))));
+        _mm512_storeu_ps(pr + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      total[r] = total[r] * rescale + _mm512_reduce_add_ps(sum);
+      if (rescale != 1.0f)
+        for (int d = 0; d < D; d += 16)
+          _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale)));
+      top[r] = new_top;
+    }
+    for (int r = 0; r < R; r += 4) {
+      const int rows = R - r < 4 ? R - r : 4;
+      int seen = first_position + (r + rows - 1) / group + 1 - c;  // the last of these rows sees the most
+      seen = seen > n ? n : seen;
+      if (seen <= 0) continue;
+      for (int d = 0; d < D; d += 64)
+        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * CHUNK, values + (size_t)c * D + d, D, seen, o + (size_t)r * D + d);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float *out = att.out + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
+  }
+}
+
+static void attention_part(int part) {
+  (void)part;
+  const int group = att.H / att.KV, rows = TILE_ROWS / group > 0 ? TILE_ROWS / group * group : group;
+  float *scratch = malloc(sizeof(float) * ((size_t)rows * (2 * att.D + CHUNK + 2) + 16 * (size_t)att.D));
+  if (scratch == NULL) abort();
+  for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;) attend(&att.units[u], scratch);
+  free(scratch);
+}
+
+void attention(int S, int H, int KV, int D, float scale, int layer, const float *q, const float *const *k,
+               const float *const *v, const int *length, const int *capacity, const int *count, float *out) {
+  const int group = H / KV, tile = TILE_ROWS / group > 0 ? TILE_ROWS / group : 1;  // queries per unit
+  int n_units = 0;
+  for (int s = 0; s < S; s++) n_units += (count[s] + tile - 1) / tile * KV;
+  struct unit *units = malloc(sizeof(struct unit) * (n_units > 0 ? n_units : 1));
+  int *row = malloc(sizeof(int) * (S > 0 ? S : 1));
+  if (units == NULL || row == NULL) abort();
+  for (int s = 0, i = 0, next_row = 0; s < S; next_row += count[s++]) {
+    row[s] = next_row;
+    for (int first = 0; first < count[s]; first += tile)
+      for (int g = 0; g < KV; g++) {
+        const int n = count[s] - first < tile ? count[s] - first : tile;
+        units[i++] = (struct unit){s, g, first, n, (long)n * (length[s] - count[s] + first + n)};
+      }
+  }
+  qsort(units, n_units, sizeof(struct unit), costlier_first);
+  lock_pool();
+  att.q = q, att.k = k, att.v = v, att.length = length, att.capacity = capacity, att.count = count;
+  att.row = row, att.units = units, att.n_units = n_units, att.out = out, att.scale = scale;
+  att.S = S, att.H = H, att.KV = KV, att.D = D, att.layer = layer;
+  atomic_store(&att.next_unit, 0);
+  run(attention_part);
+  pthread_mutex_unlock(&pool.call_lock);
+  free(units);
+  free(row);
+}
+#endif
