@@ -427,6 +427,63 @@ void swiglu(int T, int width, const float *gate_up, float *out) {
   pthread_mutex_unlock(&pool.call_lock);
 }
 
+static struct {  // the current qkv_rope call
+  const float *qkv, *bias, *cos, *sin;
+  float *const *k, *const *v, *q;
+  const int *capacity, *sequence, *position;  // per row: its sequence, and its position = its cache row
+  int H, KV, D;
+} qkv;
+
+// qkv_rope: one token's fused projections qkv [(H + 2 KV) * D] (+ bias): rope (HF's rotate_half
+// layout: the first and second halves of a head are the pairs) on its H query heads -> q [H, D],
+// and on its KV key heads -> row cache_row of k [KV, capacity, D]; its value heads -> the same row
+// of v. Its position picks the row of the cos, sin tables [positions, D / 2].
+static void qkv_row(int t) {
+  const int D = qkv.D, half = D / 2, s = qkv.sequence[t];
+  const float *c = qkv.cos + (size_t)qkv.position[t] * half, *sn = qkv.sin + (size_t)qkv.position[t] * half;
+  const float *row = qkv.qkv + (size_t)t * (qkv.H + 2 * qkv.KV) * D;
+  for (int h = 0; h < qkv.H + 2 * qkv.KV; h++) {
+    const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
+    const int g = h - qkv.H;
+    const size_t cache_offset = ((size_t)(g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
+    float *out = h < qkv.H ? qkv.q + ((size_t)t * qkv.H + h) * D
+                           : (g < qkv.KV ? qkv.k[s] : qkv.v[s]) + cache_offset;
+    for (int i = 0; i < half; i += 16) {
+      const __mmask16 m = lanes(half - i);
+      __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
+      if (b) x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m, b + i)), x2 = _mm512_add_ps(x2, _mm512_maskz_loadu_ps(m, b + half + i));
+      if (g < qkv.KV) {  // query or key: rotate
+        const __m512 cs = _mm512_maskz_loadu_ps(m, c + i), sn_i = _mm512_maskz_loadu_ps(m, sn + i);
+        const __m512 r1 = _mm512_sub_ps(_mm512_mul_ps(x1, cs), _mm512_mul_ps(x2, sn_i));
+        x2 = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x1, sn_i));
+        x1 = r1;
+      }
+      _mm512_mask_storeu_ps(out + i, m, x1);
+      _mm512_mask_storeu_ps(out + half + i, m, x2);
+    }
+  }
+}
+
+// A step's rows: sequence s owns count[s] consecutive rows, its first at cache row start[s];
+// k[s], v[s] are that sequence's caches of this layer [KV, capacity[s], D]. D % 2 == 0.
+void qkv_rope(int S, int H, int KV, int D, const float *qkv_in, const float *bias, const float *cos,
+              const float *sin, float *const *k, float *const *v, const int *capacity, const int *start,
+              const int *count, float *q) {
+  int T = 0;
+  for (int s = 0; s < S; s++) T += count[s];
+  int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));  // sequences, then positions
+  if (per_row == NULL) abort();
+  for (int s = 0, t = 0; s < S; s++)
+    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = start[s] + i;
+  lock_pool();
+  qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
+  qkv.capacity = capacity, qkv.sequence = per_row, qkv.position = per_row + T;
+  qkv.H = H, qkv.KV = KV, qkv.D = D;
+  for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D);
+  pthread_mutex_unlock(&pool.call_lock);
+  free(per_row);
+}
+
 // attention: the new tokens of every sequence in a step attend causally over their KV caches, in
 // one call (a decode step: one token each; a prompt: many; or a mix).
 // q [T, H, D] (rope applied), sequence s owning the next count[s] rows -> out [T, H, D]. Sequence s

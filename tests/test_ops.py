@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,6 +63,26 @@ def test_rope_matches_hf_rotary_embedding(theta, head_dim):
     # torch's f32 cos/sin of angles near 500 rad may be an ulp off the correctly rounded value
     np.testing.assert_allclose(ops.rope(q, positions, cos, sin), q_hf[0].transpose(0, 1).numpy(), atol=6e-5)
     np.testing.assert_allclose(ops.rope(k, positions, cos, sin), k_hf[0].transpose(0, 1).numpy(), atol=6e-5)
+
+
+@pytest.mark.parametrize("head_dim,with_bias", [(64, False), (20, True)])
+def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim, with_bias):
+    """The backend's fused epilogue for a ragged batch (caches of different capacities) against
+    rope() above: q comes back roped, each sequence's roped k and its v land in its cache rows."""
+    n_heads, n_kv, counts, starts, capacities = 6, 2, [3, 1, 40], [0, 7, 20], [8, 9, 64]
+    backend = ops.NumpyBackend(SimpleNamespace(rope_theta=10000.0, head_dim=head_dim, max_position_embeddings=64))
+    qkv = randn(sum(counts), (n_heads + 2 * n_kv) * head_dim)
+    bias = randn(qkv.shape[1]) if with_bias else None
+    caches = [(np.zeros((n_kv, c, head_dim), np.float32), np.zeros((n_kv, c, head_dim), np.float32)) for c in capacities]
+    q = backend.qkv_rope_cache(qkv, bias, [(k, v, start, n) for (k, v), start, n in zip(caches, starts, counts)])
+    heads = (qkv if bias is None else qkv + bias).reshape(len(qkv), -1, head_dim)  # [T, H + 2 KV, D]
+    positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
+    np.testing.assert_allclose(q, ops.rope(heads[:, :n_heads], positions, backend.cos, backend.sin), atol=1e-6)
+    keys = ops.rope(heads[:, n_heads:n_heads + n_kv], positions, backend.cos, backend.sin)
+    for (k, v), start, n, first in zip(caches, starts, counts, np.cumsum([0] + counts)):
+        np.testing.assert_allclose(k[:, start:start + n], keys[first:first + n].transpose(1, 0, 2), atol=1e-6)
+        np.testing.assert_array_equal(v[:, start:start + n], heads[first:first + n, -n_kv:].transpose(1, 0, 2))
+        assert not k[:, :start].any() and not k[:, start + n:].any() and not v[:, start + n:].any()
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (4, 300)])

@@ -64,7 +64,7 @@ def _library():
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
         start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
                                             library.attention)
-        norm, glu = library.rms_norm, library.swiglu
+        norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
     start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
@@ -77,6 +77,8 @@ def _library():
                                    ctypes.c_void_p], None
     # T, width, gate_up, out
     glu.argtypes, glu.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], None
+    # S, H, KV, D, qkv, bias, cos, sin, k pointers, v pointers, capacities, starts, counts, q
+    rope.argtypes, rope.restype = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 10, None
     # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
@@ -138,6 +140,27 @@ def swiglu(gate_up):
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)  # [T, inter]
     library.swiglu(gate_up.shape[0], out.shape[1], gate_up.ctypes.data, out.ctypes.data)
     return out
+
+
+def qkv_rope(qkv, bias, slots, cos, sin):
+    """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias [(H + 2 KV) * D]) -> q [T, H, D]
+    with rope, each sequence's rope(k) and v written into its layer cache; slots, cos and sin as
+    NumpyBackend.qkv_rope_cache. None where the kernels are not available (or an array is not
+    contiguous f32)."""
+    library = _library()
+    k_caches, v_caches = [k for k, _, _, _ in slots], [v for _, v, _, _ in slots]
+    n_kv, _, head_dim = k_caches[0].shape
+    if (library is None or qkv.ndim != 2 or qkv.shape[1] % head_dim
+            or not _contiguous_f32(qkv, cos, sin, *k_caches, *v_caches, *([] if bias is None else [bias]))):
+        return None
+    n_heads = qkv.shape[1] // head_dim - 2 * n_kv
+    pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
+    q = np.empty((qkv.shape[0], n_heads, head_dim), np.float32)  # [T, H, D]
+    library.qkv_rope(len(slots), n_heads, n_kv, head_dim, qkv.ctypes.data, None if bias is None else bias.ctypes.data,
+                     cos.ctypes.data, sin.ctypes.data, pointers(*[k.ctypes.data for k in k_caches]),
+                     pointers(*[v.ctypes.data for v in v_caches]), ints(*[k.shape[1] for k in k_caches]),
+                     ints(*[start for _, _, start, _ in slots]), ints(*[n for _, _, _, n in slots]), q.ctypes.data)
+    return q
 
 
 _last_step = threading.local()  # a step's slots in C form: its layers all attend over the same caches

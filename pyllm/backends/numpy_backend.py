@@ -200,6 +200,9 @@ class NumpyBackend:
         otherwise pay a dozen small NumPy calls per sequence) and the cuda one fuses each
         sequence's epilogue into one launch.
         """
+        q = cpu_kernels.qkv_rope(qkv, bias, slots, self.cos, self.sin)  # the C kernel where built
+        if q is not None:
+            return q
         n_kv, _, dim = slots[0][0].shape
         positions = np.concatenate([np.arange(start, start + n) for _, _, start, n in slots])  # [T]
         heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
