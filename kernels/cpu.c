@@ -1,5 +1,6 @@
-// The CPU backend's kernels for decode steps, sharing one thread pool: skinny_matmul (a few rows
-// times a weight matrix) and decode_attention (one new token per sequence over its KV cache).
+// The CPU backend's kernels, sharing one thread pool: skinny_matmul (a decode step's few rows
+// times a weight matrix), matmul (a prompt's many rows), rms_norm, swiglu, qkv_rope (bias, rope
+// and the KV-cache writes) and attention (every sequence of a step over its KV cache).
 // Compiled at run time by the host C compiler (-O3 -march=native, pyllm/backends/cpu_kernels.py);
 // without AVX-512 it builds nothing and the NumPy path serves.
 //
