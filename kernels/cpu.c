@@ -48,7 +48,8 @@ static inline void two_rows(const int M, const float *x, int K, const float *w0,
     _mm_prefetch((const char *)(w1 + k + PREFETCH_FLOATS), _MM_HINT_T0);
     const __m512 u = _mm512_loadu_ps(w0 + k), v = _mm512_loadu_ps(w1 + k);
     for (int m = 0; m < M; m++) {
-      const __m512 xm = _mm512_loadu_ps(x + (size_t)m * K + k);
+      __m512 xm = _mm512_loadu_ps(x + (size_t)m * K + k);
+      __asm__("" : "+v"(xm));  // one load for both FMAs, not one folded into each
       a[m] = _mm512_fmadd_ps(xm, u, a[m]);
       b[m] = _mm512_fmadd_ps(xm, v, b[m]);
     }
