@@ -532,9 +532,10 @@ static inline __attribute__((always_inline)) __m512 scores16(const float *q, con
   return sum16(a);
 }
 
-// o [R rows, stride D] (16 Z columns) += p [R rows, stride CHUNK] [:, :n] @ values [n, D] (same columns):
-// R x Z accumulators, each value row loaded once for the R rows
-static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, const float *values, int D, int n, float *o) {
+// o [R rows, stride D] (16 Z columns) += p [R, n] @ values [n, D] (same columns), p[r, j] at
+// p[r * row_stride + j * key_stride]: R x Z accumulators, each value row loaded once for the R rows
+static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
+                                                               int key_stride, const float *values, int D, int n, float *o) {
   __m512 acc[4][4];
   for (int r = 0; r < R; r++)
     for (int z = 0; z < Z; z++) acc[r][z] = _mm512_loadu_ps(o + (size_t)r * D + 16 * z);
@@ -542,17 +543,17 @@ static inline __attribute__((always_inline)) void weigh_values(const int R, cons
     __m512 v[4];
     for (int z = 0; z < Z; z++) v[z] = _mm512_loadu_ps(values + (size_t)j * D + 16 * z);
     for (int r = 0; r < R; r++) {
-      const __m512 weight = _mm512_set1_ps(p[r * CHUNK + j]);
+      const __m512 weight = _mm512_set1_ps(p[r * row_stride + j * key_stride]);
       for (int z = 0; z < Z; z++) acc[r][z] = _mm512_fmadd_ps(weight, v[z], acc[r][z]);
     }
   }
   for (int r = 0; r < R; r++)
     for (int z = 0; z < Z; z++) _mm512_storeu_ps(o + (size_t)r * D + 16 * z, acc[r][z]);
 }
-typedef void (*weigh_fn)(const float *p, const float *values, int D, int n, float *o);
+typedef void (*weigh_fn)(const float *p, int row_stride, int key_stride, const float *values, int D, int n, float *o);
 #define WEIGH(R, Z) \
-  static void weigh_##R##_##Z(const float *p, const float *values, int D, int n, float *o) { \
-    weigh_values(R, Z, p, values, D, n, o); }
+  static void weigh_##R##_##Z(const float *p, int row_stride, int key_stride, const float *values, int D, int n, \
+                              float *o) { weigh_values(R, Z, p, row_stride, key_stride, values, D, n, o); }
 WEIGH(1, 1) WEIGH(1, 2) WEIGH(1, 3) WEIGH(1, 4) WEIGH(2, 1) WEIGH(2, 2) WEIGH(2, 3) WEIGH(2, 4)
 WEIGH(3, 1) WEIGH(3, 2) WEIGH(3, 3) WEIGH(3, 4) WEIGH(4, 1) WEIGH(4, 2) WEIGH(4, 3) WEIGH(4, 4)
 static const weigh_fn WEIGHS[5][5] = {{0}, {0, weigh_1_1, weigh_1_2, weigh_1_3, weigh_1_4},
@@ -580,9 +581,10 @@ static int costlier_first(const void *a, const void *b) {
   return (x < y) - (x > y);
 }
 
-// One unit. Rows are query-major (row r: query r / group, head g * group + r % group), so the rows
-// a weigh_values call takes together see nearly the same keys. Scratch: 3 R (D or CHUNK) + 2 R + 16 D floats.
-static void attend(const struct unit *u, float *scratch) {
+// A unit of few rows (a decode step's): scores row by row, 16 keys at a time. Rows are query-major
+// (row r: query r / group, head g * group + r % group), so the rows a weigh_values call takes
+// together see nearly the same keys. Scratch: 3 R (D or CHUNK) + 2 R + 16 D floats.
+static void attend_few(const struct unit *u, float *scratch) {
   const int D = att.D, group = att.H / att.KV, R = u->n * group, L = att.length[u->s];
   const int first_position = L - att.count[u->s] + u->first;
   const size_t head = ((size_t)att.layer * att.KV + u->g) * att.capacity[u->s] * D;
@@ -643,7 +645,101 @@ static void attend(const struct unit *u, float *scratch) {
       seen = seen > n ? n : seen;
       if (seen <= 0) continue;
       for (int d = 0; d < D; d += 64)
-        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * CHUNK, values + (size_t)c * D + d, D, seen, o + (size_t)r * D + d);
+        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * CHUNK, CHUNK, 1, values + (size_t)c * D + d, D, seen,
+                                                    o + (size_t)r * D + d);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float *out = att.out + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
+  }
+}
+
+// scores [keys, 16 V rows] of 8 keys (rows key[0 .. 7] of `keys`) against 16 V query rows held
+// transposed, query_t [D, rows_stride]: 8 x V accumulators; per d, V loads and 8 broadcasts
+static inline __attribute__((always_inline)) void scores_t(const int V, const float *query_t, int rows_stride,
+                                                           const float *keys, const int *key, int D, float *s) {
+  __m512 acc[8][3];
+  for (int j = 0; j < 8; j++)
+    for (int v = 0; v < V; v++) acc[j][v] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d++) {
+    __m512 q[3];
+    for (int v = 0; v < V; v++) q[v] = _mm512_loadu_ps(query_t + (size_t)d * rows_stride + 16 * v);
+    for (int j = 0; j < 8; j++) {
+      const __m512 k = _mm512_set1_ps(keys[(size_t)key[j] * D + d]);
+      for (int v = 0; v < V; v++) acc[j][v] = _mm512_fmadd_ps(k, q[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < 8; j++)
+    for (int v = 0; v < V; v++) _mm512_storeu_ps(s + (size_t)j * rows_stride + 16 * v, acc[j][v]);
+}
+typedef void (*scores_fn)(const float *query_t, int rows_stride, const float *keys, const int *key, int D, float *s);
+#define SCORES(V) \
+  static void scores_##V(const float *query_t, int rows_stride, const float *keys, const int *key, int D, float *s) { \
+    scores_t(V, query_t, rows_stride, keys, key, D, s); }
+SCORES(1) SCORES(2) SCORES(3)
+static const scores_fn SCORES_T[4] = {0, scores_1, scores_2, scores_3};
+
+// A unit of many rows (a prompt's tile): the same chunked online softmax as attend_few, with the
+// rows in the vector lanes: queries held transposed, scores and weights as [keys, rows], so a key
+// is one broadcast against 16 rows (no reductions), and the softmax runs 16 rows at a time.
+// Rows are padded to Rp (a multiple of 16) with zero queries that see every key.
+// Scratch: Rp (2 D + CHUNK + 4) floats.
+static void attend_many(const struct unit *u, float *scratch) {
+  const int D = att.D, group = att.H / att.KV, R = u->n * group, Rp = (R + 15) / 16 * 16, L = att.length[u->s];
+  const int first_position = L - att.count[u->s] + u->first;
+  const size_t head = ((size_t)att.layer * att.KV + u->g) * att.capacity[u->s] * D;
+  const float *keys = att.k[u->s] + head, *values = att.v[u->s] + head;  // [L, D] each
+  float *query_t = scratch, *o = query_t + (size_t)Rp * D, *p = o + (size_t)Rp * D;  // [D, Rp], [Rp, D], [CHUNK, Rp]
+  float *top = p + (size_t)CHUNK * Rp, *total = top + Rp, *rescale = total + Rp;     // [Rp] each
+  int *position = (int *)(rescale + Rp);                                              // [Rp]
+  for (int r = 0; r < Rp; r++) {
+    const float *q = att.q + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    for (int d = 0; d < D; d++) query_t[(size_t)d * Rp + r] = r < R ? q[d] * att.scale : 0.0f;
+    memset(o + (size_t)r * D, 0, sizeof(float) * D);
+    top[r] = -INFINITY, total[r] = 0.0f, position[r] = r < R ? first_position + r / group : L;
+  }
+  const int keys_seen = first_position + u->n;  // by the last query
+  for (int c = 0; c < keys_seen; c += CHUNK) {
+    const int n = keys_seen - c < CHUNK ? keys_seen - c : CHUNK;
+    for (int j = 0; j < n; j += 8) {  // past n, the last key stands in (masked below)
+      int key[8];
+      for (int i = 0; i < 8; i++) key[i] = c + (j + i < n ? j + i : n - 1);
+      for (int v = 0; v < Rp / 16; v += 3)
+        SCORES_T[Rp / 16 - v < 3 ? Rp / 16 - v : 3](query_t + 16 * v, Rp, keys, key, D, p + (size_t)j * Rp + 16 * v);
+    }
+    for (int v = 0; v < Rp; v += 16) {  // 16 rows at a time
+      const __m512i seen_until = _mm512_loadu_si512(position + v);  // a row sees keys up to its position
+      const int all_see_chunk = _mm512_reduce_min_epi32(seen_until) >= c + n - 1;
+      __m512 chunk_top = _mm512_set1_ps(-INFINITY);
+      for (int j = 0; j < n; j++) {
+        const __mmask16 visible = all_see_chunk ? 0xFFFF : _mm512_cmp_epi32_mask(_mm512_set1_epi32(c + j), seen_until, _MM_CMPINT_LE);
+        chunk_top = _mm512_mask_max_ps(chunk_top, visible, chunk_top, _mm512_loadu_ps(p + (size_t)j * Rp + v));
+      }
+      const __m512 old_top = _mm512_loadu_ps(top + v), new_top = _mm512_max_ps(old_top, chunk_top);
+      const __m512 factor = exp512(_mm512_sub_ps(old_top, new_top));  // old_top = -inf: ~0, and o, total are 0
+      __m512 sum = _mm512_setzero_ps();
+      for (int j = 0; j < n; j++) {
+        const __mmask16 visible = all_see_chunk ? 0xFFFF : _mm512_cmp_epi32_mask(_mm512_set1_epi32(c + j), seen_until, _MM_CMPINT_LE);
+        const __m512 e = _mm512_maskz_mov_ps(visible, exp512(_mm512_sub_ps(_mm512_loadu_ps(p + (size_t)j * Rp + v), new_top)));
+        _mm512_storeu_ps(p + (size_t)j * Rp + v, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      _mm512_storeu_ps(total + v, _mm512_fmadd_ps(_mm512_loadu_ps(total + v), factor, sum));
+      _mm512_storeu_ps(top + v, new_top);
+      _mm512_storeu_ps(rescale + v, factor);
+    }
+    for (int r = 0; r < R; r++)
+      for (int d = 0; d < D; d += 16)
+        _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale[r])));
+    for (int r = 0; r < R; r += 4) {
+      const int rows = R - r < 4 ? R - r : 4;
+      int seen = first_position + (r + rows - 1) / group + 1 - c;  // the last of these rows sees the most
+      seen = seen > n ? n : seen;
+      if (seen <= 0) continue;
+      for (int d = 0; d < D; d += 64)
+        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + r, 1, Rp, values + (size_t)c * D + d, D, seen, o + (size_t)r * D + d);
     }
   }
   for (int r = 0; r < R; r++) {
@@ -656,9 +752,11 @@ static void attend(const struct unit *u, float *scratch) {
 static void attention_part(int part) {
   (void)part;
   const int group = att.H / att.KV, rows = TILE_ROWS / group > 0 ? TILE_ROWS / group * group : group;
-  float *scratch = malloc(sizeof(float) * ((size_t)rows * (2 * att.D + CHUNK + 2) + 16 * (size_t)att.D));
+  const size_t padded = (size_t)(rows + 15) / 16 * 16;  // attend_few needs less than attend_many
+  float *scratch = malloc(sizeof(float) * (padded * (2 * att.D + CHUNK + 4) + 16 * (size_t)att.D));
   if (scratch == NULL) abort();
-  for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;) attend(&att.units[u], scratch);
+  for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;)
+    (att.units[u].n * group >= 16 ? attend_many : attend_few)(&att.units[u], scratch);
   free(scratch);
 }
 
