@@ -581,6 +581,38 @@ static int costlier_first(const void *a, const void *b) {
   return (x < y) - (x > y);
 }
 
+// where row r of a unit lives in q and out [T, H, D]: query r / group, head g * group + r % group
+static inline size_t unit_row(const struct unit *u, int r) {
+  const int group = att.H / att.KV;
+  return ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * att.D;
+}
+
+// o [R, D] += the weights of chunk c (n keys; p[r, j] at p[r * row_stride + j * key_stride]) @ its values,
+// 4 rows at a time, each group up to the keys its last (latest) row sees
+static void weigh_chunk(const struct unit *u, const float *p, int row_stride, int key_stride, const float *values,
+                        int first_position, int c, int n, float *o) {
+  const int D = att.D, group = att.H / att.KV, R = u->n * group;
+  for (int r = 0; r < R; r += 4) {
+    const int rows = R - r < 4 ? R - r : 4;
+    int seen = first_position + (r + rows - 1) / group + 1 - c;
+    seen = seen > n ? n : seen;
+    if (seen <= 0) continue;
+    for (int d = 0; d < D; d += 64)
+      WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * row_stride, row_stride, key_stride,
+                                                  values + (size_t)c * D + d, D, seen, o + (size_t)r * D + d);
+  }
+}
+
+// out rows of the unit = o / total
+static void write_unit(const struct unit *u, const float *o, const float *total) {
+  const int D = att.D, R = u->n * (att.H / att.KV);
+  for (int r = 0; r < R; r++) {
+    float *out = att.out + unit_row(u, r);
+    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
+  }
+}
+
 // A unit of few rows (a decode step's): scores row by row, 16 keys at a time. Rows are query-major
 // (row r: query r / group, head g * group + r % group), so the rows a weigh_values call takes
 // together see nearly the same keys. Scratch: 3 R (D or CHUNK) + 2 R + 16 D floats.
@@ -592,7 +624,7 @@ static void attend_few(const struct unit *u, float *scratch) {
   float *query = scratch, *o = query + (size_t)R * D, *p = o + (size_t)R * D;  // [R, D], [R, D], [R, CHUNK]
   float *top = p + (size_t)R * CHUNK, *total = top + R, *padded = total + R;    // [R], [R], [16, D]
   for (int r = 0; r < R; r++) {
-    const float *q = att.q + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    const float *q = att.q + unit_row(u, r);
     for (int d = 0; d < D; d += 16)
       _mm512_storeu_ps(query + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(att.scale)));
     memset(o + (size_t)r * D, 0, sizeof(float) * D);
@@ -639,21 +671,9 @@ static void attend_few(const struct unit *u, float *scratch) {
           _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale)));
       top[r] = new_top;
     }
-    for (int r = 0; r < R; r += 4) {
-      const int rows = R - r < 4 ? R - r : 4;
-      int seen = first_position + (r + rows - 1) / group + 1 - c;  // the last of these rows sees the most
-      seen = seen > n ? n : seen;
-      if (seen <= 0) continue;
-      for (int d = 0; d < D; d += 64)
-        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * CHUNK, CHUNK, 1, values + (size_t)c * D + d, D, seen,
-                                                    o + (size_t)r * D + d);
-    }
+    weigh_chunk(u, p, CHUNK, 1, values, first_position, c, n, o);
   }
-  for (int r = 0; r < R; r++) {
-    float *out = att.out + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
-    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
-  }
+  write_unit(u, o, total);
 }
 
 // scores [keys, 16 V rows] of 8 keys (rows key[0 .. 7] of `keys`) against 16 V query rows held
@@ -695,7 +715,7 @@ static void attend_many(const struct unit *u, float *scratch) {
   float *top = p + (size_t)CHUNK * Rp, *total = top + Rp, *rescale = total + Rp;     // [Rp] each
   int *position = (int *)(rescale + Rp);                                              // [Rp]
   for (int r = 0; r < Rp; r++) {
-    const float *q = att.q + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
+    const float *q = att.q + unit_row(u, r < R ? r : 0);
     for (int d = 0; d < D; d++) query_t[(size_t)d * Rp + r] = r < R ? q[d] * att.scale : 0.0f;
     memset(o + (size_t)r * D, 0, sizeof(float) * D);
     top[r] = -INFINITY, total[r] = 0.0f, position[r] = r < R ? first_position + r / group : L;
@@ -733,20 +753,9 @@ static void attend_many(const struct unit *u, float *scratch) {
     for (int r = 0; r < R; r++)
       for (int d = 0; d < D; d += 16)
         _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale[r])));
-    for (int r = 0; r < R; r += 4) {
-      const int rows = R - r < 4 ? R - r : 4;
-      int seen = first_position + (r + rows - 1) / group + 1 - c;  // the last of these rows sees the most
-      seen = seen > n ? n : seen;
-      if (seen <= 0) continue;
-      for (int d = 0; d < D; d += 64)
-        WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + r, 1, Rp, values + (size_t)c * D + d, D, seen, o + (size_t)r * D + d);
-    }
+    weigh_chunk(u, p, 1, Rp, values, first_position, c, n, o);
   }
-  for (int r = 0; r < R; r++) {
-    float *out = att.out + ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * D;
-    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
-  }
+  write_unit(u, o, total);
 }
 
 static void attention_part(int part) {
