@@ -289,12 +289,19 @@ static inline __attribute__((always_inline)) void tile(const int R, int p, int n
       hi[j] = _mm512_fmadd_ps(b, weight, hi[j]);
     }
   }
-  float columns[W_ROWS][PANEL];  // columns[j][r] = out[32p + r][n + j]
-  for (int j = 0; j < R; j++) _mm512_storeu_ps(columns[j], lo[j]), _mm512_storeu_ps(columns[j] + 16, hi[j]);
+  // lo[j], hi[j] hold output column n + j of the panel's rows: transposed, each row's R outputs are
+  // one masked store
   const int rows = gemm.M - p * PANEL < PANEL ? gemm.M - p * PANEL : PANEL;
-  for (int r = 0; r < rows; r++) {
-    float *out = gemm.out + (size_t)(p * PANEL + r) * gemm.N + n;
-    for (int j = 0; j < R; j++) out[j] = gemm.accumulate ? out[j] + columns[j][r] : columns[j][r];
+  const __mmask16 columns = (__mmask16)((1u << R) - 1);
+  for (int half = 0; half < 2 && half * 16 < rows; half++) {
+    __m512 by_column[16], by_row[16];
+    for (int j = 0; j < 16; j++) by_column[j] = j < R ? (half ? hi[j] : lo[j]) : _mm512_setzero_ps();
+    transpose16(by_column, by_row);
+    for (int r = 0; r < 16 && half * 16 + r < rows; r++) {
+      float *out = gemm.out + (size_t)(p * PANEL + half * 16 + r) * gemm.N + n;
+      const __m512 sum = gemm.accumulate ? _mm512_add_ps(by_row[r], _mm512_maskz_loadu_ps(columns, out)) : by_row[r];
+      _mm512_mask_storeu_ps(out, columns, sum);
+    }
   }
 }
 typedef void (*tile_fn)(int p, int n);
