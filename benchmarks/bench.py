@@ -1,6 +1,8 @@
 """pyllm bench: load time, prefill and decode speed, batched decode, memory, bandwidth — and
 transformers on the same weights, prompt and dtype in the same run, with the ratios.
 
+Every speed is the best of --rounds rounds, and each round takes every measurement in turn (ours,
+the matmul roofline, transformers), so both sides of a ratio see the machine at the same speeds.
 Writes bench.json, bench.md and bench.png into --out. Run it with nothing else on the machine.
 """
 
@@ -29,66 +31,88 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def matmul_bandwidth(total_bytes: int, rows: int, n=1536, k=576, repeats=3) -> float:
-    """GB/s of the CPU backend's matmul_transb with `rows` rows of activations, streaming
-    `total_bytes` of f32 weights shaped like a decoder layer's [n, k]: the ceiling of decode at
-    that batch size, since every step streams all the weights once."""
+PAUSE_S = 0.3  # before each measurement: the threads of whatever ran last (ours or torch's) stop spinning
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_best(measures: dict, rounds: int) -> dict:
+    """{name: seconds}, each measurement's best over `rounds` rounds with every measurement taken in
+    turn within a round: this machine's speed drifts (by up to several times on a shared one), and
+    interleaving lets a drift reach both sides of a ratio alike. Each measure returns its seconds."""
+    best = {}
+    for _ in progress(range(rounds), desc="measuring", unit="round"):
+        for name, measure in measures.items():
+            time.sleep(PAUSE_S)
+            best[name] = min(best.get(name, float("inf")), measure())
+    return best
+
+
+def matmul_measure(total_bytes: int, rows: int, n=1536, k=576):
+    """Seconds of the CPU backend's matmul_transb with `rows` rows of activations streaming
+    `total_bytes` of f32 weights shaped like a decoder layer's [n, k] (a measure, and those bytes):
+    the ceiling of decode at that batch size, since every step streams all the weights once."""
     from pyllm.backends.numpy_backend import matmul_transb
     count = max(1, total_bytes // (n * k * 4))
     weights = np.random.default_rng(0).standard_normal((count, n, k), dtype=np.float32)  # [count, n, k]
-    x = np.ones((rows, k), np.float32)  # [rows, k]
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for w in weights:
-            matmul_transb(x, w)
-        best = min(best, time.perf_counter() - start)
-    return weights.nbytes / best / 1e9
+    x = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)           # [rows, k]
+    return (lambda: timed(lambda: [matmul_transb(x, w) for w in weights])), weights.nbytes
 
 
-def best_of(fn, repeats=2):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def bench_pyllm(args, ids, batches):
-    import pyllm
+def pyllm_measures(llm, ids, batches, decode_tokens, side):
+    """{f"{side} ...": measure}: prefill of ids, and decode_tokens at each batch size (seconds from the
+    engine's own decode timing)."""
     from pyllm.model import prefill
-    start = time.perf_counter()
-    llm = pyllm.LLM(args.model, backend=args.backend, dtype=args.dtype)
-    r = {"load_s": time.perf_counter() - start, "weight_bytes": llm.model.weights.nbytes(), "dtype": llm.backend.dtype}
-    prefill_s = best_of(lambda: prefill(llm.model, llm.model.new_cache(len(ids) + 1), ids))
-    r["prefill_tok_s"] = len(ids) / prefill_s
     short = ids[:16]
-    for batch in progress([1] + batches, desc="pyllm decode", unit="batch"):
+
+    def decode(batch):
         prompts = [short[i % 4:] for i in range(batch)]  # distinct prompts of slightly different lengths
-        outs = llm.generate(prompts, max_tokens=args.decode_tokens, ignore_eos=True)
-        decode_s = max(o.stats["decode_s"] for o in outs)
-        r[f"decode_b{batch}_tok_s"] = batch * (args.decode_tokens - 1) / decode_s
-    r["peak_rss_bytes"] = peak_rss_bytes()
-    return r, llm
+        outs = llm.generate(prompts, max_tokens=decode_tokens, ignore_eos=True)
+        return max(o.stats["decode_s"] for o in outs)
+    measures = {f"{side} prefill": lambda: timed(lambda: prefill(llm.model, llm.model.new_cache(len(ids) + 1), ids))}
+    measures.update({f"{side} decode b{b}": lambda b=b: decode(b) for b in [1] + batches})
+    return measures
 
 
-def bench_transformers(args, ids):
+def speeds(best, side, n_prompt, batches, decode_tokens) -> dict:
+    """tokens/s from interleaved_best's seconds."""
+    r = {"prefill_tok_s": n_prompt / best[f"{side} prefill"]}
+    r.update({f"decode_b{b}_tok_s": b * (decode_tokens - 1) / best[f"{side} decode b{b}"] for b in [1] + batches})
+    return r
+
+
+def load_pyllm(args, backend, dtype):
+    import pyllm
+    start = time.perf_counter()
+    llm = pyllm.LLM(args.model, backend=backend, dtype=dtype)
+    return llm, {"load_s": time.perf_counter() - start, "weight_bytes": llm.model.weights.nbytes(),
+                 "dtype": llm.backend.dtype}
+
+
+def transformers_measures(args, ids):
+    """transformers on the same weights in f32 with eager attention: load seconds, and measures of
+    prefill (logits of the last token only, as generate asks) and of decode at batch 1."""
     import torch
     from transformers import AutoModelForCausalLM
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
-    r = {"load_s": time.perf_counter() - start}
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        r["prefill_tok_s"] = len(ids) / best_of(lambda: model(prompt, logits_to_keep=1))
-        short = prompt[:, :16]
+    load_s = time.perf_counter() - start
+    prompt, short = torch.tensor([ids]), torch.tensor([ids[:16]])
 
-        def generate(n):
-            return best_of(lambda: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                  pad_token_id=0), repeats=1)
-        r["decode_b1_tok_s"] = (args.decode_tokens - 1) / (generate(args.decode_tokens) - generate(1))
-    return r
+    def generate(n):
+        return timed(lambda: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+
+    def no_grad(fn):
+        def measure():
+            with torch.no_grad():
+                return fn()
+        return measure
+    return load_s, {"transformers prefill": no_grad(lambda: timed(lambda: model(prompt, logits_to_keep=1))),
+                    "transformers decode b1": no_grad(lambda: generate(args.decode_tokens) - generate(1))}
 
 
 def write_report(results, out_dir: Path):
@@ -201,29 +225,45 @@ def main(args):
         from pyllm.pull import ensure_default_model
         args.model = str(ensure_default_model())
     batches = [int(b) for b in args.batches.split(",") if b]
-    if args.prompt_tokens < 1 or args.decode_tokens < 2 or min(batches, default=1) < 1:
+    if args.prompt_tokens < 1 or args.decode_tokens < 2 or min(batches, default=1) < 1 or args.rounds < 1:
         from pyllm.errors import PyllmError
-        raise PyllmError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2 and batch sizes >= 1")
+        raise PyllmError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2, batch sizes >= 1 and --rounds >= 1")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     from pyllm.tokenizer import Tokenizer
     ids = prompt_ids(Tokenizer(args.model), args.prompt_tokens)
-    ours, llm = bench_pyllm(args, ids, batches)
+    llm, ours = load_pyllm(args, args.backend, args.dtype)
+    measures = pyllm_measures(llm, ids, batches, args.decode_tokens, "pyllm")
+    for measure in measures.values():  # warm-up: kernels built, buffers touched; then memory before the rest loads
+        measure()
+    ours["peak_rss_bytes"] = peak_rss_bytes()
     results = {"model": args.model, "backend": args.backend, "machine": f"{platform.machine()}, {_cores()} cores",
                "prompt_tokens": len(ids), "decode_tokens": args.decode_tokens, "batches": batches,
-               "pyllm": ours}
+               "rounds": args.rounds, "pyllm": ours}
+    roofline_bytes = {}
     if args.backend == "cpu":
-        results["matmul_gb_s"] = {str(b): matmul_bandwidth(min(ours["weight_bytes"], 512 << 20), b)
-                                  for b in progress([1] + batches, desc="matmul roofline", unit="batch")}
-    del llm
+        for b in [1] + batches:
+            measures[f"matmul {b} rows"], roofline_bytes[b] = matmul_measure(min(ours["weight_bytes"], 512 << 20), b)
+    if args.backend == "cuda":  # the CPU backend in the same run, and per-kernel bandwidth against the peak
+        cpu_llm, results["pyllm_cpu"] = load_pyllm(args, "cpu", None)
+        measures.update(pyllm_measures(cpu_llm, ids, batches, args.decode_tokens, "pyllm_cpu"))
+    hf_load_s = None
     if not args.no_hf:
         try:
-            results["transformers"] = bench_transformers(args, ids)
+            hf_load_s, hf_measures = transformers_measures(args, ids)
+            measures.update(hf_measures)
         except ImportError:
             print("transformers/torch not installed: skipping the comparison")
-    if args.backend == "cuda":  # the CPU backend in the same run, and per-kernel bandwidth against the peak
-        results["pyllm_cpu"], _ = bench_pyllm(argparse.Namespace(**{**vars(args), "backend": "cpu", "dtype": None}),
-                                              ids, batches)
+    best = interleaved_best(measures, args.rounds)
+    ours.update(speeds(best, "pyllm", len(ids), batches, args.decode_tokens))
+    if "pyllm_cpu" in results:
+        results["pyllm_cpu"].update(speeds(best, "pyllm_cpu", len(ids), batches, args.decode_tokens))
+    if roofline_bytes:
+        results["matmul_gb_s"] = {str(b): n_bytes / best[f"matmul {b} rows"] / 1e9 for b, n_bytes in roofline_bytes.items()}
+    if hf_load_s is not None:
+        results["transformers"] = {"load_s": hf_load_s, "prefill_tok_s": len(ids) / best["transformers prefill"],
+                                   "decode_b1_tok_s": (args.decode_tokens - 1) / best["transformers decode b1"]}
+    if args.backend == "cuda":
         from benchmarks.kernel_bench import report
         results["kernels"] = report(out_dir, "cuda", ours["dtype"])
     print(write_report(results, out_dir))

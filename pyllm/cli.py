@@ -183,6 +183,7 @@ def build_parser():
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--batches", default="4,8", help="batched decode sizes")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--rounds", type=int, default=3, help="each speed is the best of this many interleaved rounds")
     p.set_defaults(func=cmd_bench)
     return parser
 

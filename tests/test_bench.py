@@ -11,13 +11,13 @@ def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
     model_dir, _ = tiny_model
     result = subprocess.run(
         [sys.executable, "-m", "pyllm", "bench", "--model", str(model_dir), "--out", str(tmp_path),
-         "--prompt-tokens", "40", "--decode-tokens", "6", "--batches", "2"],
+         "--prompt-tokens", "40", "--decode-tokens", "6", "--batches", "2", "--rounds", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "peak_rss_bytes", "load_s"):
         assert report["pyllm"][key] > 0
-    assert report["transformers"]["decode_b1_tok_s"] > 0
+    assert report["transformers"]["decode_b1_tok_s"] > 0 and report["rounds"] == 2
     assert "| decode tok/s (batch 1) |" in (tmp_path / "bench.md").read_text()
     assert set(report["matmul_gb_s"]) == {"1", "2"} and min(report["matmul_gb_s"].values()) > 0
     assert "| batch 2 / batch 1 ceiling from the matmul alone |" in (tmp_path / "bench.md").read_text()
