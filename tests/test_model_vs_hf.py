@@ -5,17 +5,27 @@ import pytest
 import torch
 
 import pyllm
+from pyllm.backends import cpu_kernels
 from pyllm.model import decode, prefill
 from conftest import TINY_VARIANTS, hf_logits, make_tiny_model
 
 PROMPT = [0, 17, 250, 3, 99, 42, 42, 7, 180, 33, 5, 260]
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+@pytest.fixture(scope="module", params=[(name, kernels) for name in sorted(TINY_VARIANTS) for kernels in ("c", "numpy")],
+                ids=lambda param: "-".join(param))
 def variant(request, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp(request.param)
-    reference = make_tiny_model(model_dir, request.param)
-    return pyllm.LLM(str(model_dir), show_progress=False), reference
+    """A tiny model and its transformers reference, run through the CPU backend's C kernels (where
+    they build) or with them turned off: NumPy alone."""
+    name, kernels = request.param
+    if kernels == "c" and not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    model_dir = tmp_path_factory.mktemp(name)
+    reference = make_tiny_model(model_dir, name)
+    with pytest.MonkeyPatch.context() as patch:
+        if kernels == "numpy":
+            patch.setattr(cpu_kernels, "_library", lambda: None)
+        yield pyllm.LLM(str(model_dir), show_progress=False), reference
 
 
 def test_prefill_logits_match(variant):
