@@ -245,7 +245,8 @@ static inline void transpose16(const __m512 rows[16], __m512 columns[16]) {
       b[4 * i + 2 * c + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
     }
   for (int c = 0; c < 4; c++) {  // column 4L + c gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-    for (int h = 0; h < 2; h++) x[h] = _mm512_shuffle_f32x4(b[c], b[4 + c], h ? 0xDD : 0x88);  // lanes 0, 2 | 1, 3
+    x[0] = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88);  // lanes 0, 2
+    x[1] = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xDD);  // lanes 1, 3
     const __m512 y0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), y1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
     columns[c] = _mm512_shuffle_f32x4(x[0], y0, 0x88);
     columns[8 + c] = _mm512_shuffle_f32x4(x[0], y0, 0xDD);
@@ -453,10 +454,9 @@ static void qkv_row(int t) {
   const float *row = qkv.qkv + (size_t)t * (qkv.H + 2 * qkv.KV) * D;
   for (int h = 0; h < qkv.H + 2 * qkv.KV; h++) {
     const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
-    const int g = h - qkv.H;
-    const size_t cache_offset = ((size_t)(g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
-    float *out = h < qkv.H ? qkv.q + ((size_t)t * qkv.H + h) * D
-                           : (g < qkv.KV ? qkv.k[s] : qkv.v[s]) + cache_offset;
+    const int g = h - qkv.H;  // past the query heads: key head g, then value head g - KV
+    float *out = g < 0 ? qkv.q + ((size_t)t * qkv.H + h) * D
+                       : (g < qkv.KV ? qkv.k[s] : qkv.v[s]) + ((size_t)(g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
     for (int i = 0; i < half; i += 16) {
       const __mmask16 m = lanes(half - i);
       __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
@@ -767,13 +767,19 @@ static void attend_many(const struct unit *u, float *scratch) {
 
 static void attention_part(int part) {
   (void)part;
+  static __thread float *scratch;  // each thread's, kept between calls (a decode step makes one per layer)
+  static __thread size_t scratch_floats;
   const int group = att.H / att.KV, rows = TILE_ROWS / group > 0 ? TILE_ROWS / group * group : group;
   const size_t padded = (size_t)(rows + 15) / 16 * 16;  // attend_few needs less than attend_many
-  float *scratch = malloc(sizeof(float) * (padded * (2 * att.D + CHUNK + 4) + 16 * (size_t)att.D));
-  if (scratch == NULL) abort();
+  const size_t floats = padded * (2 * att.D + CHUNK + 4) + 16 * (size_t)att.D;
+  if (floats > scratch_floats) {
+    free(scratch);
+    scratch = malloc(sizeof(float) * floats);
+    if (scratch == NULL) abort();
+    scratch_floats = floats;
+  }
   for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;)
     (att.units[u].n * group >= 16 ? attend_many : attend_few)(&att.units[u], scratch);
-  free(scratch);
 }
 
 void attention(int S, int H, int KV, int D, float scale, int layer, const float *q, const float *const *k,

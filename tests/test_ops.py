@@ -85,6 +85,20 @@ def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim
         assert not k[:, :start].any() and not k[:, start + n:].any() and not v[:, start + n:].any()
 
 
+def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
+    """The C side trusts its shapes, so the wrapper checks them: rows vs new tokens, and room in the cache."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    cos = sin = np.zeros((64, 8), np.float32)
+    cache = np.zeros((2, 8, 16), np.float32)
+    qkv = randn(3, 8 * 16)  # 4 query heads, 2 KV heads of 16
+    with pytest.raises(ValueError, match="qkv_rope"):
+        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 0, 2)], cos, sin)  # 3 rows, 2 new tokens
+    with pytest.raises(ValueError, match="qkv_rope"):
+        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 6, 3)], cos, sin)  # rows 6..8 of a cache of 8
+    assert cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 5, 3)], cos, sin).shape == (3, 4, 16)
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (4, 300)])
 def test_softmax_causal_matches_masked_torch_softmax(q_len, kv_len):
     scores = randn(3, q_len, kv_len) * 4

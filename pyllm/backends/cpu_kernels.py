@@ -155,6 +155,11 @@ def qkv_rope(qkv, bias, slots, cos, sin):
             or not _contiguous_f32(qkv, cos, sin, *k_caches, *v_caches, *([] if bias is None else [bias]))):
         return None
     n_heads = qkv.shape[1] // head_dim - 2 * n_kv
+    if (sum(n for _, _, _, n in slots) != qkv.shape[0] or n_heads < n_kv or n_heads % n_kv
+            or (bias is not None and bias.shape != (qkv.shape[1],))
+            or any(start + n > k.shape[1] for k, _, start, n in slots)):
+        raise ValueError(f"qkv_rope: qkv {qkv.shape} does not fit these caches ({n_kv} KV heads of {head_dim}), "
+                         f"bias or {sum(n for *_, n in slots)} new tokens")
     pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
     q = np.empty((qkv.shape[0], n_heads, head_dim), np.float32)  # [T, H, D]
     library.qkv_rope(len(slots), n_heads, n_kv, head_dim, qkv.ctypes.data, None if bias is None else bias.ctypes.data,
