@@ -30,7 +30,8 @@ from .sampling import SamplingParams
 
 log = logging.getLogger("pyllm.scheduler")
 # prompt tokens prefilled per step: small enough that running streams keep flowing past a long
-# prompt (a 256-token chunk costs about two decode steps on SmolLM2 here), large enough to fill GEMMs
+# prompt (a 256-token chunk costs about seven decode steps of 8 streams on SmolLM2 here), large
+# enough to fill GEMMs
 PREFILL_BUDGET = 256
 # serving defaults, shared by `pyllm serve`, make_server and Scheduler
 MAX_RUNNING, MAX_QUEUE, KV_MEMORY_GB = 32, 256, 4.0
