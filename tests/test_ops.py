@@ -26,7 +26,7 @@ def randn(*shape):
 
 @pytest.fixture(params=["c", "numpy"])
 def kernels(request, monkeypatch):
-    """Runs a test through kernels/cpu.c (skipped where it cannot be built) and through NumPy alone."""
+    """Runs a test through kernels/cpu/ (skipped where it cannot be built) and through NumPy alone."""
     if request.param == "numpy":
         monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
     elif not cpu_kernels.available():
@@ -158,7 +158,7 @@ def test_matmul_transb_skinny_path(m, n):
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16, 17, 40, 100])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
 def test_matmul_c_kernels_and_blocked_fallback(m, n, k):
-    """kernels/cpu.c's matmuls: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
+    """kernels/cpu/matmul.c: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
     16), and more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a ragged
     last one), alone and added into a result; and the OpenBLAS blocks for a few rows."""
     a, b, c = randn(m, k), randn(n, k), randn(m, n)
@@ -216,7 +216,7 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32), (2, 1, 80)])
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [1, 37, 1, 16], [200, 2, 3, 1]])
 def test_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_dim, new_tokens):
-    """kernels/cpu.c: a step's sequences at once, each with its own new tokens (decode steps,
+    """kernels/cpu/attention.c: a step's sequences at once, each with its own new tokens (decode steps,
     prompts, a mix; lengths not multiples of 16, tiles and key chunks with ragged ends), caches
     of different lengths and capacities, against the NumPy attention above."""
     if not cpu_kernels.available():

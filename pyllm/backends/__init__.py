@@ -33,7 +33,7 @@ CORES = usable_cores()
 
 
 def kernels_dir() -> Path:
-    """The kernel sources (kernels/*.cu, cpu.c): inside the package in a wheel, or
+    """The kernel sources (kernels/*.cu, kernels/cpu/): inside the package in a wheel, or
     kernels/ of a checkout."""
     backends = Path(__file__).resolve().parent
     candidates = (backends.parent / "kernels", backends.parents[1] / "kernels")

@@ -1,4 +1,4 @@
-"""kernels/cpu.c, the CPU backend's C kernels: matmul (a few rows: decode steps; many: prompts),
+"""kernels/cpu/, the CPU backend's C kernels: matmul (a few rows: decode steps; many: prompts),
 rms_norm, swiglu, and causal attention for a whole step's sequences at once (decode, prefill, or
 a mix).
 
@@ -23,8 +23,8 @@ import numpy as np
 from ..errors import PyllmError
 from . import CORES, build_cache_dir, kernels_dir
 
-SOURCE = "cpu.c"
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+SOURCES = "cpu"  # kernels/cpu/: *.c built into one library, sharing cpu.h
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
 # the skinny kernel's time grows with the rows (8 at a time), the many-row matmul's does not below
 # its 32-row panel: weights streamed at 8 rows 24.8 vs 18.0 GB/s, 16 rows 17.4 vs 18.1, 24 rows
 # 6.4 vs 17.2 (56 MB of SmolLM2-shaped weights, measured here)
@@ -41,15 +41,19 @@ def _this_cpu() -> bytes:
 
 
 def _build(compiler: list[str]):
-    source = kernels_dir() / SOURCE
+    sources = sorted((kernels_dir() / SOURCES).glob("*.[ch]"))
+    if not sources:
+        raise PyllmError(f"no C kernel sources in {kernels_dir() / SOURCES}")
     version = subprocess.run([*compiler, "--version"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version, " ".join(FLAGS).encode(), _this_cpu()]))
+    key = hashlib.sha256(b"\0".join([*(path.read_bytes() for path in sources), version, " ".join(FLAGS).encode(),
+                                     _this_cpu()]))
     library = build_cache_dir("cpu") / f"kernels-{key.hexdigest()[:24]}.so"
     if not library.exists():
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
         try:
-            subprocess.run([*compiler, *FLAGS, str(source), "-o", partial], capture_output=True, check=True)
+            subprocess.run([*compiler, *FLAGS, *[str(path) for path in sources if path.suffix == ".c"], "-o", partial],
+                           capture_output=True, check=True)
             os.replace(partial, library)  # atomic: other processes and threads see all of it or none
         finally:
             if os.path.exists(partial):

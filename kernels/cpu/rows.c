@@ -1,0 +1,141 @@
+// Row kernels, rms_norm, swiglu and qkv_rope: a row (a token) is 16 lanes at a time with a masked
+// tail. Rows are split evenly among the threads, or all run on the caller when the call is too
+// small to pay for the handoff (a decode step's few rows).
+#include "cpu.h"
+#ifdef __AVX512F__
+#define SERIAL_FLOATS 32768
+
+static struct {  // the current row kernel call
+  void (*row)(int r);
+  int rows;
+} each_row;
+
+static void rows_part(int part) {
+  const int lo = (int)((long long)each_row.rows * part / pool_threads);
+  const int hi = (int)((long long)each_row.rows * (part + 1) / pool_threads);
+  for (int r = lo; r < hi; r++) each_row.row(r);
+}
+
+static void for_each_row(void (*row)(int r), int rows, long floats) {  // with call_lock held
+  each_row.row = row, each_row.rows = rows;
+  if (floats < SERIAL_FLOATS)
+    for (int r = 0; r < rows; r++) row(r);
+  else
+    pool_run(rows_part);
+}
+
+static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+static struct {  // the current rms_norm call
+  const float *x, *weight;
+  float *out;
+  int width;
+  float eps;
+} norm;
+
+// rms_norm: out [T, width] = x / sqrt(mean(x^2) + eps) * weight, as HF's LlamaRMSNorm (f32 statistics:
+// 16 partial sums of squares, added at the end)
+static void norm_row(int r) {
+  const float *x = norm.x + (size_t)r * norm.width;
+  float *out = norm.out + (size_t)r * norm.width;
+  __m512 squares = _mm512_setzero_ps();
+  for (int i = 0; i < norm.width; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lanes(norm.width - i), x + i);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / norm.width + norm.eps));
+  for (int i = 0; i < norm.width; i += 16) {
+    const __mmask16 m = lanes(norm.width - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), scale),
+                                                    _mm512_maskz_loadu_ps(m, norm.weight + i)));
+  }
+}
+
+EXPORT void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out) {
+  pool_lock();
+  norm.x = x, norm.weight = weight, norm.out = out, norm.width = width, norm.eps = eps;
+  for_each_row(norm_row, T, (long)T * width);
+  pool_unlock();
+}
+
+static struct {  // the current swiglu call
+  const float *gate_up;
+  float *out;
+  int width;
+} glu;
+
+// swiglu: out [T, width] = silu(gate) * up = gate / (1 + exp(-gate)) * up, gate_up [T, 2 width] (gate | up)
+static void glu_row(int r) {
+  const float *gate = glu.gate_up + (size_t)r * 2 * glu.width, *up = gate + glu.width;
+  float *out = glu.out + (size_t)r * glu.width;
+  for (int i = 0; i < glu.width; i += 16) {
+    const __mmask16 m = lanes(glu.width - i);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+  }
+}
+
+EXPORT void swiglu(int T, int width, const float *gate_up, float *out) {
+  pool_lock();
+  glu.gate_up = gate_up, glu.out = out, glu.width = width;
+  for_each_row(glu_row, T, (long)T * width);
+  pool_unlock();
+}
+
+static struct {  // the current qkv_rope call
+  const float *qkv, *bias, *cos, *sin;
+  float *const *k, *const *v, *q;
+  const int *capacity, *sequence, *position;  // per row: its sequence, and its position = its cache row
+  int H, KV, D;
+} qkv;
+
+// qkv_rope: one token's fused projections qkv [(H + 2 KV) * D] (+ bias): rope (HF's rotate_half
+// layout: the first and second halves of a head are the pairs) on its H query heads -> q [H, D],
+// and on its KV key heads -> row cache_row of k [KV, capacity, D]; its value heads -> the same row
+// of v. Its position picks the row of the cos, sin tables [positions, D / 2].
+static void qkv_row(int t) {
+  const int D = qkv.D, half = D / 2, s = qkv.sequence[t];
+  const float *c = qkv.cos + (size_t)qkv.position[t] * half, *sn = qkv.sin + (size_t)qkv.position[t] * half;
+  const float *row = qkv.qkv + (size_t)t * (qkv.H + 2 * qkv.KV) * D;
+  for (int h = 0; h < qkv.H + 2 * qkv.KV; h++) {
+    const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
+    const int g = h - qkv.H;  // past the query heads: key head g, then value head g - KV
+    float *out = g < 0 ? qkv.q + ((size_t)t * qkv.H + h) * D
+                       : (g < qkv.KV ? qkv.k[s] : qkv.v[s]) + ((size_t)(g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
+    for (int i = 0; i < half; i += 16) {
+      const __mmask16 m = lanes(half - i);
+      __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
+      if (b) x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m, b + i)), x2 = _mm512_add_ps(x2, _mm512_maskz_loadu_ps(m, b + half + i));
+      if (g < qkv.KV) {  // query or key: rotate
+        const __m512 cs = _mm512_maskz_loadu_ps(m, c + i), sn_i = _mm512_maskz_loadu_ps(m, sn + i);
+        const __m512 r1 = _mm512_sub_ps(_mm512_mul_ps(x1, cs), _mm512_mul_ps(x2, sn_i));
+        x2 = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x1, sn_i));
+        x1 = r1;
+      }
+      _mm512_mask_storeu_ps(out + i, m, x1);
+      _mm512_mask_storeu_ps(out + half + i, m, x2);
+    }
+  }
+}
+
+// A step's rows: sequence s owns count[s] consecutive rows, its first at cache row start[s];
+// k[s], v[s] are that sequence's caches of this layer [KV, capacity[s], D]. D % 2 == 0.
+EXPORT void qkv_rope(int S, int H, int KV, int D, const float *qkv_in, const float *bias, const float *cos,
+              const float *sin, float *const *k, float *const *v, const int *capacity, const int *start,
+              const int *count, float *q) {
+  int T = 0;
+  for (int s = 0; s < S; s++) T += count[s];
+  int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));  // sequences, then positions
+  if (per_row == NULL) abort();
+  for (int s = 0, t = 0; s < S; s++)
+    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = start[s] + i;
+  pool_lock();
+  qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
+  qkv.capacity = capacity, qkv.sequence = per_row, qkv.position = per_row + T;
+  qkv.H = H, qkv.KV = KV, qkv.D = D;
+  for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D);
+  pool_unlock();
+  free(per_row);
+}
+#endif
