@@ -171,6 +171,8 @@ def test_matmul_c_kernels_and_blocked_fallback(m, n, k):
     added = c.copy()
     assert cpu_kernels.matmul_transb(a, b, add_to=added) is added
     np.testing.assert_allclose(added, c + expected, atol=1e-4)
+    with pytest.raises(ValueError):  # a result of the wrong shape is refused, never written past
+        cpu_kernels.matmul_transb(a, b, add_to=np.zeros((m, n + 1), np.float32))
 
 
 def _forked_child_results(a, b, calls=3):

@@ -123,7 +123,8 @@ def matmul_transb(a, b, add_to=None):
             return out
         add_to += out
         return add_to
-    accumulate = add_to is not None and add_to.dtype == np.float32 and add_to.flags.c_contiguous
+    accumulate = (add_to is not None and add_to.shape == (rows, columns) and add_to.dtype == np.float32
+                  and add_to.flags.c_contiguous)  # else NumPy adds (or refuses the shape)
     out = add_to if accumulate else np.empty((rows, columns), np.float32)  # [M, N]
     library.matmul(rows, _address(a), depth, _address(b), columns, _address(out), int(accumulate))
     if add_to is not None and not accumulate:
