@@ -237,6 +237,20 @@ def test_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_d
         np.testing.assert_allclose(cpu_kernels.attention(q, slots, layer), expected, atol=3e-5, rtol=1e-5)
 
 
+def test_attention_kernel_refuses_caches_that_do_not_fit():
+    """The C side trusts its shapes, so the wrapper checks them."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
+    cache, q = randn(2, 2, 8, 16), randn(3, 4, 16)  # 2 layers, 2 KV heads, capacity 8; 4 query heads
+    assert cpu_kernels.attention(q, [(cache, cache, 5, 3)], 1).shape == q.shape
+    for slots, layer in [([(cache, cache, 9, 3)], 0),            # more rows than the cache holds
+                         ([(cache, cache, 5, 3)], 2),            # no such layer
+                         ([(cache, randn(2, 2, 9, 16), 5, 3)], 0),  # k and v differ
+                         ([(randn(2, 3, 8, 16),) * 2 + (5, 3)], 0)]:  # 4 query heads on 3 KV heads
+        with pytest.raises(ValueError, match="attention"):
+            cpu_kernels.attention(q, slots, layer)
+
+
 @pytest.mark.parametrize("environment", [
     {"CC": "cc -mno-avx512f"}, {"CC": "no-such-compiler"}, {"PYLLM_CPU_KERNELS": "0"}])
 def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):

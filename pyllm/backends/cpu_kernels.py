@@ -186,20 +186,26 @@ def qkv_rope(qkv, bias, slots, cos, sin):
 _last_step = threading.local()  # a step's slots in C form: its layers all attend over the same caches
 
 
-def _slot_arrays(slots):
-    """(k pointers, v pointers, lengths, capacities, new-token counts) as C arrays, or None if a
-    cache is not a contiguous f32 array; computed once per step."""
+def _step_caches(slots):
+    """A step's caches in C form, checked (the C side trusts them) and computed once per step:
+    (k pointers, v pointers, lengths, capacities, new-token counts) as C arrays, or None if a cache
+    is not a contiguous f32 array; and the shape [layers, KV, _, D] they share, and the new tokens."""
     if getattr(_last_step, "slots", None) is not slots:
+        layers, n_kv, _, head_dim = slots[0][0].shape
+        if any(k.shape != v.shape or k.shape[:2] != (layers, n_kv) or k.shape[3] != head_dim
+               or not 0 < n_new <= length <= k.shape[2] for k, v, length, n_new in slots):
+            raise ValueError(f"attention: caches {[k.shape for k, *_ in slots]} do not fit each other or their rows")
         pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
-        usable = slots and all(k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous
-                               for k, v, _, _ in slots)
+        usable = all(k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous
+                     for k, v, _, _ in slots)
         _last_step.slots = slots
-        _last_step.arrays = (pointers(*[_address(k) for k, _, _, _ in slots]),
+        _last_step.caches = (pointers(*[_address(k) for k, _, _, _ in slots]),
                              pointers(*[_address(v) for _, v, _, _ in slots]),
                              ints(*[length for _, _, length, _ in slots]),
                              ints(*[k.shape[2] for k, _, _, _ in slots]),
                              ints(*[n_new for _, _, _, n_new in slots])) if usable else None
-    return _last_step.arrays
+        _last_step.shape = (layers, n_kv, head_dim, sum(n_new for *_, n_new in slots))
+    return _last_step.caches, _last_step.shape
 
 
 def attention(q, slots, layer):
@@ -207,17 +213,17 @@ def attention(q, slots, layer):
     sequences' rows in order); slots: per sequence (k_cache, v_cache [layers, KV, capacity, D],
     rows to attend, new tokens among them), the same list for every layer of a step -> [T, H, D]
     f32, or None where the kernel is not available (or D is not a multiple of 16)."""
-    n_tokens, n_heads, head_dim = q.shape
-    if sum(n_new for _, _, _, n_new in slots) != n_tokens:
-        raise ValueError(f"attention: {n_tokens} query rows for {sum(n for *_, n in slots)} new tokens")
-    if head_dim % 16 or q.dtype != np.float32:
-        return None
     library = _library()
-    arrays = _slot_arrays(slots) if library is not None else None
-    if arrays is None:
+    if library is None or q.shape[-1] % 16 or q.dtype != np.float32:
+        return None
+    caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
+    n_tokens, n_heads, _ = q.shape
+    if n_tokens != n_new or n_heads % n_kv or q.shape[2] != head_dim or not 0 <= layer < layers:
+        raise ValueError(f"attention: q {q.shape} at layer {layer} does not fit caches of {layers} layers, "
+                         f"{n_kv} KV heads of {head_dim} and {n_new} new tokens")
+    if caches is None:
         return None
     q = np.ascontiguousarray(q)
     out = np.empty_like(q)  # [T, H, D]
-    library.attention(len(slots), n_heads, slots[0][0].shape[1], head_dim, head_dim ** -0.5, layer, _address(q),
-                      *arrays, _address(out))
+    library.attention(len(slots), n_heads, n_kv, head_dim, head_dim ** -0.5, layer, _address(q), *caches, _address(out))
     return out
