@@ -21,6 +21,7 @@ import threading
 import numpy as np
 
 from ..errors import PyllmError
+from ..progress import progress
 from . import CORES, build_cache_dir, kernels_dir
 
 SOURCES = "cpu"  # kernels/cpu/: *.c built into one library, sharing cpu.h
@@ -52,8 +53,10 @@ def _build(compiler: list[str]):
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
         try:
-            subprocess.run([*compiler, *FLAGS, *[str(path) for path in sources if path.suffix == ".c"], "-o", partial],
-                           capture_output=True, check=True)
+            with progress(total=1, desc="build CPU kernels (once)", unit="library") as bar:  # ~4 s
+                subprocess.run([*compiler, *FLAGS, *[str(path) for path in sources if path.suffix == ".c"], "-o",
+                                partial], capture_output=True, check=True)
+                bar.update(1)
             os.replace(partial, library)  # atomic: other processes and threads see all of it or none
         finally:
             if os.path.exists(partial):

@@ -187,6 +187,7 @@ class NumpyBackend:
 
     def __init__(self, config, dtype=None):
         self.cos, self.sin = rope_tables(config.rope_theta, config.head_dim, config.max_position_embeddings)
+        cpu_kernels.available()  # built (once per machine) or loaded now, while the model loads, not at its first token
 
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
