@@ -42,7 +42,7 @@ def cases(be, rows: int, width: int = WIDTH):
     scores = rand(1, rows, width)  # softmax works in place: its own copy keeps x as it was
     ids, positions = be.upload_ids(rng.integers(0, rows, rows)), be.upload_ids(np.arange(rows))
     qkv_heads = width // dim  # x read as rows of a fused q|k|v projection: 48 + 2 x 8 heads of 128
-    rows_cache = be.zeros((kv_heads, rows, dim)), be.zeros((kv_heads, rows, dim))
+    rows_cache = be.zeros((1, kv_heads, rows, dim)), be.zeros((1, kv_heads, rows, dim))  # [layers, KV, rows, D]
     q_one, k_cache, v_cache = rand(1, heads, dim), rand(kv_heads, width, dim), rand(kv_heads, width, dim)
     angles = rows * dim * 4  # the f32 cos and sin rows: rows x D/2 x 4 bytes x 2 tables
     return [
@@ -54,7 +54,7 @@ def cases(be, rows: int, width: int = WIDTH):
         ("rope", f"{rows}x{qkv_heads}x{dim}", 2 * rows * width * item + angles + 8 * rows,
          lambda: be.rope(x.reshape(rows, qkv_heads, dim), positions)),
         ("qkv_rope_cache", f"{rows}x({qkv_heads - 2 * kv_heads}+2x{kv_heads})x{dim}",
-         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, [(*rows_cache, 0, rows)])),
+         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, [(*rows_cache, rows, rows)], 0)),
         ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
          (2 * kv_heads * width + 2 * heads) * dim * item,
          lambda: be.attention(q_one, k_cache, v_cache, width - 1)),

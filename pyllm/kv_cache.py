@@ -13,7 +13,6 @@ class KVCache:
         if capacity > config.max_position_embeddings:
             capacity = config.max_position_embeddings
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
-        self.backend = backend
         self.k = backend.zeros(shape)  # [layers, KV, capacity, D]
         self.v = backend.zeros(shape)  # [layers, KV, capacity, D]
         self.capacity = capacity
@@ -24,14 +23,10 @@ class KVCache:
             raise PyllmError(f"context full: {self.length} cached + {n_new} new tokens exceed "
                              f"the context window of {self.capacity} tokens")
 
-    def slot(self, layer: int, n_new: int):
-        """Where a step's n_new tokens go in one layer, for backend.qkv_rope_cache:
-        (k [KV, capacity, D], v [KV, capacity, D], first row, n_new). length advances in advance()."""
-        return self.k[layer], self.v[layer], self.length, n_new
-
-    def attention_slot(self, n_new: int):
-        """What a step's attention reads, its n_new tokens stored in every layer by then:
-        (k, v [layers, KV, capacity, D], rows = length + n_new, n_new)."""
+    def step_slot(self, n_new: int):
+        """What a step with n_new tokens writes (their rows last) and reads, in every layer, for
+        backend.qkv_rope_cache and backend.batch_attention:
+        (k, v [layers, KV, capacity, D], rows = length + n_new, n_new). length advances in advance()."""
         return self.k, self.v, self.length + n_new, n_new
 
     def view(self, layer: int, n_new: int):

@@ -29,11 +29,12 @@ class LlamaModel:
         ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
-        # what attention reads, the same for every layer: a backend may attend for all sequences at once
-        attention_slots = [cache.attention_slot(n) for (cache, _), n in zip(batch, lengths)]
+        # each sequence's caches and rows, the same for every layer: a backend may write and attend
+        # for all sequences at once
+        slots = [cache.step_slot(n) for (cache, _), n in zip(batch, lengths)]
         for layer_index, layer in enumerate(w.layers):
             h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            attn = self._attention(layer_index, layer, h, batch, starts, attention_slots)
+            attn = self._attention(layer_index, layer, h, batch, starts, slots)
             x = be.matmul_transb(attn, layer.o, beta=1.0, c=x)  # residual add fused into the matmul
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
@@ -43,18 +44,15 @@ class LlamaModel:
             x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
         return be.to_host(be.matmul_transb(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
 
-    def _attention(self, layer_index, layer, h, batch, starts, attention_slots):
+    def _attention(self, layer_index, layer, h, batch, starts, slots):
         """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
         be = self.backend
         qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
-        sequences = list(zip(batch, starts[:-1], starts[1:]))
-        # q [T, H, D] with rope; each sequence's rope(k) and v go into its cache
-        q = be.qkv_rope_cache(qkv, layer.qkv_bias, [cache.slot(layer_index, end - start)
-                                                    for (cache, _), start, end in sequences])
-        out = be.batch_attention(q, attention_slots, layer_index)  # [T, H, D], or None: per sequence
+        q = be.qkv_rope_cache(qkv, layer.qkv_bias, slots, layer_index)  # [T, H, D]; rope(k), v into the caches
+        out = be.batch_attention(q, slots, layer_index)  # [T, H, D], or None: per sequence
         if out is None:
             outs = []
-            for (cache, _), start, end in sequences:
+            for (cache, _), start, end in zip(batch, starts[:-1], starts[1:]):
                 keys, values = cache.view(layer_index, end - start)  # [KV, length + t, D]
                 outs.append(be.attention(q[start:end], keys, values, cache.length))
             out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]

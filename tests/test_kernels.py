@@ -132,8 +132,9 @@ def test_qkv_rope_cache(device, dtype, with_bias, n_new, start):
     qkv, qkv_values = put(be, randn(n_new, (H + 2 * KV) * D))
     bias, bias_values = put(be, randn((H + 2 * KV) * D)) if with_bias else (None, None)
     (k_cache, k_values), (v_cache, v_values) = put(be, randn(KV, 320, D)), put(be, randn(KV, 320, D))
-    q_expected = reference.qkv_rope_cache(qkv_values, bias_values, [(k_values, v_values, start, n_new)])
-    check(be, be.qkv_rope_cache(qkv, bias, [(k_cache, v_cache, start, n_new)]), q_expected)
+    q_expected = reference.qkv_rope_cache(qkv_values, bias_values,
+                                          [(k_values[None], v_values[None], start + n_new, n_new)], 0)
+    check(be, be.qkv_rope_cache(qkv, bias, [(k_cache[None], v_cache[None], start + n_new, n_new)], 0), q_expected)
     check(be, k_cache, k_values)  # rows outside start .. start + n_new - 1 are untouched
     check(be, v_cache, v_values)
 
@@ -194,9 +195,10 @@ def test_qkv_rope_cache_batch_of_sequences(device, dtype):
     qkv, qkv_values = put(be, randn(1 + 4 + 2, (H + 2 * KV) * D))
     caches = [(put(be, randn(KV, capacity, D)), put(be, randn(KV, capacity, D))) for capacity in (9, 300, 40)]
     starts, counts = (8, 290, 0), (1, 4, 2)
-    q_expected = reference.qkv_rope_cache(qkv_values, None, [(k[1], v[1], start, n) for (k, v), start, n
-                                                             in zip(caches, starts, counts)])
-    q = be.qkv_rope_cache(qkv, None, [(k[0], v[0], start, n) for (k, v), start, n in zip(caches, starts, counts)])
+    q_expected = reference.qkv_rope_cache(qkv_values, None, [(k[1][None], v[1][None], start + n, n) for (k, v), start, n
+                                                             in zip(caches, starts, counts)], 0)
+    q = be.qkv_rope_cache(qkv, None, [(k[0][None], v[0][None], start + n, n)
+                                      for (k, v), start, n in zip(caches, starts, counts)], 0)
     check(be, q, q_expected)
     for k, v in caches:
         check(be, k[0], k[1])
@@ -213,7 +215,8 @@ def test_real_kernels_pass_the_race_check(monkeypatch):
     check(be, be.softmax_causal(scores, 32), ops.softmax_causal(values, 32))
     qkv, qkv_values = put(be, randn(2, (H + 2 * KV) * D))
     (k, k_values), (v, v_values) = put(be, randn(KV, 37, D)), put(be, randn(KV, 37, D))
-    q = be.qkv_rope_cache(qkv, None, [(k, v, 35, 2)])
-    check(be, q, ops.NumpyBackend(config()).qkv_rope_cache(qkv_values, None, [(k_values, v_values, 35, 2)]))
+    q = be.qkv_rope_cache(qkv, None, [(k[None], v[None], 37, 2)], 0)
+    reference = ops.NumpyBackend(config())
+    check(be, q, reference.qkv_rope_cache(qkv_values, None, [(k_values[None], v_values[None], 37, 2)], 0))
     stored = [be.to_host(a) for a in (q, k, v)]  # attention reads the rounded q, k, v
     check(be, be.attention(q, k, v, 35), ops.attention(*stored, 35))

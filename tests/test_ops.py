@@ -68,21 +68,26 @@ def test_rope_matches_hf_rotary_embedding(theta, head_dim):
 @pytest.mark.parametrize("head_dim,with_bias", [(64, False), (20, True)])
 def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim, with_bias):
     """The backend's fused epilogue for a ragged batch (caches of different capacities) against
-    rope() above: q comes back roped, each sequence's roped k and its v land in its cache rows."""
-    n_heads, n_kv, counts, starts, capacities = 6, 2, [3, 1, 40], [0, 7, 20], [8, 9, 64]
+    rope() above: q comes back roped, each sequence's roped k and its v land in its cache rows of
+    the given layer, and nothing else changes."""
+    n_heads, n_kv, counts, starts, capacities, layer = 6, 2, [3, 1, 40], [0, 7, 20], [8, 9, 64], 1
     backend = ops.NumpyBackend(SimpleNamespace(rope_theta=10000.0, head_dim=head_dim, max_position_embeddings=64))
     qkv = randn(sum(counts), (n_heads + 2 * n_kv) * head_dim)
     bias = randn(qkv.shape[1]) if with_bias else None
-    caches = [(np.zeros((n_kv, c, head_dim), np.float32), np.zeros((n_kv, c, head_dim), np.float32)) for c in capacities]
-    q = backend.qkv_rope_cache(qkv, bias, [(k, v, start, n) for (k, v), start, n in zip(caches, starts, counts)])
+    caches = [(np.zeros((2, n_kv, c, head_dim), np.float32), np.zeros((2, n_kv, c, head_dim), np.float32))
+              for c in capacities]  # [layers, KV, capacity, D]
+    q = backend.qkv_rope_cache(qkv, bias, [(k, v, start + n, n) for (k, v), start, n in zip(caches, starts, counts)],
+                               layer)
     heads = (qkv if bias is None else qkv + bias).reshape(len(qkv), -1, head_dim)  # [T, H + 2 KV, D]
     positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
     np.testing.assert_allclose(q, ops.rope(heads[:, :n_heads], positions, backend.cos, backend.sin), atol=1e-6)
     keys = ops.rope(heads[:, n_heads:n_heads + n_kv], positions, backend.cos, backend.sin)
-    for (k, v), start, n, first in zip(caches, starts, counts, np.cumsum([0] + counts)):
+    for (k_layers, v_layers), start, n, first in zip(caches, starts, counts, np.cumsum([0] + counts)):
+        k, v = k_layers[layer], v_layers[layer]
         np.testing.assert_allclose(k[:, start:start + n], keys[first:first + n].transpose(1, 0, 2), atol=1e-6)
         np.testing.assert_array_equal(v[:, start:start + n], heads[first:first + n, -n_kv:].transpose(1, 0, 2))
         assert not k[:, :start].any() and not k[:, start + n:].any() and not v[:, start + n:].any()
+        assert not k_layers[0].any() and not v_layers[0].any()
 
 
 def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
@@ -90,13 +95,15 @@ def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
     cos = sin = np.zeros((64, 8), np.float32)
-    cache = np.zeros((2, 8, 16), np.float32)
+    cache = np.zeros((1, 2, 8, 16), np.float32)  # [layers, KV, capacity, D]
     qkv = randn(3, 8 * 16)  # 4 query heads, 2 KV heads of 16
     with pytest.raises(ValueError, match="qkv_rope"):
-        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 0, 2)], cos, sin)  # 3 rows, 2 new tokens
+        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 2, 2)], 0, cos, sin)  # 3 rows, 2 new tokens
+    with pytest.raises(ValueError, match="attention"):  # the step's caches are checked as attention's
+        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 9, 3)], 0, cos, sin)  # rows 6..8 of a cache of 8
     with pytest.raises(ValueError, match="qkv_rope"):
-        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 6, 3)], cos, sin)  # rows 6..8 of a cache of 8
-    assert cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 5, 3)], cos, sin).shape == (3, 4, 16)
+        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 8, 3)], 1, cos, sin)  # no such layer
+    assert cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 8, 3)], 0, cos, sin).shape == (3, 4, 16)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (4, 300)])

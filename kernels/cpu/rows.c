@@ -87,13 +87,13 @@ static struct {  // the current qkv_rope call
   const float *qkv, *bias, *cos, *sin;
   float *const *k, *const *v, *q;
   const int *capacity, *sequence, *position;  // per row: its sequence, and its position = its cache row
-  int H, KV, D;
+  int H, KV, D, layer;
 } qkv;
 
 // qkv_rope: one token's fused projections qkv [(H + 2 KV) * D] (+ bias): rope (HF's rotate_half
 // layout: the first and second halves of a head are the pairs) on its H query heads -> q [H, D],
-// and on its KV key heads -> row cache_row of k [KV, capacity, D]; its value heads -> the same row
-// of v. Its position picks the row of the cos, sin tables [positions, D / 2].
+// and on its KV key heads -> its row (its position) of the layer's k [KV, capacity, D]; its value
+// heads -> the same row of v. Its position also picks the row of the cos, sin tables [positions, D / 2].
 static void qkv_row(int t) {
   const int D = qkv.D, half = D / 2, s = qkv.sequence[t];
   const float *c = qkv.cos + (size_t)qkv.position[t] * half, *sn = qkv.sin + (size_t)qkv.position[t] * half;
@@ -102,7 +102,8 @@ static void qkv_row(int t) {
     const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
     const int g = h - qkv.H;  // past the query heads: key head g, then value head g - KV
     float *out = g < 0 ? qkv.q + ((size_t)t * qkv.H + h) * D
-                       : (g < qkv.KV ? qkv.k[s] : qkv.v[s]) + ((size_t)(g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
+                       : (g < qkv.KV ? qkv.k[s] : qkv.v[s])
+                             + (((size_t)qkv.layer * qkv.KV + g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
     for (int i = 0; i < half; i += 16) {
       const __mmask16 m = lanes(half - i);
       __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
@@ -119,21 +120,22 @@ static void qkv_row(int t) {
   }
 }
 
-// A step's rows: sequence s owns count[s] consecutive rows, its first at cache row start[s];
-// k[s], v[s] are that sequence's caches of this layer [KV, capacity[s], D]. D % 2 == 0.
-EXPORT void qkv_rope(int S, int H, int KV, int D, const float *qkv_in, const float *bias, const float *cos,
-              const float *sin, float *const *k, float *const *v, const int *capacity, const int *start,
-              const int *count, float *q) {
+// A step's rows: sequence s owns count[s] consecutive rows, the last of its length[s] tokens, and
+// writes layer `layer` of its caches k[s], v[s] [layers, KV, capacity[s], D] (the same arrays as
+// attention's). D % 2 == 0.
+EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in, const float *bias, const float *cos,
+                     const float *sin, float *const *k, float *const *v, const int *length, const int *capacity,
+                     const int *count, float *q) {
   int T = 0;
   for (int s = 0; s < S; s++) T += count[s];
   int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));  // sequences, then positions
   if (per_row == NULL) abort();
   for (int s = 0, t = 0; s < S; s++)
-    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = start[s] + i;
+    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = length[s] - count[s] + i;
   pool_lock();
   qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
   qkv.capacity = capacity, qkv.sequence = per_row, qkv.position = per_row + T;
-  qkv.H = H, qkv.KV = KV, qkv.D = D;
+  qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer;
   for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D);
   pool_unlock();
   free(per_row);

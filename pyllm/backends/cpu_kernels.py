@@ -1,11 +1,11 @@
 """kernels/cpu/, the CPU backend's C kernels: matmul (a few rows: decode steps; many: prompts),
-rms_norm, swiglu, and causal attention for a whole step's sequences at once (decode, prefill, or
-a mix).
+rms_norm, swiglu, qkv_rope, and causal attention for a whole step's sequences at once (decode,
+prefill, or a mix).
 
-Built on first use by the host C compiler ($CC, else cc) with -O3 -march=native into the build
-cache (keyed by the source, the compiler and this CPU) and loaded with ctypes; the kernels share
-each call among their own threads, one per core. Nothing depends on them: with no compiler, no
-AVX-512, or PYLLM_CPU_KERNELS=0, both functions here give None and the NumPy path serves.
+Built once by the host C compiler ($CC, else cc) with -O3 -march=native into the build cache
+(keyed by the sources, the compiler and this CPU) and loaded with ctypes; the kernels share each
+call among their own threads, one per core. Nothing depends on them: with no compiler, no
+AVX-512, or PYLLM_CPU_KERNELS=0, every function here gives None and the NumPy path serves.
 """
 
 import ctypes
@@ -85,8 +85,8 @@ def _library():
                                    ctypes.c_void_p], None
     # T, width, gate_up, out
     glu.argtypes, glu.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], None
-    # S, H, KV, D, qkv, bias, cos, sin, k pointers, v pointers, capacities, starts, counts, q
-    rope.argtypes, rope.restype = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 10, None
+    # S, H, KV, D, layer, qkv, bias, cos, sin, k pointers, v pointers, lengths, capacities, new-token counts, q
+    rope.argtypes, rope.restype = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10, None
     # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
@@ -103,6 +103,10 @@ def _address(array) -> int:
         return array.ctypes.data
 
 
+def _contiguous_f32(*arrays):
+    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
 def available() -> bool:
     return _library() is not None
 
@@ -111,33 +115,25 @@ def matmul_transb(a, b, add_to=None):
     """a [M, K] @ b [N, K]^T -> [M, N] f32 on every core, or that product added into add_to [M, N]
     (returned); None where the kernels are not available (or b is not a contiguous f32 matrix):
     the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights."""
-    if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0
-            or b.dtype != np.float32 or not b.flags.c_contiguous):
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0 or not _contiguous_f32(b):
         return None
     library = _library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
     (rows, depth), columns = a.shape, b.shape[0]
-    if rows <= MAX_ROWS:
-        out = np.empty((rows, columns), np.float32)  # [M, N]
-        library.skinny_matmul(rows, _address(a), depth, _address(b), columns, _address(out))
-        if add_to is None:
-            return out
-        add_to += out
-        return add_to
-    accumulate = (add_to is not None and add_to.shape == (rows, columns) and add_to.dtype == np.float32
-                  and add_to.flags.c_contiguous)  # else NumPy adds (or refuses the shape)
+    # the many-row kernel adds into add_to itself, given the product's shape (else NumPy adds, or refuses it)
+    accumulate = (rows > MAX_ROWS and add_to is not None and add_to.shape == (rows, columns)
+                  and _contiguous_f32(add_to))
     out = add_to if accumulate else np.empty((rows, columns), np.float32)  # [M, N]
-    library.matmul(rows, _address(a), depth, _address(b), columns, _address(out), int(accumulate))
-    if add_to is not None and not accumulate:
-        add_to += out
-        return add_to
-    return out
-
-
-def _contiguous_f32(*arrays):
-    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+    if rows <= MAX_ROWS:
+        library.skinny_matmul(rows, _address(a), depth, _address(b), columns, _address(out))
+    else:
+        library.matmul(rows, _address(a), depth, _address(b), columns, _address(out), int(accumulate))
+    if add_to is None or accumulate:
+        return out
+    add_to += out
+    return add_to
 
 
 def rms_norm(x, weight, eps):
@@ -160,37 +156,42 @@ def swiglu(gate_up):
     return out
 
 
-def qkv_rope(qkv, bias, slots, cos, sin):
+def qkv_rope(qkv, bias, slots, layer, cos, sin):
     """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias [(H + 2 KV) * D]) -> q [T, H, D]
-    with rope, each sequence's rope(k) and v written into its layer cache; slots, cos and sin as
-    NumpyBackend.qkv_rope_cache. None where the kernels are not available (or an array is not
+    with rope, each sequence's rope(k) and v written into its cache at `layer`; slots, cos and sin
+    as NumpyBackend.qkv_rope_cache. None where the kernels are not available (or an array is not
     contiguous f32)."""
     library = _library()
-    k_caches, v_caches = [k for k, _, _, _ in slots], [v for _, v, _, _ in slots]
-    n_kv, _, head_dim = k_caches[0].shape
-    if (library is None or qkv.ndim != 2 or qkv.shape[1] % head_dim
-            or not _contiguous_f32(qkv, cos, sin, *k_caches, *v_caches, *([] if bias is None else [bias]))):
+    if library is None or qkv.ndim != 2 or not _contiguous_f32(qkv, cos, sin, *([] if bias is None else [bias])):
         return None
+    caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
     n_heads = qkv.shape[1] // head_dim - 2 * n_kv
-    if (sum(n for _, _, _, n in slots) != qkv.shape[0] or n_heads < n_kv or n_heads % n_kv
-            or (bias is not None and bias.shape != (qkv.shape[1],))
-            or any(start + n > k.shape[1] for k, _, start, n in slots)):
-        raise ValueError(f"qkv_rope: qkv {qkv.shape} does not fit these caches ({n_kv} KV heads of {head_dim}), "
-                         f"bias or {sum(n for *_, n in slots)} new tokens")
-    pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
+    if (qkv.shape != (n_new, (n_heads + 2 * n_kv) * head_dim) or n_heads < n_kv or n_heads % n_kv
+            or not 0 <= layer < layers or (bias is not None and bias.shape != (qkv.shape[1],))):
+        raise ValueError(f"qkv_rope: qkv {qkv.shape} at layer {layer} does not fit caches of {layers} layers, "
+                         f"{n_kv} KV heads of {head_dim} and {n_new} new tokens, or its bias")
+    if caches is None:
+        return None
     q = np.empty((qkv.shape[0], n_heads, head_dim), np.float32)  # [T, H, D]
-    library.qkv_rope(len(slots), n_heads, n_kv, head_dim, _address(qkv), None if bias is None else _address(bias),
-                     _address(cos), _address(sin), pointers(*[_address(k) for k in k_caches]),
-                     pointers(*[_address(v) for v in v_caches]), ints(*[k.shape[1] for k in k_caches]),
-                     ints(*[start for _, _, start, _ in slots]), ints(*[n for _, _, _, n in slots]), _address(q))
+    library.qkv_rope(len(slots), n_heads, n_kv, head_dim, layer, _address(qkv),
+                     None if bias is None else _address(bias), _address(cos), _address(sin), *caches, _address(q))
     return q
 
 
-_last_step = threading.local()  # a step's slots in C form: its layers all attend over the same caches
+_last_step = threading.local()  # a step's slots in C form: all its layers use the same caches
+
+
+def _pointers(arrays):
+    return (ctypes.c_void_p * len(arrays))(*[_address(a) for a in arrays])
+
+
+def _ints(values):
+    return (ctypes.c_int * len(values))(*values)
 
 
 def _step_caches(slots):
-    """A step's caches in C form, checked (the C side trusts them) and computed once per step:
+    """A step's caches in C form for qkv_rope and attention, checked (the C side trusts them) and
+    computed once per step:
     (k pointers, v pointers, lengths, capacities, new-token counts) as C arrays, or None if a cache
     is not a contiguous f32 array; and the shape [layers, KV, _, D] they share, and the new tokens."""
     if getattr(_last_step, "slots", None) is not slots:
@@ -198,16 +199,11 @@ def _step_caches(slots):
         if any(k.shape != v.shape or k.shape[:2] != (layers, n_kv) or k.shape[3] != head_dim
                or not 0 < n_new <= length <= k.shape[2] for k, v, length, n_new in slots):
             raise ValueError(f"attention: caches {[k.shape for k, *_ in slots]} do not fit each other or their rows")
-        pointers, ints = ctypes.c_void_p * len(slots), ctypes.c_int * len(slots)
-        usable = all(k.dtype == v.dtype == np.float32 and k.flags.c_contiguous and v.flags.c_contiguous
-                     for k, v, _, _ in slots)
+        keys, values, lengths, counts = zip(*slots)
         _last_step.slots = slots
-        _last_step.caches = (pointers(*[_address(k) for k, _, _, _ in slots]),
-                             pointers(*[_address(v) for _, v, _, _ in slots]),
-                             ints(*[length for _, _, length, _ in slots]),
-                             ints(*[k.shape[2] for k, _, _, _ in slots]),
-                             ints(*[n_new for _, _, _, n_new in slots])) if usable else None
-        _last_step.shape = (layers, n_kv, head_dim, sum(n_new for *_, n_new in slots))
+        _last_step.caches = (_pointers(keys), _pointers(values), _ints(lengths), _ints([k.shape[2] for k in keys]),
+                             _ints(counts)) if _contiguous_f32(*keys, *values) else None
+        _last_step.shape = (layers, n_kv, head_dim, sum(counts))
     return _last_step.caches, _last_step.shape
 
 

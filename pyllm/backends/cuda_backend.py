@@ -180,19 +180,19 @@ class CudaBackend:
                      (x, positions, self.cos, self.sin, out, np.int32(x.shape[1]), np.int32(x.shape[2])))
         return out
 
-    def qkv_rope_cache(self, qkv, bias, slots):
-        """A batch's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; slots as in
-        numpy_backend: per sequence (k_cache, v_cache [KV, capacity, D], start, n_tokens). One
+    def qkv_rope_cache(self, qkv, bias, slots, layer):
+        """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; slots and layer as in
+        numpy_backend: per sequence (k_cache, v_cache [layers, KV, capacity, D], length, n_new). One
         launch per sequence writes its q rows and its rope(k), v cache rows."""
-        n_kv, _, dim = slots[0][0].shape
+        n_kv, dim = slots[0][0].shape[1], slots[0][0].shape[3]
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
         row = 0
-        for k_cache, v_cache, start, n in slots:  # each cache has its own capacity
+        for k_cache, v_cache, length, n in slots:  # each cache has its own capacity
             self._launch("rope", "qkv_rope_cache", (int(n),), (ROPE_THREADS,),
-                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], k_cache, v_cache,
-                          np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(start),
-                          np.int32(k_cache.shape[1])))
+                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], k_cache[layer], v_cache[layer],
+                          np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(length - n),
+                          np.int32(k_cache.shape[2])))
             row += n
         return q
 

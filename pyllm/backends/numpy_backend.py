@@ -192,35 +192,34 @@ class NumpyBackend:
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
-    def qkv_rope_cache(self, qkv, bias, slots):
-        """A batch's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
+    def qkv_rope_cache(self, qkv, bias, slots, layer):
+        """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
 
-        slots: one (k_cache, v_cache [KV, capacity, D], start, n_tokens) per sequence, in row
-        order: that sequence's rope(k) and v go into rows start .. start + n_tokens - 1 of its
-        layer cache. One op, so this backend ropes the whole batch at once (a decode step would
-        otherwise pay a dozen small NumPy calls per sequence) and the cuda one fuses each
-        sequence's epilogue into one launch.
+        slots: one (k_cache, v_cache [layers, KV, capacity, D], length, n_new) per sequence, in row
+        order (KVCache.step_slot): that sequence's rope(k) and v go into rows length - n_new ..
+        length - 1 of its caches at `layer`. One op, so this backend ropes the whole batch at once
+        (a decode step would otherwise pay a dozen small NumPy calls per sequence) and the cuda one
+        fuses each sequence's epilogue into one launch.
         """
-        q = cpu_kernels.qkv_rope(qkv, bias, slots, self.cos, self.sin)  # the C kernel where built
+        q = cpu_kernels.qkv_rope(qkv, bias, slots, layer, self.cos, self.sin)  # the C kernel where built
         if q is not None:
             return q
-        n_kv, _, dim = slots[0][0].shape
-        positions = np.concatenate([np.arange(start, start + n) for _, _, start, n in slots])  # [T]
+        n_kv, dim = slots[0][0].shape[1], slots[0][0].shape[3]
+        positions = np.concatenate([np.arange(length - n, length) for _, _, length, n in slots])  # [T]
         heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
         rotated = rope(heads[:, :-n_kv], positions, self.cos, self.sin)               # [T, H + KV, D]
         row = 0
-        for k_cache, v_cache, start, n in slots:
-            k_cache[:, start:start + n] = rotated[row:row + n, -n_kv:].transpose(1, 0, 2)
-            v_cache[:, start:start + n] = heads[row:row + n, -n_kv:].transpose(1, 0, 2)
+        for k_cache, v_cache, length, n in slots:
+            k_cache[layer, :, length - n:length] = rotated[row:row + n, -n_kv:].transpose(1, 0, 2)
+            v_cache[layer, :, length - n:length] = heads[row:row + n, -n_kv:].transpose(1, 0, 2)
             row += n
         return rotated[:, :-n_kv]
 
     @staticmethod
     def batch_attention(q, slots, layer):
         """A step's attention for every sequence at once: q [T, H, D], the sequences' new tokens in
-        order; slots: per sequence (k_cache, v_cache [layers, KV, capacity, D], rows to attend, new
-        tokens), the same list for every layer of the step -> [T, H, D], or None (no C kernel
-        here): then the model attends sequence by sequence with attention() above."""
+        order; slots as qkv_rope_cache's, the same list for every layer of the step -> [T, H, D], or
+        None (no C kernel here): then the model attends sequence by sequence with attention() above."""
         return cpu_kernels.attention(q, slots, layer)
 
     def upload(self, host_array):
