@@ -106,11 +106,7 @@ def transformers_measures(args, ids):
     def generate(n):
         return timed(lambda: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
 
-    def no_grad(fn):
-        def measure():
-            with torch.no_grad():
-                return fn()
-        return measure
+    no_grad = torch.no_grad()  # as a decorator: each measure runs without autograd
     return load_s, {"transformers prefill": no_grad(lambda: timed(lambda: model(prompt, logits_to_keep=1))),
                     "transformers decode b1": no_grad(lambda: generate(args.decode_tokens) - generate(1))}
 
