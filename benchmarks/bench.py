@@ -56,7 +56,8 @@ def matmul_measure(total_bytes: int, rows: int, n=1536, k=576):
     """Seconds of the CPU backend's matmul_transb with `rows` rows of activations streaming
     `total_bytes` of f32 weights shaped like a decoder layer's [n, k] (a measure, and those bytes):
     the ceiling of decode at that batch size, since every step streams all the weights once."""
-    from pyllm.backends.numpy_backend import matmul_transb
+    from pyllm.backends.cpu import CpuBackend
+    matmul_transb = CpuBackend.matmul_transb
     count = max(1, total_bytes // (n * k * 4))
     weights = np.random.default_rng(0).standard_normal((count, n, k), dtype=np.float32)  # [count, n, k]
     x = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)           # [rows, k]

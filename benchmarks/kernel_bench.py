@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from pyllm.backends.base import Step
+
 WIDTH = 8192
 ATTENTION = dict(heads=32, kv_heads=8, head_dim=128)  # a Llama-3-8B layer: 32 query heads share 8 KV heads
 
@@ -54,7 +56,7 @@ def cases(be, rows: int, width: int = WIDTH):
         ("rope", f"{rows}x{qkv_heads}x{dim}", 2 * rows * width * item + angles + 8 * rows,
          lambda: be.rope(x.reshape(rows, qkv_heads, dim), positions)),
         ("qkv_rope_cache", f"{rows}x({qkv_heads - 2 * kv_heads}+2x{kv_heads})x{dim}",
-         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, [(*rows_cache, rows, rows)], 0)),
+         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, Step([(*rows_cache, rows, rows)], [0, rows]), 0)),
         ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
          (2 * kv_heads * width + 2 * heads) * dim * item,
          lambda: be.attention(q_one, k_cache, v_cache, width - 1)),

@@ -19,9 +19,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_model_flags(parser):
-    parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, pulled on first use)")
-    parser.add_argument("--backend", default="cpu", help="cpu (default), cuda, or cuda-emu (the CUDA kernels run on the CPU)")
+    from .formats import QUANTIZE_CHOICES
+    parser.add_argument("--model", help="a Hugging Face model directory or a GGUF file "
+                                        "(default: SmolLM2-135M-Instruct's Q4_1 GGUF, pulled on first use)")
+    parser.add_argument("--backend", default="cpu", help="cpu (default: the C kernels), reference (plain NumPy), "
+                                                         "cuda, or cuda-emu (the CUDA kernels run on the CPU)")
     parser.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="compute dtype (default: the model's)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="quantize a safetensors model's matrices while loading (GGUF files run as stored)")
 
 
 def add_sampling_flags(parser, max_tokens):
@@ -43,10 +48,11 @@ def sampling_from(args):
 
 def load_llm(args):
     from .engine import LLM
-    if args.model is not None and not Path(args.model).is_dir():
-        raise PyllmError(f"model directory not found: {args.model}")
+    if args.model is not None and not Path(args.model).exists():
+        raise PyllmError(f"model not found: {args.model} (a model directory or a GGUF file)")
     # a load bar is for people watching a terminal, not for logs and pipes
-    return LLM(args.model, backend=args.backend, dtype=args.dtype, show_progress=sys.stderr.isatty())
+    return LLM(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize,
+               show_progress=sys.stderr.isatty())
 
 
 def print_stats(out):
@@ -99,11 +105,17 @@ def cmd_serve(args):
     if args.model is None:
         args.model = str(ensure_default_model())
     llm = load_llm(args)
-    server = make_server(llm, Path(args.model).resolve().name, host=args.host, port=args.port, api_key=args.api_key,
+    server = make_server(llm, model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
                          max_running=args.max_running, max_queue=args.max_queue, kv_memory_gb=args.kv_memory_gb,
                          reuse_memory_mb=args.reuse_memory_mb, cors_origin=args.cors_origin)
     print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     server.run()
+
+
+def model_name(model) -> str:
+    """What the API calls a model: its directory's name, or its GGUF file's name without .gguf."""
+    path = Path(model).resolve()
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 def cmd_pull(args):
@@ -165,9 +177,9 @@ def build_parser():
     p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("pull", help="download and convert a known model into models/")
+    p = sub.add_parser("pull", help="download a known model's GGUF into models/ (with --dtype: also convert it)")
     p.add_argument("name", nargs="?", default="smollm2")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="convert into a Hugging Face directory of this dtype")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("convert", help="convert a llama GGUF file into a Hugging Face directory")

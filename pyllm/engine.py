@@ -12,6 +12,8 @@ import numpy as np
 from .backends import make_backend
 from .config import ModelConfig
 from .errors import PyllmError
+from .formats import QUANTIZE_CHOICES
+from .gguf_model import GGUFModel, is_gguf
 from .model import LlamaModel
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -36,15 +38,29 @@ class Output:
 
 class LLM:
     def __init__(self, model: str | None = None, backend: str = "cpu", dtype: str | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, quantize: str | None = None):
+        """model: a Hugging Face directory or a GGUF file (default: SmolLM2, pulled on first use).
+        A GGUF file runs in its own formats; quantize (q8_0 | q4_0 | q4_1 | bf16) quantizes a
+        safetensors model's matrices while they load."""
         if model is None:
             from .pull import ensure_default_model
             model = ensure_default_model()
         started = time.perf_counter()
-        self.config = ModelConfig.from_dir(model)
-        self.tokenizer = Tokenizer(model)
-        self.backend = make_backend(backend, self.config, dtype)
-        weights = load_weights(self.config, model, self.backend.dtype, self.backend.upload, show_progress)
+        if is_gguf(model):
+            if quantize:
+                raise PyllmError("--quantize is for safetensors models: a GGUF file runs in its own formats")
+            gguf = GGUFModel(model)
+            self.config, self.tokenizer = gguf.config, gguf.tokenizer
+            self.backend = make_backend(backend, self.config, dtype)
+            weights = gguf.load_weights(self.backend.upload, show_progress)
+        else:
+            if quantize and quantize not in QUANTIZE_CHOICES:
+                raise PyllmError(f"unknown --quantize {quantize!r}; choose from: {', '.join(QUANTIZE_CHOICES)}")
+            self.config = ModelConfig.from_dir(model)
+            self.tokenizer = Tokenizer(model)
+            self.backend = make_backend(backend, self.config, dtype)
+            weights = load_weights(self.config, model, self.backend.dtype, self.backend.upload, show_progress,
+                                   quantize)
         self.model = LlamaModel(self.config, self.backend, weights)
         self.load_seconds = time.perf_counter() - started
         self.eos_ids = self.config.eos_token_ids

@@ -1,4 +1,5 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face model directory.
+"""GGUF metadata (config, tokenizer) and conversion of a llama-architecture GGUF file into a
+Hugging Face model directory (gguf_model.py runs a GGUF file as it is; this is for the oracle).
 
 The result (model.safetensors, config.json, generation_config.json, tokenizer.json,
 tokenizer_config.json) loads in transformers and in pyllm alike. Weights are dequantized
@@ -13,16 +14,15 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .dtypes import convert
 from .errors import PyllmError, first_line
+from .formats import format_of_gguf_type
 from .progress import progress
 
-SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1)
 # dtype option -> (safetensors dtype, config torch_dtype, numpy storage; bf16 is stored as raw bits)
 OUT_DTYPES = {"f32": ("F32", "float32", "<f4"), "f16": ("F16", "float16", "<f2"), "bf16": ("BF16", "bfloat16", "<u2")}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -46,9 +46,9 @@ def convert_gguf(gguf_path, out_dir, dtype="f32") -> Path:
     if dtype not in OUT_DTYPES:
         raise PyllmError(f"unknown dtype {dtype!r}; choose one of {', '.join(OUT_DTYPES)}")
     reader = open_gguf(gguf_path)
-    meta = {key: _field_value(field) for key, field in reader.fields.items()}
+    meta = field_values(reader)
     # everything that can be rejected is checked before the first byte is written
-    names = _check_tensors(reader, meta)
+    names = check_tensors([(t.name, int(t.tensor_type)) for t in reader.tensors], meta)
     config = hf_config(meta, has_output="output.weight" in names, dtype=dtype)
     tokenizer, tokenizer_config = build_tokenizer(meta)
     out = Path(out_dir)
@@ -74,6 +74,11 @@ def open_gguf(path) -> GGUFReader:
         raise PyllmError(f"{path} is not a valid GGUF file ({reason})") from None
 
 
+def field_values(reader) -> dict:
+    """Every metadata field of the file as plain Python."""
+    return {key: _field_value(field) for key, field in reader.fields.items()}
+
+
 def _field_value(field):
     """A metadata value as plain Python (str, int, float, bool or list)."""
     try:
@@ -88,24 +93,24 @@ def _require(meta, key):
     return meta[key]
 
 
-def _check_tensors(reader, meta) -> dict:
-    """Map every GGUF tensor name to its HF name, rejecting anything we cannot convert."""
+def check_tensors(tensors, meta) -> dict:
+    """Map every GGUF tensor name (tensors: (name, GGML type) pairs) to its HF name, rejecting
+    anything we cannot run: unknown tensors, missing ones, and storage types outside pyllm.formats
+    (one line naming the tensor)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise PyllmError(f"unsupported GGUF architecture {arch!r}; only 'llama' can be converted")
     n_layers = _require(meta, "llama.block_count")
     names = {}
-    for t in reader.tensors:
-        layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
-        if t.name in _GLOBAL_NAMES:
-            names[t.name] = _GLOBAL_NAMES[t.name]
+    for name, gguf_type in tensors:
+        layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if name in _GLOBAL_NAMES:
+            names[name] = _GLOBAL_NAMES[name]
         elif layer and layer[2] in _LAYER_NAMES and int(layer[1]) < n_layers:
-            names[t.name] = f"model.layers.{int(layer[1])}.{_LAYER_NAMES[layer[2]]}.weight"
+            names[name] = f"model.layers.{int(layer[1])}.{_LAYER_NAMES[layer[2]]}.weight"
         else:
-            raise PyllmError(f"GGUF tensor {t.name!r} is not supported (plain llama weights only)")
-        if t.tensor_type not in SUPPORTED_TYPES:
-            raise PyllmError(f"GGUF tensor {t.name!r} has unsupported type {t.tensor_type.name}; "
-                             f"supported: {', '.join(q.name for q in SUPPORTED_TYPES)}")
+            raise PyllmError(f"GGUF tensor {name!r} is not supported (plain llama weights only)")
+        format_of_gguf_type(gguf_type, name)
     expected = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{kind}.weight" for i in range(n_layers) for kind in _LAYER_NAMES}
     if missing := sorted(expected - set(names)):

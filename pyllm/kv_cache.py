@@ -1,5 +1,6 @@
 """Per-sequence key/value cache, preallocated on the backend's device."""
 
+from .backends.base import CacheSlot
 from .errors import PyllmError
 
 
@@ -23,16 +24,10 @@ class KVCache:
             raise PyllmError(f"context full: {self.length} cached + {n_new} new tokens exceed "
                              f"the context window of {self.capacity} tokens")
 
-    def step_slot(self, n_new: int):
-        """What a step with n_new tokens writes (their rows last) and reads, in every layer, for
-        backend.qkv_rope_cache and backend.batch_attention:
-        (k, v [layers, KV, capacity, D], rows = length + n_new, n_new). length advances in advance()."""
-        return self.k, self.v, self.length + n_new, n_new
-
-    def view(self, layer: int, n_new: int):
-        """k, v [KV, length + n_new, D]: everything attention may read for this step."""
-        end = self.length + n_new
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    def step_slot(self, n_new: int) -> CacheSlot:
+        """What a step with n_new tokens writes (their rows last) and reads, in every layer;
+        length advances in advance()."""
+        return CacheSlot(self.k, self.v, self.length + n_new, n_new)
 
     def copy_prefix_from(self, other: "KVCache", n: int):
         """Start this (empty) cache with the first n tokens of `other`, on the device."""

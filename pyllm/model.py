@@ -6,6 +6,7 @@ tokens. Linear layers run on all new tokens concatenated; attention runs per seq
 
 import numpy as np
 
+from .backends.base import Step
 from .kv_cache import KVCache
 
 
@@ -29,34 +30,20 @@ class LlamaModel:
         ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
-        # each sequence's caches and rows, the same for every layer: a backend may write and attend
-        # for all sequences at once
-        slots = [cache.step_slot(n) for (cache, _), n in zip(batch, lengths)]
+        step = Step([cache.step_slot(n) for (cache, _), n in zip(batch, lengths)], [int(s) for s in starts])
         for layer_index, layer in enumerate(w.layers):
             h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            attn = self._attention(layer_index, layer, h, batch, starts, slots)
-            x = be.matmul_transb(attn, layer.o, beta=1.0, c=x)  # residual add fused into the matmul
+            qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
+            q = be.qkv_rope_cache(qkv, layer.qkv_bias, step, layer_index)  # [T, H, D]; rope(k), v into the caches
+            attn = be.step_attention(q, step, layer_index)  # [T, H, D]
+            x = be.matmul_transb(attn.reshape(len(ids), -1), layer.o, beta=1.0, c=x)  # residual add fused
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
         for (cache, _), n in zip(batch, lengths):
             cache.advance(n)
         if not all_logits and len(ids) > len(batch):  # in a pure decode step every row already is a last token
             x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
-        return be.to_host(be.matmul_transb(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
-
-    def _attention(self, layer_index, layer, h, batch, starts, slots):
-        """h [T, hidden] -> attention output [T, H * D], each sequence over its own cache."""
-        be = self.backend
-        qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
-        q = be.qkv_rope_cache(qkv, layer.qkv_bias, slots, layer_index)  # [T, H, D]; rope(k), v into the caches
-        out = be.batch_attention(q, slots, layer_index)  # [T, H, D], or None: per sequence
-        if out is None:
-            outs = []
-            for (cache, _), start, end in zip(batch, starts[:-1], starts[1:]):
-                keys, values = cache.view(layer_index, end - start)  # [KV, length + t, D]
-                outs.append(be.attention(q[start:end], keys, values, cache.length))
-            out = outs[0] if len(outs) == 1 else be.xp.concatenate(outs)  # [T, H, D]
-        return out.reshape(out.shape[0], -1)
+        return be.to_host(be.project_to_vocab(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
 
 
 def prefill(model, cache, prompt_ids):

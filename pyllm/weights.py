@@ -1,4 +1,8 @@
-"""Safetensors reading: single or sharded files, tensors read straight into their destination.
+"""Model weights: the matrices a backend computes on, and safetensors reading.
+
+A matrix is an array in the backend's dtype, or a QuantizedMatrix: kept in its storage format
+(GGML blocks, f16 or bf16 bits) and computed on as it is stored. GGUF files load in their own
+formats (gguf_model.py); safetensors load in the backend's dtype, or quantized while loading.
 
 We parse the safetensors header ourselves (8-byte length + JSON) and read each tensor with one
 `readinto`, so loading never holds a second copy of the file: f32 lands in place, f16/bf16 pass
@@ -7,12 +11,53 @@ through one tensor-sized buffer. Fused matrices (q|k|v, gate|up) are filled slic
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .dtypes import SAFETENSORS_DTYPES, STORAGE, convert
 from .errors import PyllmError
+from .formats import Format, format_named
+
+
+@dataclass
+class QuantizedMatrix:
+    """A weight matrix [N, K] in its storage format: row n is data[n] (K / block_size blocks)."""
+    format: Format
+    shape: tuple[int, int]  # (N, K): the f32 matrix it stands for
+    data: np.ndarray        # [N, format.row_bytes(K)] uint8, or [N, K] float16 / uint16 (bf16 bits)
+
+    @classmethod
+    def quantize(cls, matrix: np.ndarray, fmt: Format, name: str) -> "QuantizedMatrix":
+        """f32 [N, K] -> that matrix in `fmt`; a row length the format cannot hold is a PyllmError."""
+        if fmt.quantize is None:
+            raise PyllmError(f"pyllm cannot quantize to {fmt.name}")
+        if matrix.shape[1] % fmt.block_size:
+            raise PyllmError(f"cannot quantize tensor {name} to {fmt.name}: its rows hold {matrix.shape[1]} "
+                             f"weights, not a multiple of the format's block of {fmt.block_size}")
+        return cls(fmt, matrix.shape, fmt.quantize(matrix))
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        """-> f32 [N, K], or only `rows` (ids [T]) -> [T, K]: a gather dequantizes what it looks up."""
+        return self.format.dequantize(self.data if rows is None else self.data[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def stacked(parts):
+    """Matrices with the same K one under the other -> one matrix when their formats agree (rows of
+    blocks stack like rows of floats), else the tuple itself (the backend multiplies each)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    if all(isinstance(p, QuantizedMatrix) and p.format == parts[0].format for p in parts):
+        return QuantizedMatrix(parts[0].format, (sum(p.shape[0] for p in parts), parts[0].shape[1]),
+                               np.concatenate([p.data for p in parts]))
+    return tuple(parts)
 
 
 class SafetensorsIndex:
@@ -82,7 +127,8 @@ class SafetensorsIndex:
 
 
 class LayerWeights:
-    """One decoder layer, projections fused so each step makes fewer, larger matmuls."""
+    """One decoder layer, projections fused so each step makes fewer, larger matmuls (a tuple of
+    matrices where the formats of q, k and v, or of gate and up, differ)."""
 
     def __init__(self, input_norm, qkv, qkv_bias, o, post_norm, gate_up, down):
         self.input_norm = input_norm  # [hidden]
@@ -102,10 +148,10 @@ class ModelWeights:
         self.lm_head = lm_head  # [vocab, hidden]; the same array as embed when tied
 
     def nbytes(self) -> int:
-        arrays = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        matrices = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
-            arrays += [a for a in vars(layer).values() if a is not None]
-        return sum(a.nbytes for a in arrays)
+            matrices += [m for m in vars(layer).values() if m is not None]
+        return sum(sum(part.nbytes for part in m) if isinstance(m, tuple) else m.nbytes for m in matrices)
 
 
 def _read_stacked(index, names_and_rows, cols, dtype):
@@ -122,17 +168,23 @@ def _read_stacked(index, names_and_rows, cols, dtype):
     return out
 
 
-def load_weights(config, model_dir, dtype="f32", upload=lambda a: a, show_progress=True) -> ModelWeights:
-    """Read a checkpoint into ModelWeights of storage dtype `dtype`; `upload` moves each array
-    to the backend's device as soon as it is read, so the host holds one tensor at a time."""
+def load_weights(config, model_dir, dtype="f32", upload=lambda a: a, show_progress=True,
+                 quantize: str | None = None) -> ModelWeights:
+    """Read a checkpoint into ModelWeights of storage dtype `dtype`, every matrix quantized to
+    `quantize` if given (norms and biases stay in `dtype`); `upload` moves each one to the
+    backend's device as soon as it is read, so the host holds one tensor at a time."""
     from .progress import progress
 
     index = SafetensorsIndex(model_dir)
     hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_rows, kv_rows = config.num_heads * dim, config.num_kv_heads * dim
+    fmt = format_named(quantize) if quantize else None
 
     def read(names_and_rows, cols):
-        return upload(_read_stacked(index, names_and_rows, cols, dtype))
+        if fmt is None or not cols:
+            return upload(_read_stacked(index, names_and_rows, cols, dtype))
+        matrix = _read_stacked(index, names_and_rows, cols, "f32")
+        return upload(QuantizedMatrix.quantize(matrix, fmt, names_and_rows[0][0]))
 
     embed_name = "model.embed_tokens.weight"
     if config.tie_word_embeddings and embed_name not in index:

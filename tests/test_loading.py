@@ -118,3 +118,35 @@ def test_peak_rss_after_load_is_at_most_1_3x_the_f32_weights(tmp_path, dtype):
                          check=True).stdout.split()
     peak, weight_bytes = int(out[0]), int(out[1])
     assert peak - baseline <= 1.3 * weight_bytes, (peak - baseline) / weight_bytes
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "bf16"])
+def test_quantize_while_loading_matches_transformers_on_the_same_rounded_weights(tmp_path, fmt):
+    """--quantize: every matrix rounded as gguf's quantizer rounds it, norms kept; transformers with
+    the same rounded matrices is the oracle (the reference backend, and the C kernels on a prompt of
+    more than 16 tokens, which multiply the stored weights in f32: within 1e-4)."""
+    import gguf
+    import torch
+    qtype = gguf.GGMLQuantizationType[fmt.upper()]
+    reference = make_tiny_model(tmp_path, "llama-gqa-untied")
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.ndim == 2:
+                rounded = gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), qtype), qtype)
+                param.copy_(torch.from_numpy(rounded.astype(np.float32)))
+    expected = hf_logits(reference, PROMPT)
+    llm = pyllm.LLM(str(tmp_path), backend="reference", quantize=fmt, show_progress=False)
+    assert llm.model.weights.layers[0].gate_up.format.name == fmt and llm.model.weights.embed.format.name == fmt
+    np.testing.assert_allclose(llm.score(PROMPT), expected, atol=1e-4, rtol=0)
+    cpu, prompt = pyllm.LLM(str(tmp_path), backend="cpu", quantize=fmt, show_progress=False), PROMPT * 4
+    np.testing.assert_allclose(cpu.score(prompt), hf_logits(reference, prompt), atol=1e-4, rtol=0)
+
+
+def test_quantize_refuses_rows_that_are_not_whole_blocks(tmp_path):
+    make_tiny_model(tmp_path, "llama-gqa-untied", intermediate_size=100)  # down_proj rows of 100
+    with pytest.raises(PyllmError, match="cannot quantize tensor model.layers.0.mlp.down_proj.weight to q4_0: "
+                                         "its rows hold 100 weights") as err:
+        pyllm.LLM(str(tmp_path), quantize="q4_0", show_progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PyllmError, match="unknown --quantize 'q3_k'"):
+        pyllm.LLM(str(tmp_path), quantize="q3_k", show_progress=False)

@@ -12,20 +12,17 @@ from conftest import TINY_VARIANTS, hf_logits, make_tiny_model
 PROMPT = [0, 17, 250, 3, 99, 42, 42, 7, 180, 33, 5, 260]
 
 
-@pytest.fixture(scope="module", params=[(name, kernels) for name in sorted(TINY_VARIANTS) for kernels in ("c", "numpy")],
+@pytest.fixture(scope="module", params=[(name, backend) for name in sorted(TINY_VARIANTS) for backend in ("cpu", "reference")],
                 ids=lambda param: "-".join(param))
 def variant(request, tmp_path_factory):
     """A tiny model and its transformers reference, run through the CPU backend's C kernels (where
-    they build) or with them turned off: NumPy alone."""
-    name, kernels = request.param
-    if kernels == "c" and not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    they build) or through the reference backend: NumPy alone."""
+    name, backend = request.param
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the CPU backend would be the reference")
     model_dir = tmp_path_factory.mktemp(name)
     reference = make_tiny_model(model_dir, name)
-    with pytest.MonkeyPatch.context() as patch:
-        if kernels == "numpy":
-            patch.setattr(cpu_kernels, "_library", lambda: None)
-        yield pyllm.LLM(str(model_dir), show_progress=False), reference
+    return pyllm.LLM(str(model_dir), backend=backend, show_progress=False), reference
 
 
 def test_prefill_logits_match(variant):

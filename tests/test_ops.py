@@ -1,4 +1,6 @@
-"""Each NumPy operator against transformers' own module or a plain PyTorch reference."""
+"""Each reference operator against transformers' own module or a plain PyTorch reference, and
+the CPU backend's C kernels against both (tests taking `kernels` run through the C kernels and
+through the CPU backend's fallback to the reference)."""
 
 import os
 import signal
@@ -15,7 +17,9 @@ import transformers
 from transformers.models.llama import modeling_llama as hf
 
 from pyllm.backends import cpu_kernels
-from pyllm.backends import numpy_backend as ops
+from pyllm.backends import reference as ops
+from pyllm.backends.base import Step
+from pyllm.backends.cpu import CpuBackend
 
 rng = np.random.default_rng(0)
 
@@ -46,6 +50,7 @@ def test_rms_norm_matches_llama_rmsnorm(kernels, rows, hidden):
     module = hf.LlamaRMSNorm(hidden, eps=1e-5)
     module.weight.data = torch.from_numpy(w)
     expected = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(CpuBackend.rms_norm(x, w, 1e-5), expected, atol=1e-5)
     np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), expected, atol=1e-5)
 
 
@@ -71,13 +76,14 @@ def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim
     rope() above: q comes back roped, each sequence's roped k and its v land in its cache rows of
     the given layer, and nothing else changes."""
     n_heads, n_kv, counts, starts, capacities, layer = 6, 2, [3, 1, 40], [0, 7, 20], [8, 9, 64], 1
-    backend = ops.NumpyBackend(SimpleNamespace(rope_theta=10000.0, head_dim=head_dim, max_position_embeddings=64))
+    backend = CpuBackend(SimpleNamespace(rope_theta=10000.0, head_dim=head_dim, max_position_embeddings=64))
     qkv = randn(sum(counts), (n_heads + 2 * n_kv) * head_dim)
     bias = randn(qkv.shape[1]) if with_bias else None
     caches = [(np.zeros((2, n_kv, c, head_dim), np.float32), np.zeros((2, n_kv, c, head_dim), np.float32))
               for c in capacities]  # [layers, KV, capacity, D]
-    q = backend.qkv_rope_cache(qkv, bias, [(k, v, start + n, n) for (k, v), start, n in zip(caches, starts, counts)],
-                               layer)
+    step = Step([(k, v, start + n, n) for (k, v), start, n in zip(caches, starts, counts)],
+                list(np.cumsum([0] + counts)))
+    q = backend.qkv_rope_cache(qkv, bias, step, layer)
     heads = (qkv if bias is None else qkv + bias).reshape(len(qkv), -1, head_dim)  # [T, H + 2 KV, D]
     positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
     np.testing.assert_allclose(q, ops.rope(heads[:, :n_heads], positions, backend.cos, backend.sin), atol=1e-6)
@@ -130,14 +136,17 @@ def test_swiglu_matches_llama_mlp_activation(kernels, rows, inter):
     gate_up[0, :4] = [-120.0, -90.0, 90.0, 120.0]  # past where exp over- or underflows
     gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
     expected = (torch.nn.functional.silu(gate) * up).numpy()
+    np.testing.assert_allclose(CpuBackend.swiglu(gate_up), expected, atol=1e-6)
     np.testing.assert_allclose(ops.swiglu(gate_up), expected, atol=1e-6)
 
 
 def test_matmul_transb_alpha_beta(kernels):
     a, b, c = randn(5, 12), randn(7, 12), randn(5, 7)
     expected = 0.5 * np.einsum("mk,nk->mn", a.astype(np.float64), b) + 2.0 * c
-    np.testing.assert_allclose(ops.matmul_transb(a, b, alpha=0.5, beta=2.0, c=c.copy()), expected, atol=1e-5)
-    np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-5)
+    for matmul in (CpuBackend.matmul_transb, ops.matmul_transb):
+        np.testing.assert_allclose(matmul(a, b, alpha=0.5, beta=2.0, c=c.copy()), expected, atol=1e-5)
+        np.testing.assert_allclose(matmul(a, b), a.astype(np.float64) @ b.T, atol=1e-5)
+        np.testing.assert_allclose(matmul(a, b, beta=1.0, c=c.copy()), a.astype(np.float64) @ b.T + c, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_heads,n_kv,q_len,kv_len", [(9, 3, 1, 37), (4, 4, 6, 6), (8, 2, 3, 300), (9, 3, 300, 300), (4, 2, 200, 250)])
@@ -155,23 +164,14 @@ def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
     np.testing.assert_allclose(ops.attention(q, k, v, offset), expected[0].numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("m,n", [(2, 1728), (8, 576), (5, 49152 // 64), (8, 100)])
-def test_matmul_transb_skinny_path(m, n):
-    """Few rows (batched decode) take the skinny path; same result as one matmul."""
-    a, b = randn(m, 64), randn(n, 64)
-    np.testing.assert_allclose(ops.matmul_transb(a, b), a.astype(np.float64) @ b.T, atol=1e-4)
-
-
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 16, 17, 40, 100])
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
-def test_matmul_c_kernels_and_blocked_fallback(m, n, k):
+def test_matmul_c_kernels(m, n, k):
     """kernels/cpu/matmul.c: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
     16), and more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a ragged
-    last one), alone and added into a result; and the OpenBLAS blocks for a few rows."""
+    last one), alone and added into a result."""
     a, b, c = randn(m, k), randn(n, k), randn(m, n)
     expected = a.astype(np.float64) @ b.T
-    if m <= ops.BLOCKED_MAX_ROWS:
-        np.testing.assert_allclose(ops._blocked_matmul_transb(a, b), expected, atol=1e-4)
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
     np.testing.assert_allclose(cpu_kernels.matmul_transb(a, b), expected, atol=1e-4)
@@ -201,7 +201,7 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
     """fork() keeps none of the kernel's worker threads: a child starts its own, and must not
     inherit the parent's sleeping workers as waiters nor a lock held by a call in flight."""
     if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the blocked NumPy path serves")
+        pytest.skip("no C compiler or no AVX-512 here: the reference serves")
     a, b = randn(8, 64), randn(301, 64)
     cpu_kernels.matmul_transb(a, b)
     time.sleep(0.01)  # the parent's workers are asleep
@@ -263,13 +263,14 @@ def test_attention_kernel_refuses_caches_that_do_not_fit():
 def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
     """Built without AVX-512 (the source compiles to nothing), no compiler, or turned off."""
     script = ("import numpy as np\n"
-              "from pyllm.backends import cpu_kernels, numpy_backend as ops\n"
+              "from pyllm.backends import cpu_kernels\n"
+              "from pyllm.backends.cpu import CpuBackend\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
               "assert not cpu_kernels.available()\n"
               "cache = np.ones((1, 1, 4, 16), np.float32)\n"
               "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(cache, cache, 1, 1)], 0) is None\n"
               "assert cpu_kernels.rms_norm(a, a[0], 1e-5) is None and cpu_kernels.swiglu(a) is None\n"
-              "assert (ops.matmul_transb(a, b) == 64).all()\n")
+              "assert (CpuBackend.matmul_transb(a, b) == 64).all()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **environment}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

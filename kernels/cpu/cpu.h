@@ -3,6 +3,8 @@
 //   matmul.c     skinny_matmul (a decode step's few rows) and matmul (a prompt's many rows)
 //   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes)
 //   attention.c  attention (every sequence of a step over its KV cache)
+//   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
+//                quantize_activations, dequantize; quant_k.c: the same for the K-quants
 //   pool.c       the thread pool they all share
 // Without AVX-512 the sources compile to nothing and the NumPy path serves.
 #pragma once
@@ -40,5 +42,52 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#ifdef __AVX512F__
+// GGML block-quantized weights (quant.c, quant_k.c); type: the GGML type id
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+size_t row_bytes(int type, int K);  // bytes of a row of K weights (0: a type not known here)
+// w [rows, K] -> f32 [rows, K], as gguf.quants.dequantize; single-threaded, for inside pool tasks
+void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out);
+// between quant.c and quant_k.c: the current quant_matmul call, xq's record size (quant.c), the
+// K-quants' rows of it and their dequantization, a row's output
+#define QX_GROUP 16     // blocks of 32 per xq record
+#define QX_RECORD 832   // bytes of an xq record
+#define MAX_QUANT_ROWS 16
+#define QUANT_STRIP 8   // weight rows that take a group of xq in turn (when a row's xq passes L1)
+struct quant_call {
+  const uint8_t *xq, *w;
+  float *out;
+  int type, M, K, N, accumulate, strip;  // strip: 1 or QUANT_STRIP
+};
+void quant_rows_k(const struct quant_call *call, int lo, int hi);  // weight rows lo .. hi - 1
+void dequantize_rows_k(int type, const uint8_t *w, int rows, int K, float *out);
+void quant_store(const struct quant_call *call, int n, const __m512 *acc);  // out[:, n] (+)= lane sums
+// byte offsets inside an xq record (quant.c's header has the layout)
+enum { QX_D = 512, QX_DSUM = 576, QX_SUM = 640, QX_SUM_LO = 704, QX_SUM_HI = 768 };
+
+// one group of weights W[8] (decoded to xq's layout) against one xq record x: per lane (block),
+// s0 the products over the block's first half, s1 over its second
+static inline __attribute__((always_inline)) void xq_dots(const __m512i W[8], const uint8_t *x, __m512i *s0,
+                                                          __m512i *s1) {
+  *s0 = *s1 = _mm512_setzero_si512();
+  for (int u = 0; u < 4; u++) {
+    *s0 = _mm512_dpbusd_epi32(*s0, W[u], _mm512_loadu_si512(x + 64 * u));
+    *s1 = _mm512_dpbusd_epi32(*s1, W[4 + u], _mm512_loadu_si512(x + 64 * (4 + u)));
+  }
+}
+
+// formats with a per-block min (q4_1, q5_1, q4_k, q5_k): acc[m] += dw dx sum(q xq) + mw dx sum(xq), per lane
+static inline __attribute__((always_inline)) void rows_times_min(const __m512i W[8], __m512 dw, __m512 mw, int M,
+                                                                 const uint8_t *x, __m512 *acc) {
+  for (int m = 0; m < M; m++, x += QX_RECORD) {
+    __m512i s0, s1;
+    xq_dots(W, x, &s0, &s1);
+    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                          _mm512_loadu_ps((const float *)(x + QX_D)));
+    acc[m] = _mm512_fmadd_ps(mw, _mm512_loadu_ps((const float *)(x + QX_DSUM)), _mm512_fmadd_ps(products, dw, acc[m]));
+  }
 }
 #endif

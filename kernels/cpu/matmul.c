@@ -18,6 +18,16 @@
 #ifdef __AVX512F__
 #define PREFETCH_FLOATS 2048
 
+static float *grown(float *buffer, size_t *allocated, size_t floats) {  // scratch kept between calls, grown to fit
+  if (floats <= *allocated) return buffer;
+  free(buffer);
+  buffer = aligned_alloc(64, sizeof(float) * floats);
+  if (buffer == NULL) abort();
+  *allocated = floats;
+  return buffer;
+}
+
+
 static inline float dot_tail(const float *x, const float *w, int k, int K, float sum) {
   for (; k < K; k++) sum += x[k] * w[k];
   return sum;
@@ -63,15 +73,23 @@ static void weight_rows(int M, const float *x, int K, const float *w, int lo, in
     for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
 }
 
-static struct {  // the current skinny_matmul call
+static struct {  // the current skinny_matmul or dequant_matmul call
   const float *x, *w;
-  float *out;
+  const uint8_t *blocks;  // dequant_matmul: w as rows of GGML blocks of `type`
+  int type;
+  float *out, *strips;    // dequant_matmul: per thread [DEQUANT_ROWS, K], kept between calls
+  size_t strip_floats;
   int M, K, N;
 } mm;
 
-static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
-  const int lo = (int)((long long)mm.N * part / pool_threads) / 2 * 2;
-  const int hi = part + 1 == pool_threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool_threads) / 2 * 2;
+static void part_bounds(int part, int *lo, int *hi) {  // even bounds: the kernel takes weight rows two at a time
+  *lo = (int)((long long)mm.N * part / pool_threads) / 2 * 2;
+  *hi = part + 1 == pool_threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool_threads) / 2 * 2;
+}
+
+static void matmul_part(int part) {
+  int lo, hi;
+  part_bounds(part, &lo, &hi);
   weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
 }
 
@@ -80,6 +98,33 @@ EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, f
   pool_lock();
   mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
   pool_run(matmul_part);
+  pool_unlock();
+}
+
+// dequant_matmul: the same few rows against weights in GGML blocks, the activations kept in f32:
+// a thread dequantizes DEQUANT_ROWS of its weight rows at a time into its strip (L1/L2) and runs
+// the f32 kernel above on the strip. For the vocabulary projection, whose input (the final norm's
+// output) has outlier channels that int8 blocks of 32 round too coarsely for the logits' near-ties.
+#define DEQUANT_ROWS 16
+
+static void dequant_part(int part) {
+  int lo, hi;
+  part_bounds(part, &lo, &hi);
+  float *strip = mm.strips + (size_t)part * DEQUANT_ROWS * mm.K;
+  const size_t stride = row_bytes(mm.type, mm.K);
+  for (int n = lo; n < hi; n += DEQUANT_ROWS) {
+    const int rows = hi - n < DEQUANT_ROWS ? hi - n : DEQUANT_ROWS;
+    dequantize_rows(mm.type, mm.blocks + (size_t)n * stride, rows, mm.K, strip);
+    weight_rows(mm.M, mm.x, mm.K, strip, 0, rows, mm.out + n, mm.N);
+  }
+}
+
+// out [M, N] = x [M, K] @ dequantize(w)^T, w: N rows of GGML blocks of `type`, M <= 16
+EXPORT void dequant_matmul(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out) {
+  pool_lock();
+  mm.strips = grown(mm.strips, &mm.strip_floats, (size_t)pool_threads * DEQUANT_ROWS * K);
+  mm.M = M, mm.x = x, mm.K = K, mm.blocks = w, mm.type = type, mm.N = N, mm.out = out;
+  pool_run(dequant_part);
   pool_unlock();
 }
 
@@ -95,13 +140,21 @@ EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, f
 // every panel in turn while those rows are in L1 (the panels, ~1 MB for a 512-token prompt, in L2).
 // Work split: packing by panels, then the tiles' weight rows, in runs of W_ROWS, among threads.
 // Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS, no blocking of k).
+//
+// quant_gemm: the same for weights in GGML blocks (quant.c): each thread dequantizes a run of
+// W_ROWS weight rows into its own strip of W_ROWS x K floats (L2-resident) right before the
+// tiles of that run read it, so a prompt computes in f32 on exactly the stored weights and no
+// f32 copy of a matrix exists beyond one strip per thread.
 #define PANEL 32
 #define W_ROWS 12
 
-static struct {  // the current matmul call
-  const float *x, *w;
+static struct {  // the current matmul or quant_gemm call
+  const float *x, *w;     // w: f32 rows (matmul), or NULL when blocks holds the weights
+  const uint8_t *blocks;  // quant_gemm: rows of GGML blocks of `type`
+  int type;
   float *out, *panels;  // panels [ceil(M / PANEL), K, PANEL]; kept between calls: the pages stay mapped
-  size_t panel_floats;  // allocated
+  float *strips;        // quant_gemm: per thread [W_ROWS, K]; kept between calls like the panels
+  size_t panel_floats, strip_floats;  // allocated
   int M, K, N, accumulate;
 } gemm;
 
@@ -149,10 +202,10 @@ static void pack_part(int part) {  // panel p: [K, PANEL] <- x rows 32p .. 32p +
     }
 }
 
-// out rows of panel `p`, columns n .. n + R - 1
-static inline __attribute__((always_inline)) void tile(const int R, int p, int n) {
+// out rows of panel `p`, columns n .. n + R - 1, from the weight rows w [R, K]
+static inline __attribute__((always_inline)) void tile(const int R, int p, int n, const float *w) {
   const int K = gemm.K;
-  const float *panel = gemm.panels + (size_t)p * K * PANEL, *w = gemm.w + (size_t)n * K;
+  const float *panel = gemm.panels + (size_t)p * K * PANEL;
   __m512 lo[W_ROWS], hi[W_ROWS];
   for (int j = 0; j < R; j++) lo[j] = hi[j] = _mm512_setzero_ps();
   for (int k = 0; k < K; k++) {
@@ -180,34 +233,49 @@ static inline __attribute__((always_inline)) void tile(const int R, int p, int n
     }
   }
 }
-typedef void (*tile_fn)(int p, int n);
+typedef void (*tile_fn)(int p, int n, const float *w);
 #define TILE(R) \
-  static void tile_##R(int p, int n) { tile(R, p, n); }
+  static void tile_##R(int p, int n, const float *w) { tile(R, p, n, w); }
 TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
 static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
                                           tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
 
 static void gemm_part(int part) {
-  const int n_panels = (gemm.M + PANEL - 1) / PANEL, runs = (gemm.N + W_ROWS - 1) / W_ROWS;
+  const int n_panels = (gemm.M + PANEL - 1) / PANEL, runs = (gemm.N + W_ROWS - 1) / W_ROWS, K = gemm.K;
+  float *strip = gemm.strips + (size_t)part * W_ROWS * K;
   for (int run = (int)((long long)runs * part / pool_threads); run < (long long)runs * (part + 1) / pool_threads; run++) {
     const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
-    for (int p = 0; p < n_panels; p++) TILES[R](p, n);
+    const float *w = gemm.w + (size_t)n * K;
+    if (gemm.blocks) {
+      dequantize_rows(gemm.type, gemm.blocks + (size_t)n * row_bytes(gemm.type, K), R, K, strip);
+      w = strip;
+    }
+    for (int p = 0; p < n_panels; p++) TILES[R](p, n, w);
   }
 }
 
-EXPORT void matmul(int M, const float *x, int K, const float *w, int N, float *out, int accumulate) {
-  const size_t panel_floats = (size_t)((M + PANEL - 1) / PANEL) * K * PANEL;
-  pool_lock();
-  if (panel_floats > gemm.panel_floats) {
-    free(gemm.panels);
-    gemm.panels = aligned_alloc(64, sizeof(float) * panel_floats);
-    if (gemm.panels == NULL) abort();
-    gemm.panel_floats = panel_floats;
-  }
-  gemm.x = x, gemm.w = w, gemm.out = out;
+static void run_gemm(int M, const float *x, int K, int N, float *out, int accumulate) {  // with the pool taken
+  gemm.panels = grown(gemm.panels, &gemm.panel_floats, (size_t)((M + PANEL - 1) / PANEL) * K * PANEL);
+  gemm.x = x, gemm.out = out;
   gemm.M = M, gemm.K = K, gemm.N = N, gemm.accumulate = accumulate;
   pool_run(pack_part);
   pool_run(gemm_part);
+}
+
+// out [M, N] (+)= x [M, K] @ w [N, K]^T, all C-contiguous f32
+EXPORT void matmul(int M, const float *x, int K, const float *w, int N, float *out, int accumulate) {
+  pool_lock();
+  gemm.w = w, gemm.blocks = NULL;
+  run_gemm(M, x, K, N, out, accumulate);
+  pool_unlock();
+}
+
+// out [M, N] (+)= x [M, K] @ dequantize(w)^T, w: N rows of GGML blocks of `type` (quant.c)
+EXPORT void quant_gemm(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out, int accumulate) {
+  pool_lock();
+  gemm.strips = grown(gemm.strips, &gemm.strip_floats, (size_t)pool_threads * W_ROWS * K);
+  gemm.w = NULL, gemm.blocks = w, gemm.type = type;
+  run_gemm(M, x, K, N, out, accumulate);
   pool_unlock();
 }
 #endif

@@ -1,6 +1,7 @@
 """Backends: the only code that knows the device. `make_backend` picks one by name.
 
-cpu       NumPy in f32 (numpy_backend.py).
+reference pure NumPy in f32, op by op (reference.py): what every kernel is tested against.
+cpu       the reference with the C kernels of kernels/cpu/ in its place where they build (cpu.py).
 cuda      hand-written CUDA kernels and cuBLAS through CuPy on a GPU (cuda_backend.py).
 cuda-emu  the same backend with the kernels run on the CPU by cuda_emu: slow, for testing.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..errors import PyllmError
 
-BACKENDS = ("cpu", "cuda", "cuda-emu")
+BACKENDS = ("cpu", "reference", "cuda", "cuda-emu")
 
 
 def usable_cores() -> int:
@@ -56,11 +57,14 @@ def build_cache_dir(name: str) -> Path:
 
 
 def make_backend(name: str, config, dtype: str | None = None):
+    if name in ("cpu", "reference") and dtype not in (None, "f32"):
+        raise PyllmError(f"the {name} backend computes in f32; --dtype {dtype} is for the cuda backend")
     if name == "cpu":
-        from .numpy_backend import NumpyBackend
-        if dtype not in (None, "f32"):
-            raise PyllmError(f"the cpu backend computes in f32; --dtype {dtype} is for the cuda backend")
-        return NumpyBackend(config)
+        from .cpu import CpuBackend
+        return CpuBackend(config)
+    if name == "reference":
+        from .reference import ReferenceBackend
+        return ReferenceBackend(config)
     if name in ("cuda", "cuda-emu"):
         from .cuda_backend import CudaBackend, CupyDevice, EmuDevice
         return CudaBackend(config, dtype, CupyDevice() if name == "cuda" else EmuDevice())

@@ -19,7 +19,9 @@ import numpy as np
 from ..dtypes import convert, storage_dtype
 from ..errors import PyllmError
 from . import kernels_dir, nvrtc
-from .numpy_backend import rope_tables
+from ..weights import QuantizedMatrix
+from .base import Step
+from .reference import rope_tables
 
 SCALAR_TYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}  # SCALAR_T per dtype
 ROW_THREADS = 256        # rms_norm, gather, softmax: one block per row
@@ -122,7 +124,7 @@ def _flat_alias(x):
 
 
 class CudaBackend:
-    """Kernels and cuBLAS over a device (CupyDevice or EmuDevice); the NumpyBackend interface."""
+    """Kernels and cuBLAS over a device (CupyDevice or EmuDevice); the contract of base.Backend."""
 
     def __init__(self, config, dtype: str | None, device):
         self.device, self.name, self.xp = device, device.name, device.xp
@@ -157,7 +159,7 @@ class CudaBackend:
     def _empty(self, shape):
         return self.xp.empty(shape, self.storage)
 
-    # ---- operators (shapes as in numpy_backend) ------------------------------------------
+    # ---- operators (shapes as in base.Backend) --------------------------------------------
     def gather(self, table, ids):
         """table [rows, hidden], ids [n] (int64 on the device) -> [n, hidden]."""
         out = self._empty((ids.shape[0], table.shape[1]))
@@ -180,20 +182,18 @@ class CudaBackend:
                      (x, positions, self.cos, self.sin, out, np.int32(x.shape[1]), np.int32(x.shape[2])))
         return out
 
-    def qkv_rope_cache(self, qkv, bias, slots, layer):
-        """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; slots and layer as in
-        numpy_backend: per sequence (k_cache, v_cache [layers, KV, capacity, D], length, n_new). One
-        launch per sequence writes its q rows and its rope(k), v cache rows."""
-        n_kv, dim = slots[0][0].shape[1], slots[0][0].shape[3]
+    def qkv_rope_cache(self, qkv, bias, step: Step, layer):
+        """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; one launch per
+        sequence writes its q rows and its rope(k), v cache rows (each cache has its own capacity)."""
+        n_kv, dim = step.slots[0].keys.shape[1], step.slots[0].keys.shape[3]
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
-        row = 0
-        for k_cache, v_cache, length, n in slots:  # each cache has its own capacity
+        for slot, row in zip(step.slots, step.starts):
+            n = slot.n_new
             self._launch("rope", "qkv_rope_cache", (int(n),), (ROPE_THREADS,),
-                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], k_cache[layer], v_cache[layer],
-                          np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(length - n),
-                          np.int32(k_cache.shape[2])))
-            row += n
+                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], slot.keys[layer],
+                          slot.values[layer], np.int32(n_heads), np.int32(n_kv), np.int32(dim),
+                          np.int32(slot.rows - n), np.int32(slot.keys.shape[2])))
         return q
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
@@ -205,6 +205,9 @@ class CudaBackend:
             ones = self.upload(convert(np.ones((a.shape[0], 1), np.float32), "f32", self.dtype))
             self._gemm(ones, bias.reshape(-1, 1), out, 1.0, 1.0)
         return out
+
+    def project_to_vocab(self, x, weight):
+        return self.matmul_transb(x, weight)
 
     def swiglu(self, gate_up):
         """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter]."""
@@ -221,9 +224,12 @@ class CudaBackend:
                      (scores, np.int32(q_len), np.int32(kv_len), np.int32(offset)))
         return scores
 
-    def batch_attention(self, q, slots, layer):
-        """No batched form here (numpy_backend.batch_attention): the model attends per sequence."""
-        return None
+    def step_attention(self, q, step: Step, layer):
+        """q [T, H, D] -> [T, H, D]: one attention launch per sequence over its cache."""
+        outs = [self.attention(q[row:row + slot.n_new], slot.keys[layer, :, :slot.rows],
+                               slot.values[layer, :, :slot.rows], slot.rows - slot.n_new)
+                for slot, row in zip(step.slots, step.starts)]
+        return outs[0] if len(outs) == 1 else self.xp.concatenate(outs)
 
     def attention(self, q, k, v, offset):
         """q [T, H, D], k, v [KV, L, D] (views into the cache: rows contiguous, heads strided) -> [T, H, D]."""
@@ -244,6 +250,10 @@ class CudaBackend:
     # ---- memory -------------------------------------------------------------------------
     def upload(self, host_array):
         """Host array, already in the storage dtype (weights.load_weights) -> device array."""
+        for part in host_array if isinstance(host_array, tuple) else (host_array,):
+            if isinstance(part, QuantizedMatrix):
+                raise PyllmError(f"the {self.name} backend does not compute on {part.format.name} weights yet; "
+                                 f"use --backend cpu, or a safetensors model without --quantize")
         return self.xp.asarray(host_array)
 
     def upload_ids(self, ids):

@@ -1,29 +1,25 @@
-"""NumPy operators: the CPU path and the reference the other backends are tested against.
+"""The reference backend: every operator in plain NumPy, op by op, in float32.
 
-Every operator works in float32. Shapes use T = new tokens (all sequences of a batch
-concatenated), H = query heads, KV = key/value heads, D = head_dim, L = cached + new tokens.
+This is the readable truth: no kernel is called from here. It is tested against transformers,
+and every other backend (the C kernels of cpu.py, the CUDA kernels) is tested against it.
+Shapes use T = new tokens (all sequences of a batch concatenated), H = query heads,
+KV = key/value heads, D = head_dim, L = cached + new tokens. A weight may be a QuantizedMatrix:
+it is dequantized (the rows gather needs, or the whole matrix for a matmul) right where it is used.
 """
-
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import CORES, cpu_kernels
-
-BLOCKED_MAX_ROWS = 8  # without the C kernel, OpenBLAS's small-matrix kernel in blocks wins up to here
-_pool = ThreadPoolExecutor(max_workers=max(CORES - 1, 1))
+from ..weights import QuantizedMatrix
+from .base import Step
 
 
 def gather(table, ids):
-    """Embedding lookup: table [vocab, hidden], ids [T] -> [T, hidden]."""
-    return table[ids]
+    """Embedding lookup: table [vocab, hidden] (array or QuantizedMatrix), ids [T] -> [T, hidden]."""
+    return table.dequantize(ids) if isinstance(table, QuantizedMatrix) else table[ids]
 
 
 def rms_norm(x, weight, eps):
     """x [T, hidden], weight [hidden] -> [T, hidden]; statistics in f32 as HF's LlamaRMSNorm."""
-    out = cpu_kernels.rms_norm(x, weight, eps)  # the C kernel where built: one pass, no temporaries
-    if out is not None:
-        return out
     variance = np.mean(np.square(x), axis=-1, keepdims=True)
     return x * (1.0 / np.sqrt(variance + np.float32(eps))) * weight
 
@@ -52,40 +48,10 @@ def rope(x, positions, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-SKINNY_BLOCK = 64  # weight rows per call: measured best across SmolLM2's shapes at 4 and 8 rows
-
-
-def _blocked_matmul_transb(a, b):
-    """a [M, K] @ b[N, K]^T for 2 <= M <= 8 -> [M, N] through OpenBLAS, where the C kernel is not.
-
-    One big call for a few rows makes OpenBLAS pack the whole weight and run its general kernel
-    (~7 GB/s here). Cutting b into blocks of 64 rows keeps each call inside OpenBLAS's
-    small-matrix kernel, and the blocks are shared among the cores by Python threads (the GIL is
-    released inside matmul): ~1.7x faster. Blocks are views, so the weights keep one layout.
-    """
-    n_blocks = b.shape[0] // SKINNY_BLOCK
-    if n_blocks == 0:
-        return a @ b.T
-    full = n_blocks * SKINNY_BLOCK
-    blocks = b[:full].reshape(n_blocks, SKINNY_BLOCK, -1).transpose(0, 2, 1)  # [n_blocks, K, 64]
-    step = -(-n_blocks // CORES)
-    futures = [_pool.submit(np.matmul, a, blocks[lo:lo + step]) for lo in range(step, n_blocks, step)]
-    results = [np.matmul(a, blocks[:step])] + [f.result() for f in futures]  # each [blocks, M, 64]
-    out = np.concatenate(results).transpose(1, 0, 2).reshape(a.shape[0], full)
-    return out if full == b.shape[0] else np.concatenate([out, a @ b[full:].T], axis=1)
-
-
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
-    """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (updated in place)."""
-    # the C kernels (cpu_kernels.py) where built: they stream the weights at memory speed for the
-    # few rows of a decode step, and share this pool's threads with the other kernels for a prompt;
-    # else OpenBLAS, in blocks for a few rows (its general kernel streams them at a fraction of that)
-    plain_residual = c is not None and beta == 1.0 and alpha == 1.0 and bias is None
-    product = cpu_kernels.matmul_transb(a, b, add_to=c if plain_residual else None)
-    if product is not None and plain_residual:
-        return product
-    if product is None:
-        product = _blocked_matmul_transb(a, b) if 1 < a.shape[0] <= BLOCKED_MAX_ROWS else a @ b.T
+    """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K] (array, QuantizedMatrix, or a
+    tuple of them: their products side by side), bias [N], c [M, N] (updated in place)."""
+    product = a @ dense(b).T  # [M, N]
     if alpha != 1.0:
         product *= np.float32(alpha)
     if bias is not None:
@@ -98,11 +64,15 @@ def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     return c
 
 
+def dense(b):
+    """A weight as one f32 matrix [N, K]: a QuantizedMatrix dequantized, a tuple stacked."""
+    if isinstance(b, tuple):
+        return np.concatenate([dense(part) for part in b])
+    return b.dequantize() if isinstance(b, QuantizedMatrix) else b
+
+
 def swiglu(gate_up):
     """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter]."""
-    out = cpu_kernels.swiglu(gate_up)  # the C kernel where built
-    if out is not None:
-        return out
     gate, up = np.split(gate_up, 2, axis=-1)
     with np.errstate(over="ignore"):  # exp(-gate) = inf for gate < -88 gives silu = -0, as it should
         return gate / (1.0 + np.exp(-gate)) * up
@@ -171,59 +141,54 @@ def _attention_block(q, k, v, offset):
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
 
 
-class NumpyBackend:
-    """The CPU backend: weights and KV cache are NumPy float32 arrays."""
+def qkv_rope_cache(qkv, bias, step: Step, layer, cos, sin):
+    """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; each
+    slot's rope(k) and v go into rows rows - n_new .. rows - 1 of its caches at `layer`."""
+    n_kv, dim = step.slots[0].keys.shape[1], step.slots[0].keys.shape[3]
+    positions = np.concatenate([np.arange(slot.rows - slot.n_new, slot.rows) for slot in step.slots])  # [T]
+    heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
+    rotated = rope(heads[:, :-n_kv], positions, cos, sin)                         # [T, H + KV, D]
+    for slot, start in zip(step.slots, step.starts):
+        new = slice(slot.rows - slot.n_new, slot.rows)
+        slot.keys[layer, :, new] = rotated[start:start + slot.n_new, -n_kv:].transpose(1, 0, 2)
+        slot.values[layer, :, new] = heads[start:start + slot.n_new, -n_kv:].transpose(1, 0, 2)
+    return rotated[:, :-n_kv]
 
-    name = "cpu"
+
+def step_attention(q, step: Step, layer):
+    """q [T, H, D] -> [T, H, D]: each sequence's rows attend over its own cache at `layer`."""
+    outs = [attention(q[start:start + slot.n_new], slot.keys[layer, :, :slot.rows], slot.values[layer, :, :slot.rows],
+                      slot.rows - slot.n_new)
+            for slot, start in zip(step.slots, step.starts)]
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+
+class ReferenceBackend:
+    """Weights and KV cache are NumPy float32 arrays (or QuantizedMatrix weights)."""
+
+    name = "reference"
     xp = np
     dtype = "f32"
 
     gather = staticmethod(gather)
     rms_norm = staticmethod(rms_norm)
-    matmul_transb = staticmethod(matmul_transb)
+    matmul_transb = project_to_vocab = staticmethod(matmul_transb)
     swiglu = staticmethod(swiglu)
     softmax_causal = staticmethod(softmax_causal)
     attention = staticmethod(attention)
+    step_attention = staticmethod(step_attention)
 
-    def __init__(self, config, dtype=None):
+    def __init__(self, config):
         self.cos, self.sin = rope_tables(config.rope_theta, config.head_dim, config.max_position_embeddings)
-        cpu_kernels.available()  # built (once per machine) or loaded now, while the model loads, not at its first token
 
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
-    def qkv_rope_cache(self, qkv, bias, slots, layer):
-        """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope.
-
-        slots: one (k_cache, v_cache [layers, KV, capacity, D], length, n_new) per sequence, in row
-        order (KVCache.step_slot): that sequence's rope(k) and v go into rows length - n_new ..
-        length - 1 of its caches at `layer`. One op, so this backend ropes the whole batch at once
-        (a decode step would otherwise pay a dozen small NumPy calls per sequence) and the cuda one
-        fuses each sequence's epilogue into one launch.
-        """
-        q = cpu_kernels.qkv_rope(qkv, bias, slots, layer, self.cos, self.sin)  # the C kernel where built
-        if q is not None:
-            return q
-        n_kv, dim = slots[0][0].shape[1], slots[0][0].shape[3]
-        positions = np.concatenate([np.arange(length - n, length) for _, _, length, n in slots])  # [T]
-        heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
-        rotated = rope(heads[:, :-n_kv], positions, self.cos, self.sin)               # [T, H + KV, D]
-        row = 0
-        for k_cache, v_cache, length, n in slots:
-            k_cache[layer, :, length - n:length] = rotated[row:row + n, -n_kv:].transpose(1, 0, 2)
-            v_cache[layer, :, length - n:length] = heads[row:row + n, -n_kv:].transpose(1, 0, 2)
-            row += n
-        return rotated[:, :-n_kv]
-
-    @staticmethod
-    def batch_attention(q, slots, layer):
-        """A step's attention for every sequence at once: q [T, H, D], the sequences' new tokens in
-        order; slots as qkv_rope_cache's, the same list for every layer of the step -> [T, H, D], or
-        None (no C kernel here): then the model attends sequence by sequence with attention() above."""
-        return cpu_kernels.attention(q, slots, layer)
+    def qkv_rope_cache(self, qkv, bias, step: Step, layer):
+        return qkv_rope_cache(qkv, bias, step, layer, self.cos, self.sin)
 
     def upload(self, host_array):
-        """Host f32 array -> backend array (here: the same array)."""
+        """A host weight -> the backend's (here: the same object)."""
         return host_array
 
     def upload_ids(self, ids):

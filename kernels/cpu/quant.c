@@ -1,0 +1,351 @@
+// Decode matmul on GGML block-quantized weights (llama.cpp's formats, bytes as GGUF stores them),
+// with the activations quantized to int8 and the dot products on AVX-512 VNNI; and dequantization.
+// This file: the activations, the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0) and
+// the call; quant_k.c: the K-quants (q4_k, q5_k, q6_k: superblocks of 256).
+//
+// Why: a decode step streams every weight once, so its time is the weights' bytes over memory
+// bandwidth: 4.5-bit weights read ~7x fewer bytes than f32. Dequantized to f32, every 16 weights
+// would take a widening, a convert and a scale before their FMA; with int8 activations one
+// vpdpbusd does 64 multiply-adds on the weights' own small integers, and the scales come per block.
+//
+// The activations, xq (quantize_activations): each row of x is cut into blocks of 32, a block b
+// gets d = max|x| / 127 and q = round-half-even(x / d) clamped to +-127 (d = 0: q = 0). Blocks go
+// in groups of 16 (QX_GROUP: a block per 32-bit lane of a zmm), zero-padded past K. xq is one record
+// of QX_RECORD bytes per (group g, row m), record (g, m) at (g * M + m) * QX_RECORD:
+//   QX_Q        8 x 64 bytes: vector u (0..7), lane j (bytes 4j..4j+3) = q of elements 4u..4u+3
+//               of block j, so one vpdpbusd of a weight vector laid out the same way adds four
+//               products of each of 16 blocks into that block's lane; u 0..3 are the block's
+//               first half (elements 0..15), u 4..7 its second
+//   QX_D        f32 [16]: d of each block
+//   QX_DSUM     f32 [16]: d * sum(q) (the weight format's per-block min multiplies it)
+//   QX_SUM      int32 [16]: sum(q) of each block, QX_SUM_LO, QX_SUM_HI: of its halves
+// The weights are decoded into the same layout, a group of 16 blocks at a time, in registers.
+#include "cpu.h"
+#ifdef __AVX512F__
+#define PREFETCH_BYTES 4096  // how far ahead a thread prefetches its weights (per row, split over a strip)
+#define XQ_IN_L1 32768       // xq bytes of a weight row that stay in L1 without strips
+
+EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROUP - 1) / QX_GROUP) * M * QX_RECORD; }
+
+EXPORT void quantize_activations(int M, int K, const float *x, void *xq) {
+  const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP;
+  memset(xq, 0, activation_bytes(M, K));
+  for (int g = 0; g < groups; g++)
+    for (int m = 0; m < M; m++) {
+      uint8_t *record = (uint8_t *)xq + ((size_t)g * M + m) * QX_RECORD;
+      for (int j = 0; j < QX_GROUP && g * QX_GROUP + j < blocks; j++) {
+        const float *block = x + (size_t)m * K + (size_t)(g * QX_GROUP + j) * 32;
+        const __m512 lo = _mm512_loadu_ps(block), hi = _mm512_loadu_ps(block + 16);
+        const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127.0f;
+        if (d == 0.0f) continue;  // q, d and the sums stay zero
+        const __m512 scale = _mm512_set1_ps(d);
+        const __m512i limit = _mm512_set1_epi32(127);
+        __m512i q[2];
+        q[0] = _mm512_cvt_roundps_epi32(_mm512_div_ps(lo, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[1] = _mm512_cvt_roundps_epi32(_mm512_div_ps(hi, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        for (int h = 0; h < 2; h++) {  // a d far below FLT_MIN is inexact: keep q in range
+          q[h] = _mm512_max_epi32(_mm512_min_epi32(q[h], limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+          uint8_t bytes[16];
+          _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(q[h]));
+          for (int t = 0; t < 4; t++) memcpy(record + 64 * (4 * h + t) + 4 * j, bytes + 4 * t, 4);
+        }
+        const int sum_lo = _mm512_reduce_add_epi32(q[0]), sum_hi = _mm512_reduce_add_epi32(q[1]);
+        ((float *)(record + QX_D))[j] = d;
+        ((float *)(record + QX_DSUM))[j] = d * (float)(sum_lo + sum_hi);
+        ((int32_t *)(record + QX_SUM))[j] = sum_lo + sum_hi;
+        ((int32_t *)(record + QX_SUM_LO))[j] = sum_lo;
+        ((int32_t *)(record + QX_SUM_HI))[j] = sum_hi;
+      }
+    }
+}
+
+size_t row_bytes(int type, int K) {
+  switch (type) {
+    case Q4_0: return (size_t)K / 32 * 18;
+    case Q4_1: return (size_t)K / 32 * 20;
+    case Q5_0: return (size_t)K / 32 * 22;
+    case Q5_1: return (size_t)K / 32 * 24;
+    case Q8_0: return (size_t)K / 32 * 34;
+    case Q4_K: return (size_t)K / 256 * 144;
+    case Q5_K: return (size_t)K / 256 * 176;
+    case Q6_K: return (size_t)K / 256 * 210;
+    default: return 0;
+  }
+}
+
+static inline float f16(const uint8_t *p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+static inline __m512 half_to_float(__m512i dwords) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dwords)); }
+
+// quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
+// Work split: each thread (the caller and the pool's workers) takes its own range of weight rows.
+// A thread walks them one row at a time, or when a row's xq passes XQ_IN_L1 (M x K / 512 records:
+// M = 16 at K = 4096 is 106 KB) in strips of QUANT_STRIP rows that take each group in turn, so
+// that group's xq (M records, <= 13 KB) serves the whole strip from L1 instead of streaming from
+// L2 for every row (q4_1 at M = 16: 9.3 GB/s against 7.4; at M = 1 strips cost the hardware
+// prefetcher its streams: 41 against 50; 50 MB of weights, from L3, 2-core Xeon). Software
+// prefetch runs PREFETCH_BYTES ahead per row (over a strip: that divided among its rows); the
+// weights are read from memory once for all M.
+// Per group of 16 blocks of one weight row:
+//   decode: W[8] = its 512 weights as u8 in xq's layout (vector u, lane j: weights 4u..4u+3 of
+//     block j), dw (and mw) = its f32 scales (and mins) per lane: 8 + 2 zmm, live through
+//   the activation rows: per row m, 8 vpdpbusd (xq from L1) in two chains of 4 (2 zmm), the
+//     block's offset or min and scales in f32, into the row's 16-lane f32 accumulator (M = 1: a
+//     register; else the strip's M x 16 on the stack, in L1); the 16 lanes added at the row's end.
+// Numerics: each block's sum(q xq) is exact in int32; d dx sum(q xq) (+ m dx sum(xq)) in f32;
+// summed per lane (block j of every group) in k order, then the 16 lanes: next to an f32 dot
+// product with the dequantized weights, only the activations' int8 rounding and the summation
+// order differ.
+//
+// The 32-weight formats: the blocks' bytes are loaded 16 (q8_0: 32) per block and transposed to
+// one block per lane with vpermt2d and vshufi32x4; the f16 scales (and q5's high bits) come in a
+// vpgatherdd each.
+// Offsets, not signs: q4_0 is d (q - 8) with q in 0..15, q5_0 d (q - 16), and q8_0 is signed: it
+// is read as q + 128 (one xor), which makes every weight an unsigned byte for vpdpbusd, and
+// d dx sum(q xq) = d dx (sum((q + c) xq) - c sum(xq)) with the block's sum from xq: one shift and
+// subtract per block and activation row. (The abs/sign trick would cost a masked subtract per
+// weight vector and activation row: 8 times as many.)
+
+static inline void transpose_4x16(const uint8_t *w, size_t stride, int count, __m512i G[4]) {
+  // G[t] lane j = dword t of the 16 bytes at w + j * stride (blocks past count: zero)
+  __m512i Z[4];  // Z[a]: the 16 bytes of blocks 4a .. 4a + 3, one per 128-bit lane
+  for (int a = 0; a < 4; a++) {
+    __m128i r[4];
+    for (int l = 0; l < 4; l++)
+      r[l] = 4 * a + l < count ? _mm_loadu_si128((const __m128i *)(w + (4 * a + l) * stride))
+                               : _mm_setzero_si128();
+    Z[a] = _mm512_inserti32x4(_mm512_castsi128_si512(r[0]), r[1], 1);
+    Z[a] = _mm512_inserti32x4(_mm512_inserti32x4(Z[a], r[2], 2), r[3], 3);
+  }
+  // pick[t'] (t' = 0, 1; +2 for t = 2, 3): lanes 0..7 dword t' of blocks 0..7, lanes 8..15 dword t' + 1
+  const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i two = _mm512_set1_epi32(2);
+  const __m512i a01 = _mm512_permutex2var_epi32(Z[0], pick, Z[1]), a23 = _mm512_permutex2var_epi32(Z[2], pick, Z[3]);
+  const __m512i b01 = _mm512_permutex2var_epi32(Z[0], _mm512_add_epi32(pick, two), Z[1]);
+  const __m512i b23 = _mm512_permutex2var_epi32(Z[2], _mm512_add_epi32(pick, two), Z[3]);
+  G[0] = _mm512_shuffle_i32x4(a01, a23, 0x44), G[1] = _mm512_shuffle_i32x4(a01, a23, 0xEE);
+  G[2] = _mm512_shuffle_i32x4(b01, b23, 0x44), G[3] = _mm512_shuffle_i32x4(b01, b23, 0xEE);
+}
+
+static inline void transpose_8x16(const uint8_t *w, size_t stride, int count, __m512i W[8]) {
+  // W[k] lane j = dword k of the 32 bytes at w + j * stride (blocks past count: zero)
+  __m512i Z[8];  // Z[a]: blocks 2a, 2a + 1
+  for (int a = 0; a < 8; a++) {
+    __m256i r[2];
+    for (int l = 0; l < 2; l++)
+      r[l] = 2 * a + l < count ? _mm256_loadu_si256((const __m256i *)(w + (2 * a + l) * stride))
+                               : _mm256_setzero_si256();
+    Z[a] = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
+  }
+  // R[p][h] lane 4i + l = dword 4h + i of block 4p + l, from Z[2p] (l = 0, 1) and Z[2p + 1]
+  const __m512i pick = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+  const __m512i four = _mm512_set1_epi32(4);
+  for (int h = 0; h < 2; h++) {
+    const __m512i index = h ? _mm512_add_epi32(pick, four) : pick;
+    __m512i R[4], T[4];
+    for (int p = 0; p < 4; p++) R[p] = _mm512_permutex2var_epi32(Z[2 * p], index, Z[2 * p + 1]);
+    // a 4 x 4 transpose of 128-bit lanes: W[4h + i] = lane i of R[0], R[1], R[2], R[3]
+    T[0] = _mm512_shuffle_i32x4(R[0], R[1], 0x44), T[1] = _mm512_shuffle_i32x4(R[0], R[1], 0xEE);
+    T[2] = _mm512_shuffle_i32x4(R[2], R[3], 0x44), T[3] = _mm512_shuffle_i32x4(R[2], R[3], 0xEE);
+    W[4 * h + 0] = _mm512_shuffle_i32x4(T[0], T[2], 0x88), W[4 * h + 1] = _mm512_shuffle_i32x4(T[0], T[2], 0xDD);
+    W[4 * h + 2] = _mm512_shuffle_i32x4(T[1], T[3], 0x88), W[4 * h + 3] = _mm512_shuffle_i32x4(T[1], T[3], 0xDD);
+  }
+}
+
+static inline __m512i gather_dwords(const uint8_t *w, size_t stride, int count) {  // lane j: 4 bytes at w + j * stride
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32((int)stride));
+  const __mmask16 lanes = count >= QX_GROUP ? 0xFFFF : (__mmask16)((1u << count) - 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, w, 1);
+}
+
+static inline void nibbles(const __m512i G[4], __m512i W[8]) {  // weights 0..15 in low nibbles, 16..31 high
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int t = 0; t < 4; t++) {
+    W[t] = _mm512_and_si512(G[t], low);
+    W[4 + t] = _mm512_and_si512(_mm512_srli_epi32(G[t], 4), low);
+  }
+}
+
+static inline void fifth_bits(__m512i qh, __m512i W[8]) {  // + 16 where bit e of the block's qh is set
+  // vector u holds weights 4u..4u+3: bits 4(u % 2) .. + 3 of qh's byte u / 2, copied to the lane's
+  // four bytes by vpshufb and tested one bit per byte
+  const __m512i sixteen = _mm512_set1_epi8(16);
+  const __m512i dword_bytes = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);  // dword k: 4k in each byte
+  const __m512i bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32((int)0x80402010)};
+  for (int u = 0; u < 8; u++) {
+    const __m512i byte = _mm512_add_epi8(dword_bytes, _mm512_set1_epi8((char)(u / 2)));
+    const __mmask64 set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, byte), bits[u % 2]);
+    W[u] = _mm512_mask_add_epi8(W[u], set, W[u], sixteen);
+  }
+}
+
+// The activation side, per row m of xq (record x + m QX_RECORD): q4_0, q5_0, q8_0: d dx (sum((q + c)
+// xq) - c sum(xq)), c = 1 << shift; q4_1, q5_1: d dx sum(q xq) + m dx sum(xq).
+static inline __attribute__((always_inline)) void rows_times_offset(const __m512i W[8], __m512 dw, const int shift,
+                                                                    int M, const uint8_t *x, __m512 *acc) {
+  for (int m = 0; m < M; m++, x += QX_RECORD) {
+    __m512i s0, s1;
+    xq_dots(W, x, &s0, &s1);
+    const __m512i offset = _mm512_sll_epi32(_mm512_loadu_si512(x + QX_SUM), _mm_cvtsi32_si128(shift));
+    const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), offset);
+    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps((const float *)(x + QX_D)));
+    acc[m] = _mm512_fmadd_ps(products, dw, acc[m]);
+  }
+}
+
+
+// One group of `count` (16, fewer at the row's end) blocks at w against M rows of xq at x.
+static inline __attribute__((always_inline)) void group32(const int type, const uint8_t *w, const int count, int M,
+                                                          const uint8_t *x, __m512 *acc) {
+  __m512i G[4], W[8];
+  switch (type) {
+    case Q4_0:  // d, qs[16]
+      transpose_4x16(w + 2, 18, count, G), nibbles(G, W);
+      rows_times_offset(W, half_to_float(gather_dwords(w, 18, count)), 3, M, x, acc);
+      break;
+    case Q4_1: {  // d, m, qs[16]
+      const __m512i dm = gather_dwords(w, 20, count);
+      transpose_4x16(w + 4, 20, count, G), nibbles(G, W);
+      rows_times_min(W, half_to_float(dm), half_to_float(_mm512_srli_epi32(dm, 16)), M, x, acc);
+      break;
+    }
+    case Q5_0:  // d, qh (bit e: weight e's fifth bit), qs[16]
+      transpose_4x16(w + 6, 22, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 2, 22, count), W);
+      rows_times_offset(W, half_to_float(gather_dwords(w, 22, count)), 4, M, x, acc);
+      break;
+    case Q5_1: {  // d, m, qh, qs[16]
+      const __m512i dm = gather_dwords(w, 24, count);
+      transpose_4x16(w + 8, 24, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 4, 24, count), W);
+      rows_times_min(W, half_to_float(dm), half_to_float(_mm512_srli_epi32(dm, 16)), M, x, acc);
+      break;
+    }
+    default: {  // Q8_0: d, qs[32] (int8)
+      transpose_8x16(w + 2, 34, count, W);
+      for (int u = 0; u < 8; u++) W[u] = _mm512_xor_si512(W[u], _mm512_set1_epi8((char)0x80));
+      rows_times_offset(W, half_to_float(gather_dwords(w, 34, count)), 7, M, x, acc);
+    }
+  }
+}
+
+static struct quant_call call;  // the current quant_matmul call
+
+// A thread's weight rows lo .. hi - 1 (strips of call.strip), M constant where it is 1.
+static inline __attribute__((always_inline)) void rows32_m(const int type, const int M, int lo, int hi) {
+  const int blocks = call.K / 32, full = blocks / QX_GROUP, tail = blocks % QX_GROUP, strip = call.strip;
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, call.K), group_bytes = QX_GROUP * stride;
+  for (int n0 = lo; n0 < hi; n0 += strip) {
+    const int rows = hi - n0 < strip ? hi - n0 : strip;
+    const uint8_t *w = call.w + (size_t)n0 * bytes, *x = call.xq;
+    __m512 acc[QUANT_STRIP][MAX_QUANT_ROWS];
+    for (int r = 0; r < rows; r++)
+      for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int g = 0; g < full; g++, w += group_bytes, x += (size_t)M * QX_RECORD)
+      for (int r = 0; r < rows; r++) {
+        const char *ahead = (const char *)(w + r * bytes) + PREFETCH_BYTES / strip;
+        for (size_t line = 0; line < group_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        group32(type, w + r * bytes, QX_GROUP, M, x, acc[r]);
+      }
+    for (int r = 0; r < rows && tail; r++) group32(type, w + r * bytes, tail, M, x, acc[r]);
+    for (int r = 0; r < rows; r++) quant_store(&call, n0 + r, acc[r]);
+  }
+}
+
+static inline __attribute__((always_inline)) void rows32(const int type, int lo, int hi) {
+  if (call.M == 1)
+    rows32_m(type, 1, lo, hi);
+  else
+    rows32_m(type, call.M, lo, hi);
+}
+
+static void rows_q4_0(int lo, int hi) { rows32(Q4_0, lo, hi); }
+static void rows_q4_1(int lo, int hi) { rows32(Q4_1, lo, hi); }
+static void rows_q5_0(int lo, int hi) { rows32(Q5_0, lo, hi); }
+static void rows_q5_1(int lo, int hi) { rows32(Q5_1, lo, hi); }
+static void rows_q8_0(int lo, int hi) { rows32(Q8_0, lo, hi); }
+
+void quant_store(const struct quant_call *c, int n, const __m512 *acc) {
+  for (int m = 0; m < c->M; m++) {
+    float *out = c->out + (size_t)m * c->N + n;
+    const float sum = _mm512_reduce_add_ps(acc[m]);
+    *out = c->accumulate ? *out + sum : sum;
+  }
+}
+
+static void quant_part(int part) {  // weight rows split evenly among the threads
+  const int lo = (int)((long long)call.N * part / pool_threads);
+  const int hi = (int)((long long)call.N * (part + 1) / pool_threads);
+  switch (call.type) {
+    case Q4_0: rows_q4_0(lo, hi); break;
+    case Q4_1: rows_q4_1(lo, hi); break;
+    case Q5_0: rows_q5_0(lo, hi); break;
+    case Q5_1: rows_q5_1(lo, hi); break;
+    case Q8_0: rows_q8_0(lo, hi); break;
+    default: quant_rows_k(&call, lo, hi);
+  }
+}
+
+// out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K), w [N, K] in
+// `type`; 1 <= M <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
+EXPORT void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate) {
+  pool_lock();
+  call.type = type, call.M = M, call.xq = xq, call.K = K, call.w = w, call.N = N, call.out = out;
+  call.accumulate = accumulate;
+  call.strip = activation_bytes(M, K) > XQ_IN_L1 ? QUANT_STRIP : 1;
+  pool_run(quant_part);
+  pool_unlock();
+}
+
+// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact):
+// q4_1's d q + m is two roundings, not an FMA (keep() hides the product from contraction).
+static inline __m512 keep(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
+static void dequantize_block32(int type, const uint8_t *b, float *out) {
+  const __m512 d = _mm512_set1_ps(f16(b));
+  if (type == Q8_0) {
+    for (int h = 0; h < 2; h++) {
+      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * h)));
+      _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+    }
+    return;
+  }
+  const int qs = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
+  const __m128i bytes = _mm_loadu_si128((const __m128i *)(b + qs)), low = _mm_set1_epi8(0x0F);
+  __m512i q[2] = {_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)),
+                  _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low))};
+  if (type == Q5_0 || type == Q5_1) {
+    uint32_t qh;
+    memcpy(&qh, b + (type == Q5_0 ? 2 : 4), 4);
+    for (int h = 0; h < 2; h++)  // qh's bits are the mask
+      q[h] = _mm512_mask_add_epi32(q[h], (__mmask16)(qh >> 16 * h), q[h], _mm512_set1_epi32(16));
+  }
+  for (int h = 0; h < 2; h++) {
+    __m512 v;
+    if (type == Q4_1 || type == Q5_1)
+      v = _mm512_add_ps(keep(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q[h]))), _mm512_set1_ps(f16(b + 2)));
+    else
+      v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q[h], _mm512_set1_epi32(type == Q4_0 ? 8 : 16))));
+    _mm512_storeu_ps(out + 16 * h, v);
+  }
+}
+
+void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
+  if (type == Q4_K || type == Q5_K || type == Q6_K) {
+    dequantize_rows_k(type, w, rows, K, out);
+    return;
+  }
+  const size_t stride = row_bytes(type, 32), blocks = (size_t)rows * (K / 32);
+  for (size_t b = 0; b < blocks; b++) dequantize_block32(type, w + b * stride, out + b * 32);
+}
+
+EXPORT void dequantize(int type, const uint8_t *w, int rows, int K, float *out) {
+  dequantize_rows(type, w, rows, K, out);
+}
+#endif

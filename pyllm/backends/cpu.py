@@ -1,0 +1,128 @@
+"""The CPU backend: the reference backend's operators, with the C kernels of kernels/cpu/ in
+their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py).
+
+Each op tries its kernel and falls back to the reference op where the kernel is missing or
+does not take the input; what falls back for a whole model is said once, while it loads.
+Quantized weights (QuantizedMatrix) in GGML block formats run through int8 kernels: a decode
+step's few rows quantize their activations once per matmul and dot them with the blocks, a
+prompt's many rows meet weight strips dequantized in cache. Weights in f16/bf16 have no kernel
+yet: the reference dequantizes them each call (slow), and the load says so.
+"""
+
+import sys
+
+import numpy as np
+
+from ..weights import QuantizedMatrix
+from . import cpu_kernels, cpu_quant, reference
+from .base import Step
+from .reference import ReferenceBackend
+
+MAX_QUANT_ROWS = 16  # rows quant_matmul takes at once: beyond, the dequantizing GEMM
+
+
+def has_kernel(fmt) -> bool:
+    """Every GGML block format has its int8 kernels; f16 and bf16 have none yet."""
+    return fmt.block_size > 1 and cpu_quant.available()
+
+
+def _matrix_product(a, b, xq, add_to):
+    """a [M, K] @ b^T for one matrix b (f32 array or QuantizedMatrix) -> [M, N] (into add_to when
+    given), or None where no kernel takes it. xq: a's int8 blocks, made on first need, shared."""
+    if isinstance(b, np.ndarray):
+        return cpu_kernels.matmul_transb(a, b, add_to=add_to)
+    if not has_kernel(b.format):
+        return None
+    rows = a.shape[0]
+    if rows <= MAX_QUANT_ROWS:
+        if xq[0] is None:
+            xq[0] = cpu_quant.quantize_activations(a)
+        return cpu_quant.quant_matmul(b.format.gguf_type, xq[0], rows, b.shape[1], b.data, out=add_to,
+                                      accumulate=add_to is not None)
+    return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to)
+
+
+def product(a, b, add_to=None):
+    """a [M, K] @ b [N, K]^T (b one matrix or a tuple: products side by side) -> [M, N] f32, added
+    into add_to [M, N] when given (returned); None where a kernel is missing for any part."""
+    if a.ndim != 2 or not cpu_kernels.available():
+        return None
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    xq = [None]
+    if not isinstance(b, tuple):
+        return _matrix_product(a, b, xq, add_to)
+    outs = [_matrix_product(a, part, xq, None) for part in b]
+    if any(out is None for out in outs):
+        return None
+    out = np.concatenate(outs, axis=1)
+    if add_to is None:
+        return out
+    add_to += out
+    return add_to
+
+
+class CpuBackend(ReferenceBackend):
+    """Weights and KV cache in host memory; the C kernels where built, else the reference ops."""
+
+    name = "cpu"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._said = set()  # what fell back, said once
+        if not cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
+            self._say("the C kernels are not available here (they need AVX-512 and a C compiler, "
+                      "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")
+
+    def _say(self, message):
+        if message not in self._said:
+            self._said.add(message)
+            print(f"pyllm: {message}", file=sys.stderr)
+
+    def upload(self, weight):
+        """Weights stay on the host; a format without a kernel is named once."""
+        for part in weight if isinstance(weight, tuple) else (weight,):
+            if isinstance(part, QuantizedMatrix) and cpu_kernels.available() and not has_kernel(part.format):
+                self._say(f"no C kernel for {part.format.name} weights: the reference dequantizes them at each use")
+        return weight
+
+    @staticmethod
+    def rms_norm(x, weight, eps):
+        out = cpu_kernels.rms_norm(x, weight, eps)  # one pass, no temporaries
+        return reference.rms_norm(x, weight, eps) if out is None else out
+
+    @staticmethod
+    def swiglu(gate_up):
+        out = cpu_kernels.swiglu(gate_up)
+        return reference.swiglu(gate_up) if out is None else out
+
+    @staticmethod
+    def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
+        """As reference.matmul_transb; the kernels take the plain product and the residual add."""
+        if alpha == 1.0 and bias is None and (c is None or beta == 0.0 or beta == 1.0):
+            out = product(a, b, add_to=c if c is not None and beta == 1.0 else None)
+            if out is not None:
+                return out
+        return reference.matmul_transb(a, b, alpha, beta, c, bias)
+
+    def project_to_vocab(self, x, weight):
+        """A decode step's logits from quantized weights keep their activations in f32: the final
+        norm's outlier channels, rounded to int8 blocks, move logits by ~0.1 (enough to swap the
+        top two tokens of a near-tie that transformers would not swap)."""
+        if isinstance(weight, QuantizedMatrix) and has_kernel(weight.format) and x.shape[0] <= MAX_QUANT_ROWS:
+            return cpu_kernels.dequant_matmul(weight.format, x, weight.data)
+        return self.matmul_transb(x, weight)
+
+    @staticmethod
+    def gather(table, ids):
+        if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
+            return cpu_quant.dequantize(table.format.gguf_type, table.data[ids], table.shape[1])
+        return reference.gather(table, ids)
+
+    def qkv_rope_cache(self, qkv, bias, step: Step, layer):
+        q = cpu_kernels.qkv_rope(qkv, bias, step.slots, layer, self.cos, self.sin)
+        return reference.qkv_rope_cache(qkv, bias, step, layer, self.cos, self.sin) if q is None else q
+
+    @staticmethod
+    def step_attention(q, step: Step, layer):
+        out = cpu_kernels.attention(q, step.slots, layer)
+        return reference.step_attention(q, step, layer) if out is None else out

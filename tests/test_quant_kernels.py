@@ -1,0 +1,194 @@
+"""The CPU quant kernels (kernels/cpu/quant.c, quant_k.c through pyllm.backends.cpu_quant) against
+gguf.quants and NumPy.
+
+dequantize must be bit-exact to gguf.quants.dequantize for every format. quant_matmul is checked
+against a NumPy reference that quantizes the activations the same way (per 32: d = max|x| / 127
+in f32, q = round-half-even(x / d), clamped to +-127) and multiplies in float64: what may differ
+is the kernel's f32 summation (1e-4 of the output's scale); and loosely against the f32 product
+(the int8 activations' rounding: 5% of an output's typical size). Weights for q8_0, q4_0, q4_1 and q5_0 come from
+gguf.quants.quantize; for q5_1 and the K-quants (which gguf cannot quantize) they are random bytes
+with sane f16 scales.
+"""
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+
+from pyllm.backends import cpu_quant
+
+pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="CPU quant kernels not built (no AVX-512)")
+
+FORMATS = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+QUANTIZABLE = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0)
+F16_FIELDS = {T.Q5_1: (0, 2), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}  # byte offsets in a block
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
+ALL_ROWS = (T.Q4_1, T.Q4_K)  # M = 1..16 for these, a subset for the others
+rng = np.random.default_rng(0)
+
+
+def depths(qtype):
+    return (256, 768) if qtype in K_QUANTS else (32, 96, 576, 1536)
+
+
+def weights(qtype, N, K):
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    w = rng.integers(0, 256, (N, K // block, size), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        scale = rng.uniform(1e-3, 0.1, w.shape[:2]) * rng.choice([-1.0, 1.0], w.shape[:2])
+        w[:, :, offset:offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(*w.shape[:2], 2)
+    return w.reshape(N, -1)
+
+
+def quantized(x):
+    """x [M, K] -> (q [M, K / 32, 32] f64, d [M, K / 32, 1] f64, as the kernel rounds)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.rint(blocks / np.where(d == 0, np.float32(1), d)), -127, 127)
+    return np.where(d == 0, 0.0, q).astype(np.float64), d.astype(np.float64)
+
+
+def reference(x, w, qtype):
+    q, d = quantized(x)
+    return (q * d).reshape(x.shape) @ gguf.quants.dequantize(w, qtype).astype(np.float64).T
+
+
+def check(out, x, w, qtype):
+    want = reference(x, w, qtype)
+    scale = np.abs(want).max()
+    assert np.abs(out - want).max() <= 1e-4 * scale, f"{qtype.name} {x.shape} x {w.shape}"
+    # the int8 rounding's error has a deviation of ~0.6% of an output's typical size |x_m| |w_n| / sqrt(K)
+    # (a rounded activation's error ~ 1 / (127 sqrt(12)) of its block's max; seen: <= 2.5%): 5% is 8 sigma
+    dense = gguf.quants.dequantize(w, qtype).astype(np.float64)
+    typical = np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(dense, axis=1)) / np.sqrt(x.shape[1])
+    assert (np.abs(out - x.astype(np.float64) @ dense.T) <= 0.05 * typical).all(), f"{qtype.name}: int8 too far off"
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_dequantize_bit_exact(qtype):
+    for K in depths(qtype):
+        w = weights(qtype, 7, K)
+        got = cpu_quant.dequantize(qtype, w, K)
+        want = gguf.quants.dequantize(w, qtype)
+        assert got.shape == want.shape == (7, K) and got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"{qtype.name} K={K}"
+
+
+def test_activation_layout():
+    """xq as documented in quant.c: records (group, row) of 832 bytes; q in vector u, lane j bytes
+    4j..4j+3 = elements 4u..4u+3 of block j; then d, d * sum, sum, sum of each half."""
+    M, K = 3, 576 + 64  # 20 blocks: a full group and a tail of 4
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[1, 32:64] = 0  # a block of zeros: d = 0
+    x[2, :32] *= 1e-3
+    xq = cpu_quant.quantize_activations(x)
+    assert xq.size == 2 * M * 832 and xq.ctypes.data % 64 == 0
+    q, d = quantized(x)
+    records = xq.reshape(2, M, 832)
+    for g in range(2):
+        for m in range(M):
+            record = records[g, m]
+            got_q = record[:512].view(np.int8).reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32)
+            blocks = range(g * 16, min(g * 16 + 16, K // 32))
+            n = len(blocks)
+            want_q = q[m, g * 16:g * 16 + n]
+            assert np.array_equal(got_q[:n], want_q) and not got_q[n:].any()
+            got_d = record[512:576].view(np.float32)
+            assert np.array_equal(got_d[:n], d[m, g * 16:g * 16 + n, 0].astype(np.float32)) and not got_d[n:].any()
+            sums = record[640:832].view(np.int32).reshape(3, 16)
+            assert np.array_equal(sums[0, :n], want_q.sum(-1)) and np.array_equal(sums[1, :n], want_q[:, :16].sum(-1))
+            assert np.array_equal(sums[2, :n], want_q[:, 16:].sum(-1))
+            dsum = record[576:640].view(np.float32)
+            assert np.array_equal(dsum[:n], (got_d[:n] * want_q.sum(-1).astype(np.float32)).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_quant_matmul(qtype):
+    rows = range(1, 17) if qtype in ALL_ROWS else (1, 2, 5, 8, 13, 16)
+    for K in depths(qtype):
+        for N in (1, 3, 37, 100):
+            w = weights(qtype, N, K)
+            for M in rows:
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                out = cpu_quant.quant_matmul(qtype, cpu_quant.quantize_activations(x), M, K, w)
+                assert out.shape == (M, N) and out.dtype == np.float32
+                check(out, x, w, qtype)
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q5_1, T.Q8_0, T.Q6_K), ids=lambda t: t.name)
+def test_quant_matmul_accumulates(qtype):
+    M, K, N = 5, depths(qtype)[-1], 37
+    w = weights(qtype, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    xq = cpu_quant.quantize_activations(x)
+    product = cpu_quant.quant_matmul(qtype, xq, M, K, w)
+    start = rng.standard_normal((M, N)).astype(np.float32)
+    out = start.copy()
+    assert cpu_quant.quant_matmul(qtype, xq, M, K, w, out=out, accumulate=True) is out
+    np.testing.assert_allclose(out, start + product, rtol=0, atol=1e-5 * np.abs(product).max())
+    again = np.full((M, N), np.nan, np.float32)
+    cpu_quant.quant_matmul(qtype, xq, M, K, w, out=again)  # without accumulate, out is overwritten
+    np.testing.assert_array_equal(again, product)
+
+
+def test_wrapper_errors():
+    K, N = 256, 4
+    w = weights(T.Q4_K, N, K)
+    x = rng.standard_normal((17, K)).astype(np.float32)
+    xq = cpu_quant.quantize_activations(x)  # any M quantizes; quant_matmul takes at most 16
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q4_K, xq, 17, K, w)
+    with pytest.raises(ValueError):
+        cpu_quant.quantize_activations(np.zeros((2, 48), np.float32))  # K not a multiple of 32
+    xq = cpu_quant.quantize_activations(x[:2, :96])
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q4_K, xq, 2, 96, w)  # K not a multiple of 256 for a K-quant
+    xq = cpu_quant.quantize_activations(x[:2])
+    for bad in (w[:, :-1], w.reshape(-1), w.astype(np.int8), np.asfortranarray(np.repeat(w, 2, axis=0)), w[::2]):
+        with pytest.raises(ValueError):
+            cpu_quant.quant_matmul(T.Q4_K, xq, 2, K, bad)
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q4_K, xq, 3, K, w)  # xq made for 2 rows
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q4_K, xq, 2, K, w, out=np.zeros((2, N), np.float64))
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q4_K, xq, 2, K, w, out=np.zeros((N, 2), np.float32))
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(T.Q2_K, xq, 2, K, w)  # not a format the kernels know
+    with pytest.raises(ValueError):
+        cpu_quant.dequantize(T.Q8_0, w, K)  # w's rows are not q8_0 rows of 256
+    with pytest.raises(ValueError):
+        cpu_quant.dequantize(T.Q4_0, np.zeros((2, 18), np.uint8), 48)
+
+
+# ---- the f32-activation kernels over the same blocks (kernels/cpu/matmul.c) --------------------
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 40, 100])
+def test_f32_activation_kernels_match_the_dequantized_product(qtype, M):
+    """dequant_matmul (up to 16 rows: the vocabulary projection) and quant_gemm (a prompt: panels of
+    32 rows with a ragged last one, strips of 12 weight rows with a ragged last one), alone and added
+    into a result: f32 products of exactly the stored weights."""
+    from pyllm.backends import cpu_kernels
+    from pyllm.formats import FORMATS as REGISTRY
+    fmt = REGISTRY[qtype.name.lower()]
+    K, N = depths(qtype)[-1], 37
+    w, x, c = weights(qtype, N, K), rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((M, N))
+    want = x.astype(np.float64) @ gguf.quants.dequantize(w, qtype).astype(np.float64).T
+    tolerance = 1e-5 * np.abs(want).max()
+    if M <= cpu_quant.MAX_ROWS:
+        np.testing.assert_allclose(cpu_kernels.dequant_matmul(fmt, x, w), want, atol=tolerance, rtol=0)
+    np.testing.assert_allclose(cpu_kernels.quant_gemm(fmt, x, w), want, atol=tolerance, rtol=0)
+    added = c.astype(np.float32)
+    assert cpu_kernels.quant_gemm(fmt, x, w, add_to=added) is added
+    np.testing.assert_allclose(added, c + want, atol=tolerance + 1e-5, rtol=0)
+    with pytest.raises(ValueError, match="quant_gemm"):
+        cpu_kernels.quant_gemm(fmt, x, w[:, :-1].copy())  # rows of the wrong length are refused
+
+
+def test_stream_read_sums_what_it_reads():
+    from pyllm.backends import cpu_kernels
+    data = rng.standard_normal(1_000_003).astype(np.float32)  # not a multiple of the threads' 64-float steps
+    assert cpu_kernels.stream_read(data) == pytest.approx(float(data.astype(np.float64).sum()), abs=1e-2)
