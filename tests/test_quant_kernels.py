@@ -167,10 +167,9 @@ def test_wrapper_errors():
 # ---- the f32-activation kernels over the same blocks (kernels/cpu/matmul.c) --------------------
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 40, 100])
-def test_f32_activation_kernels_match_the_dequantized_product(qtype, M):
-    """dequant_matmul (up to 16 rows: the vocabulary projection) and quant_gemm (a prompt: panels of
-    32 rows with a ragged last one, strips of 12 weight rows with a ragged last one), alone and added
-    into a result: f32 products of exactly the stored weights."""
+def test_quant_gemm_matches_the_dequantized_product(qtype, M):
+    """quant_gemm (a prompt: panels of 32 rows with a ragged last one, strips of 12 weight rows with
+    a ragged last one), alone and added into a result: f32 products of exactly the stored weights."""
     from pyllm.backends import cpu_kernels
     from pyllm.formats import FORMATS as REGISTRY
     fmt = REGISTRY[qtype.name.lower()]
@@ -178,8 +177,6 @@ def test_f32_activation_kernels_match_the_dequantized_product(qtype, M):
     w, x, c = weights(qtype, N, K), rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((M, N))
     want = x.astype(np.float64) @ gguf.quants.dequantize(w, qtype).astype(np.float64).T
     tolerance = 1e-5 * np.abs(want).max()
-    if M <= cpu_quant.MAX_ROWS:
-        np.testing.assert_allclose(cpu_kernels.dequant_matmul(fmt, x, w), want, atol=tolerance, rtol=0)
     np.testing.assert_allclose(cpu_kernels.quant_gemm(fmt, x, w), want, atol=tolerance, rtol=0)
     added = c.astype(np.float32)
     assert cpu_kernels.quant_gemm(fmt, x, w, add_to=added) is added
@@ -192,3 +189,20 @@ def test_stream_read_sums_what_it_reads():
     from pyllm.backends import cpu_kernels
     data = rng.standard_normal(1_000_003).astype(np.float32)  # not a multiple of the threads' 64-float steps
     assert cpu_kernels.stream_read(data) == pytest.approx(float(data.astype(np.float64).sum()), abs=1e-2)
+
+
+def test_vocabulary_projection_takes_two_int8_layers():
+    """CpuBackend.project_to_vocab: x's int8 blocks plus its rounding error's, so the logits err by
+    ~1/127 of one int8 layer's error; int8_blocks mirrors the kernel's rounding exactly."""
+    from pyllm.backends.cpu import CpuBackend, int8_blocks
+    from pyllm.formats import FORMATS as REGISTRY
+    from pyllm.weights import QuantizedMatrix
+    x = rng.standard_normal((3, 576)).astype(np.float32)
+    x[:, [5, 300]] = [[40.0, -60.0]] * 3  # outlier channels, as a final norm's output has
+    w = weights(T.Q8_0, 500, 576)
+    want = x.astype(np.float64) @ gguf.quants.dequantize(w, T.Q8_0).astype(np.float64).T
+    one_layer = cpu_quant.quant_matmul(T.Q8_0, cpu_quant.quantize_activations(x), 3, 576, w)
+    q, d = quantized(x)
+    np.testing.assert_array_equal(int8_blocks(x), (q * d).reshape(x.shape).astype(np.float32))
+    logits = CpuBackend.project_to_vocab(x, QuantizedMatrix(REGISTRY["q8_0"], (500, 576), w))
+    assert np.abs(logits - want).max() <= np.abs(one_layer - want).max() / 30

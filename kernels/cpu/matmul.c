@@ -73,23 +73,15 @@ static void weight_rows(int M, const float *x, int K, const float *w, int lo, in
     for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
 }
 
-static struct {  // the current skinny_matmul or dequant_matmul call
+static struct {  // the current skinny_matmul call
   const float *x, *w;
-  const uint8_t *blocks;  // dequant_matmul: w as rows of GGML blocks of `type`
-  int type;
-  float *out, *strips;    // dequant_matmul: per thread [DEQUANT_ROWS, K], kept between calls
-  size_t strip_floats;
+  float *out;
   int M, K, N;
 } mm;
 
-static void part_bounds(int part, int *lo, int *hi) {  // even bounds: the kernel takes weight rows two at a time
-  *lo = (int)((long long)mm.N * part / pool_threads) / 2 * 2;
-  *hi = part + 1 == pool_threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool_threads) / 2 * 2;
-}
-
-static void matmul_part(int part) {
-  int lo, hi;
-  part_bounds(part, &lo, &hi);
+static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
+  const int lo = (int)((long long)mm.N * part / pool_threads) / 2 * 2;
+  const int hi = part + 1 == pool_threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool_threads) / 2 * 2;
   weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
 }
 
@@ -100,34 +92,6 @@ EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, f
   pool_run(matmul_part);
   pool_unlock();
 }
-
-// dequant_matmul: the same few rows against weights in GGML blocks, the activations kept in f32:
-// a thread dequantizes DEQUANT_ROWS of its weight rows at a time into its strip (L1/L2) and runs
-// the f32 kernel above on the strip. For the vocabulary projection, whose input (the final norm's
-// output) has outlier channels that int8 blocks of 32 round too coarsely for the logits' near-ties.
-#define DEQUANT_ROWS 16
-
-static void dequant_part(int part) {
-  int lo, hi;
-  part_bounds(part, &lo, &hi);
-  float *strip = mm.strips + (size_t)part * DEQUANT_ROWS * mm.K;
-  const size_t stride = row_bytes(mm.type, mm.K);
-  for (int n = lo; n < hi; n += DEQUANT_ROWS) {
-    const int rows = hi - n < DEQUANT_ROWS ? hi - n : DEQUANT_ROWS;
-    dequantize_rows(mm.type, mm.blocks + (size_t)n * stride, rows, mm.K, strip);
-    weight_rows(mm.M, mm.x, mm.K, strip, 0, rows, mm.out + n, mm.N);
-  }
-}
-
-// out [M, N] = x [M, K] @ dequantize(w)^T, w: N rows of GGML blocks of `type`, M <= 16
-EXPORT void dequant_matmul(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out) {
-  pool_lock();
-  mm.strips = grown(mm.strips, &mm.strip_floats, (size_t)pool_threads * DEQUANT_ROWS * K);
-  mm.M = M, mm.x = x, mm.K = K, mm.blocks = w, mm.type = type, mm.N = N, mm.out = out;
-  pool_run(dequant_part);
-  pool_unlock();
-}
-
 
 // matmul: out [M, N] (+)= x [M, K] @ w [N, K]^T for many rows (a prompt), all C-contiguous f32.
 // Why here and not OpenBLAS: OpenBLAS's threads spin after each call and take the second core

@@ -42,6 +42,15 @@ def _matrix_product(a, b, xq, add_to):
     return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to)
 
 
+def int8_blocks(x):
+    """x [M, K] -> what quantize_activations rounds it to, in f32 [M, K]: per block of 32,
+    d = max|x| / 127 and x ~ d * round-half-even(x / d) (the kernel's arithmetic, in NumPy)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.rint(blocks / np.where(d == 0, np.float32(1), d)), -127, 127)
+    return (q * d).reshape(x.shape).astype(np.float32)
+
+
 def product(a, b, add_to=None):
     """a [M, K] @ b [N, K]^T (b one matrix or a tuple: products side by side) -> [M, N] f32, added
     into add_to [M, N] when given (returned); None where a kernel is missing for any part."""
@@ -104,13 +113,21 @@ class CpuBackend(ReferenceBackend):
                 return out
         return reference.matmul_transb(a, b, alpha, beta, c, bias)
 
-    def project_to_vocab(self, x, weight):
-        """A decode step's logits from quantized weights keep their activations in f32: the final
-        norm's outlier channels, rounded to int8 blocks, move logits by ~0.1 (enough to swap the
-        top two tokens of a near-tie that transformers would not swap)."""
-        if isinstance(weight, QuantizedMatrix) and has_kernel(weight.format) and x.shape[0] <= MAX_QUANT_ROWS:
-            return cpu_kernels.dequant_matmul(weight.format, x, weight.data)
-        return self.matmul_transb(x, weight)
+    @staticmethod
+    def project_to_vocab(x, weight):
+        """A decode step's logits from quantized weights take their activations as two int8 layers:
+        x's int8 blocks, and the rounding error's own int8 blocks, as 2M rows of one call (the
+        weights are read once). One layer alone moves SmolLM2's logits by up to ~0.5 (the final
+        norm's outlier channels set each block's scale), enough to swap the top two tokens of a
+        near-tie; the second layer leaves ~1/127 of that."""
+        rows = x.shape[0]
+        if not (isinstance(weight, QuantizedMatrix) and has_kernel(weight.format) and 2 * rows <= MAX_QUANT_ROWS):
+            return CpuBackend.matmul_transb(x, weight)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        layers = np.concatenate([x, x - int8_blocks(x)])  # [2M, K]
+        out = cpu_quant.quant_matmul(weight.format.gguf_type, cpu_quant.quantize_activations(layers), 2 * rows,
+                                     x.shape[1], weight.data)  # [2M, N]
+        return out[:rows] + out[rows:]
 
     @staticmethod
     def gather(table, ids):

@@ -72,7 +72,7 @@ def _library():
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
         start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
                                             library.attention)
-        quant_gemm, dequant_mm, stream = library.quant_gemm, library.dequant_matmul, library.stream_read
+        quant_gemm, stream = library.quant_gemm, library.stream_read
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
@@ -83,9 +83,7 @@ def _library():
     # type, M, x, K, w blocks, N, out, accumulate
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
-    # type, M, x, K, w blocks, N, out
-    dequant_mm.argtypes = quant_gemm.argtypes[:-1]
-    skinny.restype = matmul.restype = quant_gemm.restype = dequant_mm.restype = None
+    skinny.restype = matmul.restype = quant_gemm.restype = None
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -147,23 +145,6 @@ def _check_blocks(name, fmt, blocks, depth):
     if (blocks.dtype != np.uint8 or blocks.ndim != 2 or depth % fmt.block_size
             or blocks.shape[1] != fmt.row_bytes(depth) or not blocks.flags.c_contiguous):
         raise ValueError(f"{name}: blocks {blocks.shape} {blocks.dtype} are not contiguous rows of {depth} {fmt.name}")
-
-
-def dequant_matmul(fmt, a, blocks):
-    """a [M, K] (M <= MAX_ROWS) @ w^T for w [N, K] stored as GGML blocks of format fmt, the
-    activations kept in f32 (weight strips dequantized in cache) -> [M, N] f32; None without the
-    kernels."""
-    library = _library()
-    if library is None:
-        return None
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    (rows, depth), columns = a.shape, blocks.shape[0]
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"dequant_matmul: {rows} rows, not 1 .. {MAX_ROWS}")
-    _check_blocks("dequant_matmul", fmt, blocks, depth)
-    out = np.empty((rows, columns), np.float32)  # [M, N]
-    library.dequant_matmul(fmt.gguf_type, rows, _address(a), depth, _address(blocks), columns, _address(out))
-    return out
 
 
 def quant_gemm(fmt, a, blocks, add_to=None):

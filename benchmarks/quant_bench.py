@@ -1,0 +1,210 @@
+"""GGUF files in their own formats: pyllm against llama.cpp on the same file, beside the machine's
+memory-read roofline, all measured in one run.
+
+    python -m benchmarks.quant_bench --files a.gguf b.gguf [--peer llama.cpp] [--out DIR]
+
+Per file: decode tok/s at batch 1 and each --batches size, prefill tok/s of a --prompt-tokens
+prompt, weight GB/s of a batch-1 decode step (the file's bytes x steps/s) beside the roofline (a C
+loop reading 512 MB on every core, kernels/cpu/stream.c), peak RSS of loading it and generating (a
+fresh process), and the perplexity of benchmarks/data/quality_text.txt for pyllm (as a prompt, and
+teacher-forced through decode steps: the int8 kernels), llama.cpp and transformers on the same file,
+with pyllm's argmax agreement against transformers. Every speed is the best of --rounds rounds, each
+round taking every measurement in turn (all files, both engines, the roofline), so a drift in the
+machine's speed reaches both sides of a ratio alike. llama.cpp (llama-cpp-python) is optional: with
+--peer llama.cpp it must import. Writes quant_bench.{json,md,png}. Run it with nothing else running.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench import interleaved_best, prompt_ids, pyllm_measures, speeds, timed
+
+QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
+ROOFLINE_BYTES = 512 << 20
+# VmHWM (peak RSS of this address space) rather than ru_maxrss, which a child inherits from its parent
+RSS_SCRIPT = ("import sys, pyllm\n"
+              "def status(key):\n"
+              "    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024\n"
+              "base = status('VmRSS')\n"
+              "llm = pyllm.LLM(sys.argv[1], show_progress=False)\n"
+              "llm.generate('Once upon a time', max_tokens=8)\n"
+              "print(status('VmHWM') - base)\n")
+
+
+def rss_growth(path) -> int:
+    """Bytes by which a fresh process's peak RSS exceeds a bare `import pyllm` after it loads
+    `path` and generates 8 tokens."""
+    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1])
+    return int(result.stdout.split()[-1])
+
+
+def roofline_measure():
+    """A measure of the C read loop over 512 MB: seconds, to set against ROOFLINE_BYTES."""
+    from pyllm.backends import cpu_kernels
+    data = np.ones(ROOFLINE_BYTES // 4, np.float32)
+    return lambda: timed(lambda: cpu_kernels.stream_read(data))
+
+
+def llama_cpp_model(path, n_ctx):
+    import llama_cpp
+    from pyllm.backends import CORES
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=CORES,
+                           n_threads_batch=CORES, logits_all=True, verbose=False)
+
+
+def llama_cpp_measures(model, ids, decode_tokens, name):
+    """llama.cpp's prefill of ids and greedy decode of decode_tokens (seconds of the decode only)."""
+    def prefill():
+        model.reset()
+        return timed(lambda: model.eval(ids))
+
+    def decode():
+        model.reset()
+        model.eval(ids[:16])
+        start = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            model.eval([int(np.argmax(model.scores[model.n_tokens - 1]))])
+        return time.perf_counter() - start
+    return {f"{name} llama.cpp prefill": prefill, f"{name} llama.cpp decode b1": decode}
+
+
+def log_softmax(logits):
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def perplexity(logits, ids) -> float:
+    """exp of the mean negative log-likelihood of ids[1:] under logits [len(ids), vocab]."""
+    return float(np.exp(-log_softmax(logits[:-1])[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def quality(path, llm, ids, peer):
+    """Perplexities of ids under each engine, and pyllm's argmax agreement with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    reference = AutoModelForCausalLM.from_pretrained(Path(path).parent, gguf_file=Path(path).name,
+                                                     dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0].numpy()
+    cache = llm.model.new_cache(len(ids))
+    decoded = np.concatenate([llm.model.forward([(cache, [token])]) for token in ids])  # teacher-forced decode steps
+    prompt = llm.score(ids)
+    result = {"transformers_ppl": perplexity(expected, ids), "pyllm_prompt_ppl": perplexity(prompt, ids),
+              "pyllm_decode_ppl": perplexity(decoded, ids),
+              "pyllm_decode_argmax_agreement": float((decoded.argmax(-1) == expected.argmax(-1)).mean()),
+              "pyllm_prompt_argmax_agreement": float((prompt.argmax(-1) == expected.argmax(-1)).mean())}
+    if peer is not None:
+        peer.reset()
+        peer.eval(ids)
+        result["llama_cpp_ppl"] = perplexity(np.asarray(peer.scores[:len(ids)]), ids)
+    return result
+
+
+def write_report(results, out_dir: Path) -> str:
+    roof = results["roofline_gb_s"]
+    lines = [f"Same-run C read roofline: {roof:.1f} GB/s ({results['machine']}). Best of {results['rounds']} "
+             f"interleaved rounds; prefill of {results['prompt_tokens']} tokens, decode of "
+             f"{results['decode_tokens']} tokens.", "",
+             "| file | MB | pyllm decode b1 | llama.cpp b1 | ratio | GB/s (of roofline) | pyllm prefill | "
+             "llama.cpp prefill | ratio | " + " | ".join(f"pyllm b{b} (x b1)" for b in results["batches"]) +
+             " | peak RSS MB |", "|---" * (10 + len(results["batches"])) + "|"]
+    for name, r in results["files"].items():
+        ours, peer = r["pyllm"], r.get("llama.cpp", {})
+        gb_s = r["bytes"] * ours["decode_b1_tok_s"] / 1e9
+        ratio = lambda key: f"{ours[key] / peer[key]:.2f}x" if key in peer else "-"  # noqa: E731
+        value = lambda d, key: f"{d[key]:.1f}" if key in d else "-"  # noqa: E731
+        batched = " | ".join(f"{ours[f'decode_b{b}_tok_s']:.1f} ({ours[f'decode_b{b}_tok_s'] / ours['decode_b1_tok_s']:.2f}x)"
+                             for b in results["batches"])
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {ours['decode_b1_tok_s']:.1f} | {value(peer, 'decode_b1_tok_s')} | "
+                     f"{ratio('decode_b1_tok_s')} | {gb_s:.1f} ({gb_s / roof:.0%}) | {ours['prefill_tok_s']:.1f} | "
+                     f"{value(peer, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {batched} | {r['rss_bytes'] / 1e6:.0f} |")
+    lines += ["", "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode, int8) | llama.cpp ppl | "
+              "argmax agreement (decode) |", "|---|---|---|---|---|---|"]
+    for name, r in results["files"].items():
+        q = r["quality"]
+        lines.append(f"| {name} | {q['transformers_ppl']:.3f} | {q['pyllm_prompt_ppl']:.3f} | {q['pyllm_decode_ppl']:.3f} "
+                     f"({q['pyllm_decode_ppl'] / q['transformers_ppl'] - 1:+.2%}) | "
+                     f"{q.get('llama_cpp_ppl', float('nan')):.3f} | {q['pyllm_decode_argmax_agreement']:.1%} |")
+    table = "\n".join(lines)
+    (out_dir / "quant_bench.md").write_text(f"# pyllm quant_bench\n\n{table}\n")
+    (out_dir / "quant_bench.json").write_text(json.dumps(results, indent=2))
+    plot(results, out_dir / "quant_bench.png")
+    return table
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results["files"])
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, title in [(axes[0], "decode_b1_tok_s", "decode, batch 1"), (axes[1], "prefill_tok_s", "prefill")]:
+        for offset, engine, color in [(-0.2, "pyllm", "tab:blue"), (0.2, "llama.cpp", "tab:green")]:
+            values = [results["files"][n].get(engine, {}).get(key, 0.0) for n in names]
+            ax.bar_label(ax.bar(x + offset, values, 0.4, label=engine, color=color), fmt="%.0f")
+        if key == "decode_b1_tok_s":  # the roofline: every step reads the file's bytes once
+            ax.plot(x, [results["roofline_gb_s"] * 1e9 / results["files"][n]["bytes"] for n in names], "r_",
+                    markersize=30, label="read roofline")
+        ax.set_xticks(x, names)
+        ax.set_ylabel("tokens / s")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"pyllm vs llama.cpp, same files, same run ({results['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", nargs="+", required=True, help="GGUF files")
+    parser.add_argument("--peer", choices=["llama.cpp"], help="also run llama.cpp (llama-cpp-python) on each file")
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--batches", default="4,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    import platform
+
+    import pyllm
+    from pyllm.backends import CORES
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    measures, files = {"roofline": roofline_measure()}, {}
+    for path in map(Path, args.files):
+        name = path.stem
+        llm = pyllm.LLM(str(path), show_progress=False)
+        ids = prompt_ids(llm.tokenizer, args.prompt_tokens)
+        peer = llama_cpp_model(path, n_ctx=1024) if args.peer else None
+        text = llm.tokenizer.encode(QUALITY_TEXT.read_text())[:512]
+        files[name] = {"path": str(path), "bytes": path.stat().st_size, "rss_bytes": rss_growth(path),
+                       "quality": quality(path, llm, text, peer), "llm": llm, "ids": ids}
+        measures.update(pyllm_measures(llm, ids, batches, args.decode_tokens, f"{name} pyllm"))
+        if peer is not None:
+            measures.update(llama_cpp_measures(peer, ids, args.decode_tokens, name))
+    best = interleaved_best(measures, args.rounds)
+    results = {"machine": f"{platform.machine()}, {CORES} cores", "rounds": args.rounds, "batches": batches,
+               "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+               "roofline_gb_s": ROOFLINE_BYTES / best["roofline"] / 1e9, "files": {}}
+    for name, f in files.items():
+        entry = {k: v for k, v in f.items() if k not in ("llm", "ids")}
+        entry["pyllm"] = speeds(best, f"{name} pyllm", len(f["ids"]), batches, args.decode_tokens)
+        if args.peer:
+            entry["llama.cpp"] = {"prefill_tok_s": len(f["ids"]) / best[f"{name} llama.cpp prefill"],
+                                  "decode_b1_tok_s": (args.decode_tokens - 1) / best[f"{name} llama.cpp decode b1"]}
+        results["files"][name] = entry
+    print(write_report(results, out_dir))
+
+
+if __name__ == "__main__":
+    main()
