@@ -129,18 +129,18 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    sys.path.insert(0, ".")
-    try:
-        from benchmarks.bench import main as bench_main
-    except ImportError:
-        raise PyllmError("pyllm bench runs from a checkout: "
-                         "benchmarks/ was not found in the current directory") from None
+    from .benchmarks.bench import main as bench_main
     bench_main(args)
 
 
 def build_parser():
+    from importlib.metadata import PackageNotFoundError, version
     parser = ArgumentParser(prog="pyllm", description="Run Llama-family models on the CPU or a GPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        parser.add_argument("--version", action="version", version=f"pyllm {version('pyllm')}")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        parser.add_argument("--version", action="version", version="pyllm (not installed)")
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("story", help="continue a text, streaming to stdout")
     add_model_flags(p)
@@ -201,7 +201,11 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `pyllm`: what it can do
+        parser.print_help()
+        return
     try:
         args.func(args)
     except PyllmError as exc:

@@ -1,18 +1,34 @@
-"""pyllm bench runs end to end (on a tiny model) and writes its three reports."""
+"""pyllm bench runs end to end (on a tiny model), from any directory, and writes its three reports;
+without matplotlib it still writes JSON and markdown; Ctrl-C keeps what was measured."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
-from conftest import REPO
+SMALL = ["--prompt-tokens", "40", "--decode-tokens", "6", "--batches", "2"]
+# the bench as a user runs it, with matplotlib made unimportable (as in a venv without the bench extra)
+WITHOUT_MATPLOTLIB = ("import sys\n"
+                      "class NoMatplotlib:\n"
+                      "    def find_spec(self, name, path=None, target=None):\n"
+                      "        if name.split('.')[0] == 'matplotlib':\n"
+                      "            raise ImportError('No module named matplotlib')\n"
+                      "sys.meta_path.insert(0, NoMatplotlib())\n"
+                      "from pyllm.cli import main\n"
+                      "main(sys.argv[1:])\n")
+
+
+def bench_command(model_dir, out_dir, *extra):
+    return [sys.executable, "-m", "pyllm", "bench", "--model", str(model_dir), "--out", str(out_dir), *SMALL, *extra]
 
 
 def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
     model_dir, _ = tiny_model
-    result = subprocess.run(
-        [sys.executable, "-m", "pyllm", "bench", "--model", str(model_dir), "--out", str(tmp_path),
-         "--prompt-tokens", "40", "--decode-tokens", "6", "--batches", "2", "--rounds", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"  # not the checkout: the harness ships inside the package
+    elsewhere.mkdir()
+    result = subprocess.run(bench_command(model_dir, tmp_path, "--rounds", "2"), cwd=elsewhere,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "peak_rss_bytes", "load_s"):
@@ -26,7 +42,7 @@ def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
 
 def test_cpu_vs_gpu_report(tmp_path):
     """The CPU-vs-GPU section a `--backend cuda` run adds (GPU figures made up: none here)."""
-    from benchmarks.bench import write_report
+    from pyllm.benchmarks.bench import write_report
     speeds = {"prefill_tok_s": 600.0, "decode_b1_tok_s": 40.0, "decode_b8_tok_s": 130.0}
     gpu = {**{k: v * 10 for k, v in speeds.items()}, "load_s": 1.0, "weight_bytes": 5e8, "peak_rss_bytes": 1e9}
     results = {"model": "m", "backend": "cuda", "machine": "test", "batches": [8],
@@ -34,3 +50,32 @@ def test_cpu_vs_gpu_report(tmp_path):
     table = write_report(results, tmp_path)
     assert "| decode tok/s (batch 8) | 130.0 | 1300.0 | 10.0x |" in table
     assert (tmp_path / "cpu_vs_gpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_without_matplotlib_still_writes_json_and_markdown(tiny_model, tmp_path):
+    model_dir, _ = tiny_model
+    result = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, *bench_command(model_dir, tmp_path, "--rounds", "1",
+                                                                                     "--no-hf")[3:]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'pyllm[bench]'" in result.stderr and "plot is skipped" in result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "partial" not in report and report["pyllm"]["decode_b1_tok_s"] > 0
+    assert "| decode tok/s (batch 1) |" in (tmp_path / "bench.md").read_text()
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_ctrl_c_mid_bench_keeps_the_finished_measurements(tiny_model, tmp_path):
+    model_dir, _ = tiny_model
+    bench = subprocess.Popen(bench_command(model_dir, tmp_path, "--rounds", "50", "--no-hf"), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "bench.json").exists() and time.monotonic() < deadline and bench.poll() is None:
+        time.sleep(0.1)
+    bench.send_signal(signal.SIGINT)
+    _, stderr = bench.communicate(timeout=60)
+    assert bench.returncode == 130, stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["partial"] is True and report["best_seconds"] and min(report["best_seconds"].values()) > 0
+    assert "| measurement | best seconds so far |" in (tmp_path / "bench.md").read_text()
+    assert "interrupted: what was measured is in" in stderr

@@ -20,7 +20,7 @@ from pyllm import PyllmError
 from pyllm.backends import cpu_kernels
 from pyllm.formats import FORMATS
 from pyllm.weights import QuantizedMatrix
-from benchmarks.quant_bench import perplexity, rss_growth
+from pyllm.benchmarks.quant_bench import perplexity, rss_growth
 from test_gguf import gpt2_vocab, hf_weights, write_gguf
 
 HIDDEN, HEADS, KV_HEADS, FFN = 256, 4, 2, 512  # rows of 256: the K-quants' super-block

@@ -1,6 +1,6 @@
 """Achieved memory bandwidth of each CUDA kernel on a real GPU, against the device's peak.
 
-    python -m benchmarks.kernel_bench [--dtype f16] [--rows 4096] [--out bench-out]
+    python -m pyllm.benchmarks.kernel_bench [--dtype f16] [--rows 4096] [--out bench-out]
 
 Every kernel runs on rows 8192 wide (attention: a decode query over 8192 cached tokens). The
 bytes counted are the least the kernel must move (each input read once, each output written

@@ -5,7 +5,7 @@ sees the true prefix, never its own earlier picks), and we count the positions w
 equals the reference dtype's. The tests run it through cuda-emu on the tiny story model; on a
 GPU, run it on SmolLM2:
 
-    python -m benchmarks.dtype_agreement --model models/smollm2-135m-instruct --backend cuda
+    python -m pyllm.benchmarks.dtype_agreement --model models/smollm2-135m-instruct --backend cuda
 """
 
 import argparse

@@ -9,6 +9,7 @@ Writes bench.json, bench.md and bench.png into --out. Run it with nothing else o
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -40,16 +41,38 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_best(measures: dict, rounds: int) -> dict:
+def interleaved_best(measures: dict, rounds: int, on_measured=lambda best: None) -> dict:
     """{name: seconds}, each measurement's best over `rounds` rounds with every measurement taken in
     turn within a round: this machine's speed drifts (by up to several times on a shared one), and
-    interleaving lets a drift reach both sides of a ratio alike. Each measure returns its seconds."""
+    interleaving lets a drift reach both sides of a ratio alike. Each measure returns its seconds;
+    on_measured(best so far) follows every measurement (bench saves them, so nothing is lost)."""
     best = {}
     for _ in progress(range(rounds), desc="measuring", unit="round"):
         for name, measure in measures.items():
             time.sleep(PAUSE_S)
             best[name] = min(best.get(name, float("inf")), measure())
+            on_measured(best)
     return best
+
+
+def can_plot() -> bool:
+    """matplotlib is there, or one line says which extra brings it and that the plot is skipped."""
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        print("matplotlib is not installed: the PNG plot is skipped (pip install 'pyllm[bench]' brings it); "
+              "JSON and markdown are written", file=sys.stderr)
+        return False
+
+
+def save_partial(out_dir: Path, results: dict, best: dict):
+    """What is measured so far ({measure: best seconds}), as JSON and markdown, replaced as it grows."""
+    partial = {**results, "partial": True, "best_seconds": best}
+    rows = "\n".join(f"| {name} | {seconds:.4f} |" for name, seconds in best.items())
+    (out_dir / "bench.json").write_text(json.dumps(partial, indent=2))
+    (out_dir / "bench.md").write_text(f"# pyllm bench (partial): {results['model']}\n\n"
+                                      f"| measurement | best seconds so far |\n|---|---|\n{rows}\n")
 
 
 def matmul_measure(total_bytes: int, rows: int, n=1536, k=576):
@@ -100,7 +123,10 @@ def transformers_measures(args, ids):
     import torch
     from transformers import AutoModelForCausalLM
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
+    path = Path(args.model)
+    source = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.is_file() else \
+        dict(pretrained_model_name_or_path=path)  # a GGUF file, dequantized by transformers: the same weights
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32, attn_implementation="eager").eval()
     load_s = time.perf_counter() - start
     prompt, short = torch.tensor([ids]), torch.tensor([ids[:16]])
 
@@ -112,7 +138,7 @@ def transformers_measures(args, ids):
                     "transformers decode b1": no_grad(lambda: generate(args.decode_tokens) - generate(1))}
 
 
-def write_report(results, out_dir: Path):
+def write_report(results, out_dir: Path, plots=True):
     ours, hf = results["pyllm"], results.get("transformers")
     rows = [("load (s)", "load_s"), ("prefill tok/s", "prefill_tok_s"), ("decode tok/s (batch 1)", "decode_b1_tok_s")]
     rows += [(f"decode tok/s aggregate (batch {b})", f"decode_b{b}_tok_s") for b in results["batches"]]
@@ -132,10 +158,12 @@ def write_report(results, out_dir: Path):
     table = "\n".join(lines)
     if "pyllm_cpu" in results:  # a GPU run also measured the CPU backend
         table += "\n\n" + cpu_vs_gpu_table(results)
-        plot_cpu_vs_gpu(results, out_dir / "cpu_vs_gpu.png")
     (out_dir / "bench.md").write_text(f"# pyllm bench: {results['model']} ({results['backend']})\n\n{table}\n")
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
-    plot(results, out_dir / "bench.png")
+    if plots:  # last: a failing plot loses no result
+        plot(results, out_dir / "bench.png")
+        if "pyllm_cpu" in results:
+            plot_cpu_vs_gpu(results, out_dir / "cpu_vs_gpu.png")
     return table
 
 
@@ -227,9 +255,13 @@ def main(args):
         raise PyllmError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2, batch sizes >= 1 and --rounds >= 1")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from pyllm.tokenizer import Tokenizer
-    ids = prompt_ids(Tokenizer(args.model), args.prompt_tokens)
+    plots = can_plot()  # what is missing is said before the first measurement
+    if not args.no_hf and not _has_transformers():
+        print("transformers and torch are not installed: the comparison with transformers is skipped "
+              "(pip install transformers torch accelerate)", file=sys.stderr)
+        args.no_hf = True
     llm, ours = load_pyllm(args, args.backend, args.dtype)
+    ids = prompt_ids(llm.tokenizer, args.prompt_tokens)
     measures = pyllm_measures(llm, ids, batches, args.decode_tokens, "pyllm")
     for measure in measures.values():  # warm-up: kernels built, buffers touched; then memory before the rest loads
         measure()
@@ -246,12 +278,14 @@ def main(args):
         measures.update(pyllm_measures(cpu_llm, ids, batches, args.decode_tokens, "pyllm_cpu"))
     hf_load_s = None
     if not args.no_hf:
-        try:
-            hf_load_s, hf_measures = transformers_measures(args, ids)
-            measures.update(hf_measures)
-        except ImportError:
-            print("transformers/torch not installed: skipping the comparison")
-    best = interleaved_best(measures, args.rounds)
+        hf_load_s, hf_measures = transformers_measures(args, ids)
+        measures.update(hf_measures)
+    try:
+        best = interleaved_best(measures, args.rounds, lambda best: save_partial(out_dir, results, best))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what was measured is in {out_dir / 'bench.json'} and {out_dir / 'bench.md'}",
+              file=sys.stderr)
+        raise
     ours.update(speeds(best, "pyllm", len(ids), batches, args.decode_tokens))
     if "pyllm_cpu" in results:
         results["pyllm_cpu"].update(speeds(best, "pyllm_cpu", len(ids), batches, args.decode_tokens))
@@ -261,10 +295,19 @@ def main(args):
         results["transformers"] = {"load_s": hf_load_s, "prefill_tok_s": len(ids) / best["transformers prefill"],
                                    "decode_b1_tok_s": (args.decode_tokens - 1) / best["transformers decode b1"]}
     if args.backend == "cuda":
-        from benchmarks.kernel_bench import report
+        from pyllm.benchmarks.kernel_bench import report
         results["kernels"] = report(out_dir, "cuda", ours["dtype"])
-    print(write_report(results, out_dir))
-    print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+    print(write_report(results, out_dir, plots))
+    print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + (f", {out_dir / 'bench.png'}" if plots else ""))
+
+
+def _has_transformers() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def _cores() -> int:

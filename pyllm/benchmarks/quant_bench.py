@@ -1,7 +1,7 @@
 """GGUF files in their own formats: pyllm against llama.cpp on the same file, beside the machine's
 memory-read roofline, all measured in one run.
 
-    python -m benchmarks.quant_bench --files a.gguf b.gguf [--peer llama.cpp] [--out DIR]
+    python -m pyllm.benchmarks.quant_bench --files a.gguf b.gguf [--peer llama.cpp] [--out DIR]
 
 Per file: decode tok/s at batch 1 and each --batches size, prefill tok/s of a --prompt-tokens
 prompt, weight GB/s of a batch-1 decode step (the file's bytes x steps/s) beside the roofline (a C
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import interleaved_best, prompt_ids, pyllm_measures, speeds, timed
+from pyllm.benchmarks.bench import interleaved_best, prompt_ids, pyllm_measures, speeds, timed
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
 ROOFLINE_BYTES = 512 << 20
