@@ -31,7 +31,8 @@ class LlamaModel:
         starts = np.concatenate([[0], np.cumsum(lengths)])
         x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
         step = Step([cache.step_slot(n) for (cache, _), n in zip(batch, lengths)], [int(s) for s in starts])
-        for layer_index, layer in enumerate(w.layers):
+        fused = be.decoder_layers(x, step, w.layers)  # [T, hidden], or None: layer by layer below
+        for layer_index, layer in enumerate(w.layers if fused is None else []):
             h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
             q = be.qkv_rope_cache(qkv, layer.qkv_bias, step, layer_index)  # [T, H, D]; rope(k), v into the caches
@@ -39,6 +40,7 @@ class LlamaModel:
             x = be.matmul_transb(attn.reshape(len(ids), -1), layer.o, beta=1.0, c=x)  # residual add fused
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
+        x = x if fused is None else fused
         for (cache, _), n in zip(batch, lengths):
             cache.advance(n)
         if not all_logits and len(ids) > len(batch):  # in a pure decode step every row already is a last token

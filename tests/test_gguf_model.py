@@ -182,3 +182,24 @@ def test_peak_memory_of_the_q4_1_file_is_near_its_size(smollm2_gguf):
     """Peak RSS after a short generate, minus that of a bare `import pyllm`: <= 1.2 x file + 50 MB."""
     grown, limit = rss_growth(smollm2_gguf), 1.2 * smollm2_gguf.stat().st_size + 50e6
     assert grown <= limit, f"RSS grew {grown / 1e6:.0f} MB, limit {limit / 1e6:.0f} MB"
+
+
+def test_all_layers_in_one_call_match_the_ops_bit_for_bit(tiny_gguf):
+    """CpuBackend.decoder_layers (kernels/cpu/layers.c) against the same kernels called op by op:
+    identical logits for a ragged batch of decode steps (or, where a layer holds matrices without a
+    kernel, the op-by-op path serves both)."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX-512 here: the CPU backend is the reference")
+    path, _ = tiny_gguf
+    llm = pyllm.LLM(str(path), backend="cpu", show_progress=False)
+
+    def decode_logits():
+        caches = [llm.model.new_cache(64) for _ in range(3)]
+        for i, cache in enumerate(caches):
+            llm.model.forward([(cache, list(range(10 + i, 30 + 3 * i)))])
+        return np.concatenate([llm.model.forward([(c, [40 + j + i]) for i, c in enumerate(caches)]) for j in range(4)])
+    fused = decode_logits()
+    llm.backend.decoder_layers = lambda x, step, layers: None
+    np.testing.assert_array_equal(decode_logits(), fused)
+    if path.stem in FORMATS:  # one format throughout: the fused path ran
+        assert cpu_kernels.layer_table(llm.model.weights.layers) is not None

@@ -47,6 +47,10 @@ class Backend(Protocol):
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
         """alpha * a [M, K] @ b [N, K]^T (+ bias [N]) + beta * c [M, N] (c updated in place)."""
 
+    def decoder_layers(self, x, step: Step, layers):
+        """x [T, hidden] through every layer at once, where the backend can -> x advanced; None
+        where it cannot (the model then runs the ops below layer by layer)."""
+
     def project_to_vocab(self, x, weight):
         """x [T, hidden] @ weight [vocab, hidden]^T -> logits [T, vocab]: the one matmul read as
         probabilities, which a backend may compute more exactly than the others."""

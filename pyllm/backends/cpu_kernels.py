@@ -72,7 +72,7 @@ def _library():
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
         start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
                                             library.attention)
-        quant_gemm, stream = library.quant_gemm, library.stream_read
+        quant_gemm, stream, layers = library.quant_gemm, library.stream_read, library.decoder_layers
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
@@ -84,6 +84,12 @@ def _library():
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
     skinny.restype = matmul.restype = quant_gemm.restype = None
+    # L, layers, T, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k, v, lengths, capacities, counts,
+    # h, qkv, q, a, gate_up, act, spare, xq
+    layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
+                       + [ctypes.c_int] + [ctypes.c_void_p] * 15)
+    layers.restype = None
+    library.activation_bytes.argtypes, library.activation_bytes.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_size_t
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -264,3 +270,59 @@ def attention(q, slots, layer):
     out = np.empty_like(q)  # [T, H, D]
     library.attention(len(slots), n_heads, n_kv, head_dim, head_dim ** -0.5, layer, _address(q), *caches, _address(out))
     return out
+
+
+F32_ROWS = -1  # layers.c: a matrix of f32 rows
+
+
+class Matrix(ctypes.Structure):  # layers.c's struct matrix
+    _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int), ("N", ctypes.c_int)]
+
+
+class Layer(ctypes.Structure):  # layers.c's struct layer
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
+                ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix), ("down", Matrix)]
+
+
+def layer_table(layers):
+    """The model's layers in layers.c's form (a ctypes array, built once), or None if a matrix is
+    neither f32 rows nor GGML blocks (a tuple of parts, f16, bf16): those layers run op by op."""
+    def matrix(m):
+        if isinstance(m, np.ndarray) and _contiguous_f32(m):
+            return Matrix(_address(m), F32_ROWS, m.shape[0])
+        fmt = getattr(m, "format", None)
+        if fmt is None or fmt.block_size == 1 or not m.data.flags.c_contiguous:
+            return None
+        return Matrix(_address(m.data), fmt.gguf_type, m.shape[0])
+    table = (Layer * len(layers))()
+    for entry, layer in zip(table, layers):
+        parts = [matrix(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down")]
+        vectors = [layer.input_norm, layer.post_norm] + ([] if layer.qkv_bias is None else [layer.qkv_bias])
+        if any(part is None for part in parts) or not _contiguous_f32(*vectors):
+            return None
+        entry.input_norm, entry.post_norm = _address(layer.input_norm), _address(layer.post_norm)
+        entry.qkv_bias = None if layer.qkv_bias is None else _address(layer.qkv_bias)
+        entry.qkv, entry.o, entry.gate_up, entry.down = parts
+    return table
+
+
+def decoder_layers(x, table, config, slots, cos, sin):
+    """x [T, hidden] (T <= MAX_ROWS) through every layer of `table` (layer_table) in one call, the
+    step's caches as attention's slots -> x advanced in place, or None (no kernels)."""
+    library = _library()
+    if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
+        return None
+    caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
+    if caches is None or n_new != x.shape[0] or layers != len(table) or head_dim % 16:
+        return None
+    rows, hidden, inter = x.shape[0], config.hidden_size, config.intermediate_size
+    n_heads = config.num_heads
+    widest = max(hidden, inter, n_heads * head_dim, (n_heads + 2 * n_kv) * head_dim, 2 * inter)
+    scratch = [np.empty((rows, n), np.float32) for n in (hidden, (n_heads + 2 * n_kv) * head_dim, n_heads * head_dim,
+                                                        n_heads * head_dim, 2 * inter, inter, widest)]
+    xq = np.empty(library.activation_bytes(rows, max(hidden, inter, n_heads * head_dim)) + 64, np.uint8)
+    xq = xq[-xq.ctypes.data % 64:]  # 64-byte aligned, as quant.c loads it
+    library.decoder_layers(len(table), ctypes.addressof(table), rows, hidden, inter, n_heads, n_kv, head_dim, config.rms_norm_eps,
+                           head_dim ** -0.5, _address(x), len(slots), _address(cos), _address(sin), *caches,
+                           *[_address(s) for s in scratch], _address(xq))
+    return x

@@ -184,6 +184,10 @@ class ReferenceBackend:
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
+    def decoder_layers(self, x, step: Step, layers):
+        """No fused form here: the model runs the layers op by op."""
+        return None
+
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):
         return qkv_rope_cache(qkv, bias, step, layer, self.cos, self.sin)
 

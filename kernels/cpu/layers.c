@@ -1,0 +1,73 @@
+// decoder_layers: every decoder layer of a step in one call, so Python is off the hot path: a
+// decode step of 30 layers would otherwise make ~270 calls through ctypes, each costing more than
+// a small layer's arithmetic. The same kernels as the op-by-op path run in the same order, so the
+// results are bit for bit those of CpuBackend's ops:
+//   h = rms_norm(x); qkv = h W_qkv^T; q = rope(q), rope(k) and v into the caches; a = attention(q);
+//   x += a W_o^T; h = rms_norm(x); x += swiglu(h W_gate_up^T) W_down^T
+// Each matrix is f32 rows (type F32_ROWS: skinny_matmul, then added for the residual) or GGML blocks
+// (quant.c: the activation quantized once to xq, then quant_matmul, accumulating the residual).
+// Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
+#include "cpu.h"
+#ifdef __AVX512F__
+#define F32_ROWS (-1)
+
+struct matrix {          // one weight matrix [N, K]
+  const void *data;      // f32 [N, K] or GGML blocks [N, row_bytes]
+  int type, N;           // type: F32_ROWS or a GGML type id
+};
+
+struct layer {           // one decoder layer's weights
+  const float *input_norm, *post_norm, *qkv_bias;  // [hidden], [hidden], [(H + 2 KV) D] or NULL
+  struct matrix qkv, o, gate_up, down;             // [(H + 2 KV) D, hidden], [hidden, H D], [2 inter, hidden], [hidden, inter]
+};
+
+void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
+void quantize_activations(int M, int K, const float *x, void *xq);
+void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate);
+void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
+void swiglu(int T, int width, const float *gate_up, float *out);
+void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in, const float *bias, const float *cos,
+              const float *sin, float *const *k, float *const *v, const int *length, const int *capacity,
+              const int *count, float *q);
+void attention(int S, int H, int KV, int D, float scale, int layer, const float *q, const float *const *k,
+               const float *const *v, const int *length, const int *capacity, const int *count, float *out);
+
+// out [T, N] = x [T, K] @ m^T, or added into out when accumulate; scratch: [T, N] floats, xq: room
+// for x's int8 blocks
+static void apply(const struct matrix *m, int T, const float *x, int K, float *out, int accumulate, float *scratch,
+                  void *xq) {
+  if (m->type != F32_ROWS) {
+    quantize_activations(T, K, x, xq);
+    quant_matmul(m->type, T, xq, K, m->data, m->N, out, accumulate);
+    return;
+  }
+  if (!accumulate) {
+    skinny_matmul(T, x, K, m->data, m->N, out);
+    return;
+  }
+  skinny_matmul(T, x, K, m->data, m->N, scratch);
+  for (size_t i = 0; i < (size_t)T * m->N; i++) out[i] += scratch[i];
+}
+
+// x [T, hidden] advances through layers 0 .. L - 1 in place (scale: attention's, D^-0.5). S sequences own the T rows in order;
+// k, v, length, capacity, count: their caches as attention's. Scratch (f32): h [T, hidden],
+// qkv [T, (H + 2 KV) D], q [T, H D], a [T, H D], gate_up [T, 2 inter], act [T, inter], spare
+// [T, max N]; xq: quantize_activations' bytes for T rows of max(hidden, inter).
+EXPORT void decoder_layers(int L, const struct layer *layers, int T, int hidden, int inter, int H, int KV, int D,
+                           float eps, float scale, float *x, int S, const float *cos, const float *sin, float *const *k,
+                           float *const *v, const int *length, const int *capacity, const int *count, float *h,
+                           float *qkv, float *q, float *a, float *gate_up, float *act, float *spare, void *xq) {
+  for (int l = 0; l < L; l++) {
+    const struct layer *w = &layers[l];
+    rms_norm(T, hidden, x, w->input_norm, eps, h);
+    apply(&w->qkv, T, h, hidden, qkv, 0, spare, xq);
+    qkv_rope(S, H, KV, D, l, qkv, w->qkv_bias, cos, sin, k, v, length, capacity, count, q);
+    attention(S, H, KV, D, scale, l, q, (const float *const *)k, (const float *const *)v, length, capacity, count, a);
+    apply(&w->o, T, a, H * D, x, 1, spare, xq);
+    rms_norm(T, hidden, x, w->post_norm, eps, h);
+    apply(&w->gate_up, T, h, hidden, gate_up, 0, spare, xq);
+    swiglu(T, inter, gate_up, act);
+    apply(&w->down, T, act, inter, x, 1, spare, xq);
+  }
+}
+#endif
