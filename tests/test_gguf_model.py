@@ -20,7 +20,8 @@ from pyllm import PyllmError
 from pyllm.backends import cpu_kernels
 from pyllm.formats import FORMATS
 from pyllm.weights import QuantizedMatrix
-from pyllm.benchmarks.quant_bench import perplexity, rss_growth
+from pyllm.benchmarks.quant_bench import QUALITY_TEXT, perplexity, rss_growth
+from conftest import SHARED, needs_shared
 from test_gguf import gpt2_vocab, hf_weights, write_gguf
 
 HIDDEN, HEADS, KV_HEADS, FFN = 256, 4, 2, 512  # rows of 256: the K-quants' super-block
@@ -203,3 +204,27 @@ def test_all_layers_in_one_call_match_the_ops_bit_for_bit(tiny_gguf):
     np.testing.assert_array_equal(decode_logits(), fused)
     if path.stem in FORMATS:  # one format throughout: the fused path ran
         assert cpu_kernels.layer_table(llm.model.weights.layers) is not None
+
+
+STORY_GGUF = SHARED / "models" / "story-gguf"
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["f32", "q8_0", "q4_0", "q4_1"])
+def test_story_model_written_by_llama_cpp(name):
+    """The story model as llama.cpp itself wrote and quantized it (../shared, no one here wrote these
+    files): the reference backend within 1e-4 of transformers on the same file; the C kernels'
+    teacher-forced decode within the same bounds as the random models."""
+    path = STORY_GGUF / f"story-{name}.gguf"
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+    llm = pyllm.LLM(str(path), backend="reference", show_progress=False)
+    ids = llm.tokenizer.encode(QUALITY_TEXT.read_text())[:400]
+    expected = hf_logits(reference, ids)
+    np.testing.assert_allclose(llm.score(ids), expected, atol=1e-4, rtol=0)
+    if cpu_kernels.available():
+        cpu = pyllm.LLM(str(path), backend="cpu", show_progress=False)
+        cache = cpu.model.new_cache(len(ids))
+        ours = np.concatenate([cpu.model.forward([(cache, [token])]) for token in ids])
+        assert (ours.argmax(-1) == expected.argmax(-1)).mean() >= 0.94
+        assert abs(perplexity(ours, ids) / perplexity(expected, ids) - 1) <= 0.01
