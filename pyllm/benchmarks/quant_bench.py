@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyllm.benchmarks.bench import interleaved_best, prompt_ids, pyllm_measures, speeds, timed
+from pyllm.benchmarks.bench import can_plot, interleaved_best, prompt_ids, pyllm_measures, speeds, timed
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
 ROOFLINE_BYTES = 512 << 20
@@ -108,7 +108,7 @@ def quality(path, llm, ids, peer):
     return result
 
 
-def write_report(results, out_dir: Path) -> str:
+def write_report(results, out_dir: Path, plots=True) -> str:
     roof = results["roofline_gb_s"]
     lines = [f"Same-run C read roofline: {roof:.1f} GB/s ({results['machine']}). Best of {results['rounds']} "
              f"interleaved rounds; prefill of {results['prompt_tokens']} tokens, decode of "
@@ -136,7 +136,8 @@ def write_report(results, out_dir: Path) -> str:
     table = "\n".join(lines)
     (out_dir / "quant_bench.md").write_text(f"# pyllm quant_bench\n\n{table}\n")
     (out_dir / "quant_bench.json").write_text(json.dumps(results, indent=2))
-    plot(results, out_dir / "quant_bench.png")
+    if plots:  # last: a failing plot loses no result
+        plot(results, out_dir / "quant_bench.png")
     return table
 
 
@@ -173,6 +174,12 @@ def main(argv=None):
     parser.add_argument("--batches", default="4,8")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.peer:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            parser.error("--peer llama.cpp needs llama-cpp-python in this environment (pip install llama-cpp-python)")
+    plots = can_plot()
     import platform
 
     import pyllm
@@ -203,7 +210,7 @@ def main(argv=None):
             entry["llama.cpp"] = {"prefill_tok_s": len(f["ids"]) / best[f"{name} llama.cpp prefill"],
                                   "decode_b1_tok_s": (args.decode_tokens - 1) / best[f"{name} llama.cpp decode b1"]}
         results["files"][name] = entry
-    print(write_report(results, out_dir))
+    print(write_report(results, out_dir, plots))
 
 
 if __name__ == "__main__":
