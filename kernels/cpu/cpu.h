@@ -61,10 +61,23 @@ struct quant_call {
   const uint8_t *xq, *w;
   float *out;
   int type, M, K, N, accumulate, strip;  // strip: 1 or QUANT_STRIP
+  const uint8_t *tail;  // K / 32 % QX_GROUP blocks: xq's last records, lane j = lane j % that (M records)
 };
+// rows whose tails of `tail` blocks share a group's lanes, at most a batch (QUANT_STRIP); tail 0: none
+static inline int quant_tail_rows(int tail) {
+  return !tail ? 0 : QX_GROUP / tail < QUANT_STRIP ? QX_GROUP / tail : QUANT_STRIP;
+}
+// lanes 0 .. tail - 1 of acc[m] += lanes first .. first + tail - 1 of sums[m] (a row's share of a group of tails)
+static inline void quant_add_tail(int M, const __m512 *sums, int first, int tail, __m512 *acc) {
+  const __m512i index = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(first));
+  for (int m = 0; m < M; m++)
+    acc[m] = _mm512_add_ps(acc[m], _mm512_maskz_permutexvar_ps((__mmask16)((1u << tail) - 1), index, sums[m]));
+}
 void quant_rows_k(const struct quant_call *call, int lo, int hi);  // weight rows lo .. hi - 1
 void dequantize_rows_k(int type, const uint8_t *w, int rows, int K, float *out);
-void quant_store(const struct quant_call *call, int n, const __m512 *acc);  // out[:, n] (+)= lane sums
+void quant_store(const struct quant_call *call, int n0, int rows,  // out[:, n0 + r] (+)= acc[r]'s lane sums, r < rows
+                 __m512 (*acc)[MAX_QUANT_ROWS]);
 // byte offsets inside an xq record (quant.c's header has the layout)
 enum { QX_D = 512, QX_DSUM = 576, QX_SUM = 640, QX_SUM_LO = 704, QX_SUM_HI = 768 };
 

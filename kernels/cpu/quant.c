@@ -27,38 +27,6 @@
 
 EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROUP - 1) / QX_GROUP) * M * QX_RECORD; }
 
-EXPORT void quantize_activations(int M, int K, const float *x, void *xq) {
-  const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP;
-  memset(xq, 0, activation_bytes(M, K));
-  for (int g = 0; g < groups; g++)
-    for (int m = 0; m < M; m++) {
-      uint8_t *record = (uint8_t *)xq + ((size_t)g * M + m) * QX_RECORD;
-      for (int j = 0; j < QX_GROUP && g * QX_GROUP + j < blocks; j++) {
-        const float *block = x + (size_t)m * K + (size_t)(g * QX_GROUP + j) * 32;
-        const __m512 lo = _mm512_loadu_ps(block), hi = _mm512_loadu_ps(block + 16);
-        const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127.0f;
-        if (d == 0.0f) continue;  // q, d and the sums stay zero
-        const __m512 scale = _mm512_set1_ps(d);
-        const __m512i limit = _mm512_set1_epi32(127);
-        __m512i q[2];
-        q[0] = _mm512_cvt_roundps_epi32(_mm512_div_ps(lo, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q[1] = _mm512_cvt_roundps_epi32(_mm512_div_ps(hi, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        for (int h = 0; h < 2; h++) {  // a d far below FLT_MIN is inexact: keep q in range
-          q[h] = _mm512_max_epi32(_mm512_min_epi32(q[h], limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
-          uint8_t bytes[16];
-          _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(q[h]));
-          for (int t = 0; t < 4; t++) memcpy(record + 64 * (4 * h + t) + 4 * j, bytes + 4 * t, 4);
-        }
-        const int sum_lo = _mm512_reduce_add_epi32(q[0]), sum_hi = _mm512_reduce_add_epi32(q[1]);
-        ((float *)(record + QX_D))[j] = d;
-        ((float *)(record + QX_DSUM))[j] = d * (float)(sum_lo + sum_hi);
-        ((int32_t *)(record + QX_SUM))[j] = sum_lo + sum_hi;
-        ((int32_t *)(record + QX_SUM_LO))[j] = sum_lo;
-        ((int32_t *)(record + QX_SUM_HI))[j] = sum_hi;
-      }
-    }
-}
-
 size_t row_bytes(int type, int K) {
   switch (type) {
     case Q4_0: return (size_t)K / 32 * 18;
@@ -81,21 +49,36 @@ static inline float f16(const uint8_t *p) {
 
 static inline __m512 half_to_float(__m512i dwords) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dwords)); }
 
+// f16 pairs in dwords -> *low, *high: f32 of each dword's low and high half (one vpermw apart)
+static inline void halves_to_float(__m512i dwords, __m512 *low, __m512 *high) {
+  const __m512i even_then_odd = _mm512_setr_epi32(  // words 0, 2, .. 30, then 1, 3, .. 31
+      0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014, 0x001A0018, 0x001E001C,
+      0x00030001, 0x00070005, 0x000B0009, 0x000F000D, 0x00130011, 0x00170015, 0x001B0019, 0x001F001D);
+  const __m512i words = _mm512_permutexvar_epi16(even_then_odd, dwords);
+  *low = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
+  *high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(words, 1));
+}
+
 // quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
 // Work split: each thread (the caller and the pool's workers) takes its own range of weight rows.
-// A thread walks them one row at a time, or when a row's xq passes XQ_IN_L1 (M x K / 512 records:
-// M = 16 at K = 4096 is 106 KB) in strips of QUANT_STRIP rows that take each group in turn, so
-// that group's xq (M records, <= 13 KB) serves the whole strip from L1 instead of streaming from
-// L2 for every row (q4_1 at M = 16: 9.3 GB/s against 7.4; at M = 1 strips cost the hardware
-// prefetcher its streams: 41 against 50; 50 MB of weights, from L3, 2-core Xeon). Software
+// A thread takes them in batches of QUANT_STRIP rows. First the rows' full groups of 16 blocks:
+// one row at a time, or when a row's xq passes XQ_IN_L1 (M x K / 512 records: M = 16 at K = 4096
+// is 106 KB) the whole batch as a strip that takes each group in turn, so that group's xq (M
+// records, <= 13 KB) serves the strip from L1 instead of streaming from L2 for every row (q4_1 at
+// M = 16: 9.3 GB/s against 7.4; at M = 1 strips cost the hardware prefetcher its streams: 41
+// against 50; 50 MB of weights, from L3, 2-core Xeon). Then the rows' tails (K / 32 % 16 blocks:
+// 2 at K = 576, where a padded group would cost as much as a full one): quant_tail_rows rows' tails
+// share a group, lanes 0 .. tail - 1 the first row's, against call.tail (xq's last records with
+// lane j holding block j % tail; made per call), and each row takes its lanes' sums back into its
+// accumulator (quant_add_tail). Last, the batch's 16-lane sums at once (quant_store). Software
 // prefetch runs PREFETCH_BYTES ahead per row (over a strip: that divided among its rows); the
 // weights are read from memory once for all M.
-// Per group of 16 blocks of one weight row:
+// Per group of 16 blocks (of one weight row, or of the tails of several):
 //   decode: W[8] = its 512 weights as u8 in xq's layout (vector u, lane j: weights 4u..4u+3 of
 //     block j), dw (and mw) = its f32 scales (and mins) per lane: 8 + 2 zmm, live through
 //   the activation rows: per row m, 8 vpdpbusd (xq from L1) in two chains of 4 (2 zmm), the
-//     block's offset or min and scales in f32, into the row's 16-lane f32 accumulator (M = 1: a
-//     register; else the strip's M x 16 on the stack, in L1); the 16 lanes added at the row's end.
+//     block's offset or min and scales in f32, into the row's 16-lane f32 accumulator (of the
+//     batch's rows x M on the stack, in L1); the 16 lanes added at the batch's end.
 // Numerics: each block's sum(q xq) is exact in int32; d dx sum(q xq) (+ m dx sum(xq)) in f32;
 // summed per lane (block j of every group) in k order, then the 16 lanes: next to an f32 dot
 // product with the dequantized weights, only the activations' int8 rounding and the summation
@@ -103,20 +86,23 @@ static inline __m512 half_to_float(__m512i dwords) { return _mm512_cvtph_ps(_mm5
 //
 // The 32-weight formats: the blocks' bytes are loaded 16 (q8_0: 32) per block and transposed to
 // one block per lane with vpermt2d and vshufi32x4; the f16 scales (and q5's high bits) come in a
-// vpgatherdd each.
+// vpgatherdd each. (A group of tails: the same, with the blocks at the offsets of a table.)
 // Offsets, not signs: q4_0 is d (q - 8) with q in 0..15, q5_0 d (q - 16), and q8_0 is signed: it
 // is read as q + 128 (one xor), which makes every weight an unsigned byte for vpdpbusd, and
 // d dx sum(q xq) = d dx (sum((q + c) xq) - c sum(xq)) with the block's sum from xq: one shift and
 // subtract per block and activation row. (The abs/sign trick would cost a masked subtract per
 // weight vector and activation row: 8 times as many.)
 
-static inline void transpose_4x16(const uint8_t *w, size_t stride, int count, __m512i G[4]) {
-  // G[t] lane j = dword t of the 16 bytes at w + j * stride (blocks past count: zero)
+// The blocks of a group: block j at w + lanes[j], or with lanes NULL at w + j * stride.
+#define BLOCK(j) (lanes ? (size_t)lanes[j] : (size_t)(j) * stride)
+
+static inline void transpose_4x16(const uint8_t *w, const int32_t *lanes, size_t stride, int count, __m512i G[4]) {
+  // G[t] lane j = dword t of block j's 16 bytes at w (blocks past count: zero)
   __m512i Z[4];  // Z[a]: the 16 bytes of blocks 4a .. 4a + 3, one per 128-bit lane
   for (int a = 0; a < 4; a++) {
     __m128i r[4];
     for (int l = 0; l < 4; l++)
-      r[l] = 4 * a + l < count ? _mm_loadu_si128((const __m128i *)(w + (4 * a + l) * stride))
+      r[l] = 4 * a + l < count ? _mm_loadu_si128((const __m128i *)(w + BLOCK(4 * a + l)))
                                : _mm_setzero_si128();
     Z[a] = _mm512_inserti32x4(_mm512_castsi128_si512(r[0]), r[1], 1);
     Z[a] = _mm512_inserti32x4(_mm512_inserti32x4(Z[a], r[2], 2), r[3], 3);
@@ -131,13 +117,13 @@ static inline void transpose_4x16(const uint8_t *w, size_t stride, int count, __
   G[2] = _mm512_shuffle_i32x4(b01, b23, 0x44), G[3] = _mm512_shuffle_i32x4(b01, b23, 0xEE);
 }
 
-static inline void transpose_8x16(const uint8_t *w, size_t stride, int count, __m512i W[8]) {
-  // W[k] lane j = dword k of the 32 bytes at w + j * stride (blocks past count: zero)
+static inline void transpose_8x16(const uint8_t *w, const int32_t *lanes, size_t stride, int count, __m512i W[8]) {
+  // W[k] lane j = dword k of block j's 32 bytes at w (blocks past count: zero)
   __m512i Z[8];  // Z[a]: blocks 2a, 2a + 1
   for (int a = 0; a < 8; a++) {
     __m256i r[2];
     for (int l = 0; l < 2; l++)
-      r[l] = 2 * a + l < count ? _mm256_loadu_si256((const __m256i *)(w + (2 * a + l) * stride))
+      r[l] = 2 * a + l < count ? _mm256_loadu_si256((const __m256i *)(w + BLOCK(2 * a + l)))
                                : _mm256_setzero_si256();
     Z[a] = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
   }
@@ -156,18 +142,67 @@ static inline void transpose_8x16(const uint8_t *w, size_t stride, int count, __
   }
 }
 
-static inline __m512i gather_dwords(const uint8_t *w, size_t stride, int count) {  // lane j: 4 bytes at w + j * stride
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32((int)stride));
-  const __mmask16 lanes = count >= QX_GROUP ? 0xFFFF : (__mmask16)((1u << count) - 1);
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, w, 1);
+// quantize_activations (the layout: the top of this file): per record, each block's q as its 32
+// bytes in a row of `bytes`, then transposed to xq's lanes like a q8_0 group; the sums by vpdpbusd
+// of the q with ones.
+EXPORT void quantize_activations(int M, int K, const float *x, void *xq) {
+  const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP;
+  const __m512i limit = _mm512_set1_epi32(127), ones = _mm512_set1_epi8(1);
+  for (int g = 0; g < groups; g++)
+    for (int m = 0; m < M; m++) {
+      uint8_t *record = (uint8_t *)xq + ((size_t)g * M + m) * QX_RECORD, bytes[QX_GROUP][32];
+      float d[QX_GROUP] = {0};
+      const int count = blocks - g * QX_GROUP < QX_GROUP ? blocks - g * QX_GROUP : QX_GROUP;
+      for (int j = 0; j < count; j++) {
+        const float *block = x + (size_t)m * K + (size_t)(g * QX_GROUP + j) * 32;
+        const __m512 lo = _mm512_loadu_ps(block), hi = _mm512_loadu_ps(block + 16);
+        d[j] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127.0f;
+        if (d[j] == 0.0f) {  // q, d and the sums stay zero
+          memset(bytes[j], 0, 32);
+          continue;
+        }
+        const __m512 scale = _mm512_set1_ps(d[j]);
+        for (int h = 0; h < 2; h++) {  // a d far below FLT_MIN is inexact: keep q in range
+          __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(h ? hi : lo, scale),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm512_max_epi32(_mm512_min_epi32(q, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+          _mm_storeu_si128((__m128i *)(bytes[j] + 16 * h), _mm512_cvtepi32_epi8(q));
+        }
+      }
+      __m512i Q[8], sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
+      transpose_8x16(bytes[0], NULL, 32, count, Q);
+      for (int u = 0; u < 4; u++) {
+        sum_lo = _mm512_dpbusd_epi32(sum_lo, ones, Q[u]);
+        sum_hi = _mm512_dpbusd_epi32(sum_hi, ones, Q[4 + u]);
+      }
+      for (int u = 0; u < 8; u++) _mm512_storeu_si512(record + 64 * u, Q[u]);
+      const __m512i sum = _mm512_add_epi32(sum_lo, sum_hi);
+      const __m512 dv = _mm512_loadu_ps(d);
+      _mm512_storeu_ps(record + QX_D, dv);
+      _mm512_storeu_ps(record + QX_DSUM, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sum)));
+      _mm512_storeu_si512(record + QX_SUM, sum);
+      _mm512_storeu_si512(record + QX_SUM_LO, sum_lo);
+      _mm512_storeu_si512(record + QX_SUM_HI, sum_hi);
+    }
+}
+
+static inline __m512i gather_dwords(const uint8_t *w, const int32_t *lanes, size_t stride, int count) {
+  // lane j: block j's 4 bytes at w
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i offsets = lanes ? _mm512_loadu_si512(lanes) : _mm512_mullo_epi32(iota, _mm512_set1_epi32((int)stride));
+  const __mmask16 live = count >= QX_GROUP ? 0xFFFF : (__mmask16)((1u << count) - 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, w, 1);
 }
 
 static inline void nibbles(const __m512i G[4], __m512i W[8]) {  // weights 0..15 in low nibbles, 16..31 high
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int t = 0; t < 4; t++) {
     W[t] = _mm512_and_si512(G[t], low);
+#ifdef __GFNI__  // each byte >> 4 in one affine transform (bit i of the result = bit i + 4)
+    W[4 + t] = _mm512_gf2p8affine_epi64_epi8(G[t], _mm512_set1_epi64(0x1020408000000000), 0);
+#else
     W[4 + t] = _mm512_and_si512(_mm512_srli_epi32(G[t], 4), low);
+#endif
   }
 }
 
@@ -199,59 +234,76 @@ static inline __attribute__((always_inline)) void rows_times_offset(const __m512
 }
 
 
-// One group of `count` (16, fewer at the row's end) blocks at w against M rows of xq at x.
-static inline __attribute__((always_inline)) void group32(const int type, const uint8_t *w, const int count, int M,
-                                                          const uint8_t *x, __m512 *acc) {
+// One group of `count` blocks (lanes: as BLOCK) against M rows of xq at x.
+static inline __attribute__((always_inline)) void group32(const int type, const uint8_t *w, const int32_t *lanes,
+                                                          const int count, int M, const uint8_t *x, __m512 *acc) {
   __m512i G[4], W[8];
   switch (type) {
     case Q4_0:  // d, qs[16]
-      transpose_4x16(w + 2, 18, count, G), nibbles(G, W);
-      rows_times_offset(W, half_to_float(gather_dwords(w, 18, count)), 3, M, x, acc);
+      transpose_4x16(w + 2, lanes, 18, count, G), nibbles(G, W);
+      rows_times_offset(W, half_to_float(gather_dwords(w, lanes, 18, count)), 3, M, x, acc);
       break;
     case Q4_1: {  // d, m, qs[16]
-      const __m512i dm = gather_dwords(w, 20, count);
-      transpose_4x16(w + 4, 20, count, G), nibbles(G, W);
-      rows_times_min(W, half_to_float(dm), half_to_float(_mm512_srli_epi32(dm, 16)), M, x, acc);
+      const __m512i dm = gather_dwords(w, lanes, 20, count);
+      transpose_4x16(w + 4, lanes, 20, count, G), nibbles(G, W);
+      __m512 d, m;
+      halves_to_float(dm, &d, &m);
+      rows_times_min(W, d, m, M, x, acc);
       break;
     }
     case Q5_0:  // d, qh (bit e: weight e's fifth bit), qs[16]
-      transpose_4x16(w + 6, 22, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 2, 22, count), W);
-      rows_times_offset(W, half_to_float(gather_dwords(w, 22, count)), 4, M, x, acc);
+      transpose_4x16(w + 6, lanes, 22, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 2, lanes, 22, count), W);
+      rows_times_offset(W, half_to_float(gather_dwords(w, lanes, 22, count)), 4, M, x, acc);
       break;
     case Q5_1: {  // d, m, qh, qs[16]
-      const __m512i dm = gather_dwords(w, 24, count);
-      transpose_4x16(w + 8, 24, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 4, 24, count), W);
-      rows_times_min(W, half_to_float(dm), half_to_float(_mm512_srli_epi32(dm, 16)), M, x, acc);
+      const __m512i dm = gather_dwords(w, lanes, 24, count);
+      transpose_4x16(w + 8, lanes, 24, count, G), nibbles(G, W), fifth_bits(gather_dwords(w + 4, lanes, 24, count), W);
+      __m512 d, m;
+      halves_to_float(dm, &d, &m);
+      rows_times_min(W, d, m, M, x, acc);
       break;
     }
     default: {  // Q8_0: d, qs[32] (int8)
-      transpose_8x16(w + 2, 34, count, W);
+      transpose_8x16(w + 2, lanes, 34, count, W);
       for (int u = 0; u < 8; u++) W[u] = _mm512_xor_si512(W[u], _mm512_set1_epi8((char)0x80));
-      rows_times_offset(W, half_to_float(gather_dwords(w, 34, count)), 7, M, x, acc);
+      rows_times_offset(W, half_to_float(gather_dwords(w, lanes, 34, count)), 7, M, x, acc);
     }
   }
 }
 
 static struct quant_call call;  // the current quant_matmul call
 
-// A thread's weight rows lo .. hi - 1 (strips of call.strip), M constant where it is 1.
+// A thread's weight rows lo .. hi - 1, in batches of QUANT_STRIP rows: each row's full groups (strips of
+// call.strip rows take each group in turn), then the rows' tails packed into groups (lanes 0 ..
+// tail - 1 row r, the next tail lanes row r + 1, ...) against call.tail; M constant where it is 1.
 static inline __attribute__((always_inline)) void rows32_m(const int type, const int M, int lo, int hi) {
   const int blocks = call.K / 32, full = blocks / QX_GROUP, tail = blocks % QX_GROUP, strip = call.strip;
+  const int per = quant_tail_rows(tail);
   const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, call.K), group_bytes = QX_GROUP * stride;
-  for (int n0 = lo; n0 < hi; n0 += strip) {
-    const int rows = hi - n0 < strip ? hi - n0 : strip;
-    const uint8_t *w = call.w + (size_t)n0 * bytes, *x = call.xq;
+  int32_t packed[QX_GROUP];  // the blocks of a group of tails
+  for (int j = 0; j < QX_GROUP; j++) packed[j] = tail ? j / tail * (int32_t)bytes + j % tail * (int32_t)stride : 0;
+  for (int n0 = lo; n0 < hi; n0 += QUANT_STRIP) {
+    const int rows = hi - n0 < QUANT_STRIP ? hi - n0 : QUANT_STRIP;
+    const uint8_t *w = call.w + (size_t)n0 * bytes;
     __m512 acc[QUANT_STRIP][MAX_QUANT_ROWS];
     for (int r = 0; r < rows; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    for (int g = 0; g < full; g++, w += group_bytes, x += (size_t)M * QX_RECORD)
-      for (int r = 0; r < rows; r++) {
-        const char *ahead = (const char *)(w + r * bytes) + PREFETCH_BYTES / strip;
-        for (size_t line = 0; line < group_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        group32(type, w + r * bytes, QX_GROUP, M, x, acc[r]);
-      }
-    for (int r = 0; r < rows && tail; r++) group32(type, w + r * bytes, tail, M, x, acc[r]);
-    for (int r = 0; r < rows; r++) quant_store(&call, n0 + r, acc[r]);
+    for (int s = 0; s < rows; s += strip)
+      for (int g = 0; g < full; g++)
+        for (int r = s; r < s + strip && r < rows; r++) {
+          const uint8_t *b = w + r * bytes + g * group_bytes;
+          for (size_t line = 0; line < group_bytes; line += 64)
+            _mm_prefetch((const char *)b + PREFETCH_BYTES / strip + line, _MM_HINT_T0);
+          group32(type, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
+        }
+    for (int r = 0; r < rows && tail; r += per) {
+      const int n = rows - r < per ? rows - r : per;
+      __m512 sums[MAX_QUANT_ROWS];
+      for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_ps();
+      group32(type, w + r * bytes + full * group_bytes, packed, n * tail, M, call.tail, sums);
+      for (int i = 0; i < n; i++) quant_add_tail(M, sums, i * tail, tail, acc[r + i]);
+    }
+    quant_store(&call, n0, rows, acc);
   }
 }
 
@@ -268,11 +320,28 @@ static void rows_q5_0(int lo, int hi) { rows32(Q5_0, lo, hi); }
 static void rows_q5_1(int lo, int hi) { rows32(Q5_1, lo, hi); }
 static void rows_q8_0(int lo, int hi) { rows32(Q8_0, lo, hi); }
 
-void quant_store(const struct quant_call *c, int n, const __m512 *acc) {
+_Static_assert(QUANT_STRIP == 8, "quant_store sums 8 rows at a time");
+
+void quant_store(const struct quant_call *c, int n0, int rows, __m512 (*acc)[MAX_QUANT_ROWS]) {
+  // the lane sums of a batch's 8 rows at once, per m: halves added (256-bit: two rows a register,
+  // 128-bit: four), then pairs of lanes and neighbours: rows r and 4 + r in lanes 4r and 4r + 2 of d
+  const __mmask8 live = (__mmask8)((1u << rows) - 1);
   for (int m = 0; m < c->M; m++) {
-    float *out = c->out + (size_t)m * c->N + n;
-    const float sum = _mm512_reduce_add_ps(acc[m]);
-    *out = c->accumulate ? *out + sum : sum;
+    __m512 v[QUANT_STRIP], a[4], b[2];
+    for (int r = 0; r < QUANT_STRIP; r++) v[r] = r < rows ? acc[r][m] : _mm512_setzero_ps();
+    for (int i = 0; i < 4; i++)
+      a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int k = 0; k < 2; k++)
+      b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                           _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+    const __m512 pairs = _mm512_add_ps(_mm512_shuffle_ps(b[0], b[1], 0x44), _mm512_shuffle_ps(b[0], b[1], 0xEE));
+    const __m512 d = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0xB1));
+    const __m512i rows_in_order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m256 sums = _mm512_castps512_ps256(_mm512_permutexvar_ps(rows_in_order, d));
+    float *out = c->out + (size_t)m * c->N + n0;
+    if (c->accumulate) sums = _mm256_add_ps(sums, _mm256_maskz_loadu_ps(live, out));
+    _mm256_mask_storeu_ps(out, live, sums);
   }
 }
 
@@ -292,10 +361,21 @@ static void quant_part(int part) {  // weight rows split evenly among the thread
 // out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K), w [N, K] in
 // `type`; 1 <= M <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
 EXPORT void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate) {
+  static uint8_t tail[MAX_QUANT_ROWS * QX_RECORD] __attribute__((aligned(64)));
   pool_lock();
   call.type = type, call.M = M, call.xq = xq, call.K = K, call.w = w, call.N = N, call.out = out;
   call.accumulate = accumulate;
   call.strip = activation_bytes(M, K) > XQ_IN_L1 ? QUANT_STRIP : 1;
+  const int blocks = K / 32, full = blocks / QX_GROUP;
+  if (blocks % QX_GROUP) {  // the tail records, lane j = lane j % tail: one row's tail per `tail` lanes
+    int32_t lane[QX_GROUP];
+    for (int j = 0; j < QX_GROUP; j++) lane[j] = j % (blocks % QX_GROUP);
+    const __m512i index = _mm512_loadu_si512(lane);
+    const uint8_t *from = (const uint8_t *)xq + (size_t)full * M * QX_RECORD;
+    for (int v = 0; v < M * QX_RECORD / 64; v++)
+      _mm512_store_si512(tail + 64 * v, _mm512_permutexvar_epi32(index, _mm512_loadu_si512(from + 64 * v)));
+    call.tail = tail;
+  }
   pool_run(quant_part);
   pool_unlock();
 }

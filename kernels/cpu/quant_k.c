@@ -130,45 +130,55 @@ static inline __attribute__((always_inline)) void rows_times_halves(const __m512
   }
 }
 
-static inline __attribute__((always_inline)) void group_k(const int type, const uint8_t *w, const int count, int M,
-                                                          const uint8_t *x, __m512 *acc) {
+// One group: the superblock at w and (count 2) the one at w + stride, against M rows of xq at x.
+static inline __attribute__((always_inline)) void group_k(const int type, const uint8_t *w, const size_t stride,
+                                                          const int count, int M, const uint8_t *x, __m512 *acc) {
   __m512i W[8];
   __m512 dw, mw;
   switch (type) {
     case Q4_K:
-      qs_nibbles(w + 16, 144, count, W), scales_mins(w, 144, count, &dw, &mw);
+      qs_nibbles(w + 16, stride, count, W), scales_mins(w, stride, count, &dw, &mw);
       rows_times_min(W, dw, mw, M, x, acc);
       break;
     case Q5_K:
-      qs_nibbles(w + 48, 176, count, W), q5k_fifth_bits(w + 16, 176, count, W), scales_mins(w, 176, count, &dw, &mw);
+      qs_nibbles(w + 48, stride, count, W), q5k_fifth_bits(w + 16, stride, count, W);
+      scales_mins(w, stride, count, &dw, &mw);
       rows_times_min(W, dw, mw, M, x, acc);
       break;
     default:  // Q6_K
-      q6k_decode(w, 210, count, W, &dw, &mw);
+      q6k_decode(w, stride, count, W, &dw, &mw);
       rows_times_halves(W, dw, mw, M, x, acc);
   }
 }
 
-// A thread's weight rows, as quant.c's rows32_m: groups of two superblocks, one at the row's end
-// when K / 256 is odd.
+// A thread's weight rows, as quant.c's rows32_m: groups of two superblocks; when K / 256 is odd,
+// the rows' last superblocks two to a group (lanes 0..7 row r, 8..15 row r + 1) against c->tail.
 static inline __attribute__((always_inline)) void rows_k_m(const int type, const int M, const struct quant_call *c,
                                                            int lo, int hi) {
-  const int supers = c->K / 256, strip = c->strip;
-  const size_t stride = row_bytes(type, 256), bytes = row_bytes(type, c->K);
-  for (int n0 = lo; n0 < hi; n0 += strip) {
-    const int rows = hi - n0 < strip ? hi - n0 : strip;
-    const uint8_t *w = c->w + (size_t)n0 * bytes, *x = c->xq;
+  const int supers = c->K / 256, strip = c->strip, per = quant_tail_rows(supers % 2 * 8);
+  const size_t stride = type == Q4_K ? 144 : type == Q5_K ? 176 : 210, bytes = stride * supers;
+  for (int n0 = lo; n0 < hi; n0 += QUANT_STRIP) {
+    const int rows = hi - n0 < QUANT_STRIP ? hi - n0 : QUANT_STRIP;
+    const uint8_t *w = c->w + (size_t)n0 * bytes;
     __m512 acc[QUANT_STRIP][MAX_QUANT_ROWS];
     for (int r = 0; r < rows; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    for (int g = 0; g < supers / 2; g++, w += 2 * stride, x += (size_t)M * QX_RECORD)
-      for (int r = 0; r < rows; r++) {
-        const char *ahead = (const char *)(w + r * bytes) + PREFETCH_BYTES / strip;
-        for (size_t line = 0; line < 2 * stride; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        group_k(type, w + r * bytes, 2, M, x, acc[r]);
-      }
-    for (int r = 0; r < rows && supers % 2; r++) group_k(type, w + r * bytes, 1, M, x, acc[r]);
-    for (int r = 0; r < rows; r++) quant_store(c, n0 + r, acc[r]);
+    for (int s = 0; s < rows; s += strip)
+      for (int g = 0; g < supers / 2; g++)
+        for (int r = s; r < s + strip && r < rows; r++) {
+          const uint8_t *b = w + r * bytes + 2 * g * stride;
+          for (size_t line = 0; line < 2 * stride; line += 64)
+            _mm_prefetch((const char *)b + PREFETCH_BYTES / strip + line, _MM_HINT_T0);
+          group_k(type, b, stride, 2, M, c->xq + (size_t)g * M * QX_RECORD, acc[r]);
+        }
+    for (int r = 0; r < rows && per; r += per) {
+      const int n = rows - r < per ? rows - r : per;
+      __m512 sums[MAX_QUANT_ROWS];
+      for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_ps();
+      group_k(type, w + r * bytes + (supers - 1) * stride, bytes, n, M, c->tail, sums);
+      for (int i = 0; i < n; i++) quant_add_tail(M, sums, 8 * i, 8, acc[r + i]);
+    }
+    quant_store(c, n0, rows, acc);
   }
 }
 
