@@ -129,6 +129,14 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
+    if args.peer:  # GGUF files against llama.cpp on the same file: the per-format benchmark
+        from .benchmarks.quant_bench import main as quant_bench_main
+        if args.model is None or not Path(args.model).is_file():
+            raise PyllmError("--peer llama.cpp compares GGUF files: give --model FILE.gguf")
+        quant_bench_main(["--files", args.model, "--peer", args.peer, "--out", args.out, "--rounds", str(args.rounds),
+                          "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+                          "--batches", args.batches])
+        return
     from .benchmarks.bench import main as bench_main
     bench_main(args)
 
@@ -195,6 +203,8 @@ def build_parser():
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--batches", default="4,8", help="batched decode sizes")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--peer", choices=["llama.cpp"], help="a GGUF --model against llama.cpp (llama-cpp-python) on the same "
+                                                         "file, beside the memory roofline (benchmarks/quant_bench.py)")
     p.add_argument("--rounds", type=int, default=3, help="each speed is the best of this many interleaved rounds")
     p.set_defaults(func=cmd_bench)
     return parser
