@@ -4,7 +4,7 @@
 // results are bit for bit those of CpuBackend's ops:
 //   h = rms_norm(x); qkv = h W_qkv^T; q = rope(q), rope(k) and v into the caches; a = attention(q);
 //   x += a W_o^T; h = rms_norm(x); x += swiglu(h W_gate_up^T) W_down^T
-// Each matrix is f32 rows (type F32_ROWS: skinny_matmul, then added for the residual) or GGML blocks
+// Each matrix (or each part of q|k|v and gate|up, where their formats differ) is f32 rows (type F32_ROWS: skinny_matmul, then added for the residual) or GGML blocks
 // (quant.c: the activation quantized once to xq, then quant_matmul, accumulating the residual).
 // Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
 #include "cpu.h"
@@ -16,9 +16,12 @@ struct matrix {          // one weight matrix [N, K]
   int type, N;           // type: F32_ROWS or a GGML type id
 };
 
+#define MAX_PARTS 3      // q | k | v stored in different formats (llama.cpp's Q4_K_M) stay three matrices
+
 struct layer {           // one decoder layer's weights
   const float *input_norm, *post_norm, *qkv_bias;  // [hidden], [hidden], [(H + 2 KV) D] or NULL
-  struct matrix qkv, o, gate_up, down;             // [(H + 2 KV) D, hidden], [hidden, H D], [2 inter, hidden], [hidden, inter]
+  struct matrix qkv[MAX_PARTS], o, gate_up[MAX_PARTS], down;  // [(H + 2 KV) D, hidden] (parts stacked by rows),
+  int qkv_parts, gate_up_parts;                               // [hidden, H D], [2 inter, hidden], [hidden, inter]
 };
 
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
@@ -49,6 +52,23 @@ static void apply(const struct matrix *m, int T, const float *x, int K, float *o
   for (size_t i = 0; i < (size_t)T * m->N; i++) out[i] += scratch[i];
 }
 
+// out [T, sum of the parts' N] = x [T, K] @ (parts stacked by rows)^T: each part through spare, its
+// columns copied into place (one part: straight into out)
+static void apply_parts(const struct matrix *parts, int n_parts, int T, const float *x, int K, float *out,
+                        float *spare, void *xq) {
+  if (n_parts == 1) {
+    apply(parts, T, x, K, out, 0, NULL, xq);
+    return;
+  }
+  int width = 0, column = 0;
+  for (int p = 0; p < n_parts; p++) width += parts[p].N;
+  for (int p = 0; p < n_parts; column += parts[p++].N) {
+    apply(&parts[p], T, x, K, spare, 0, NULL, xq);
+    for (int t = 0; t < T; t++)
+      memcpy(out + (size_t)t * width + column, spare + (size_t)t * parts[p].N, sizeof(float) * parts[p].N);
+  }
+}
+
 // x [T, hidden] advances through layers 0 .. L - 1 in place (scale: attention's, D^-0.5). S sequences own the T rows in order;
 // k, v, length, capacity, count: their caches as attention's. Scratch (f32): h [T, hidden],
 // qkv [T, (H + 2 KV) D], q [T, H D], a [T, H D], gate_up [T, 2 inter], act [T, inter], spare
@@ -60,12 +80,12 @@ EXPORT void decoder_layers(int L, const struct layer *layers, int T, int hidden,
   for (int l = 0; l < L; l++) {
     const struct layer *w = &layers[l];
     rms_norm(T, hidden, x, w->input_norm, eps, h);
-    apply(&w->qkv, T, h, hidden, qkv, 0, spare, xq);
+    apply_parts(w->qkv, w->qkv_parts, T, h, hidden, qkv, spare, xq);
     qkv_rope(S, H, KV, D, l, qkv, w->qkv_bias, cos, sin, k, v, length, capacity, count, q);
     attention(S, H, KV, D, scale, l, q, (const float *const *)k, (const float *const *)v, length, capacity, count, a);
     apply(&w->o, T, a, H * D, x, 1, spare, xq);
     rms_norm(T, hidden, x, w->post_norm, eps, h);
-    apply(&w->gate_up, T, h, hidden, gate_up, 0, spare, xq);
+    apply_parts(w->gate_up, w->gate_up_parts, T, h, hidden, gate_up, spare, xq);
     swiglu(T, inter, gate_up, act);
     apply(&w->down, T, act, inter, x, 1, spare, xq);
   }

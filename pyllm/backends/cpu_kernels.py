@@ -279,14 +279,18 @@ class Matrix(ctypes.Structure):  # layers.c's struct matrix
     _fields_ = [("data", ctypes.c_void_p), ("type", ctypes.c_int), ("N", ctypes.c_int)]
 
 
+MAX_PARTS = 3  # layers.c: q | k | v as separate matrices
+
+
 class Layer(ctypes.Structure):  # layers.c's struct layer
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
-                ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix), ("down", Matrix)]
+                ("qkv", Matrix * MAX_PARTS), ("o", Matrix), ("gate_up", Matrix * MAX_PARTS), ("down", Matrix),
+                ("qkv_parts", ctypes.c_int), ("gate_up_parts", ctypes.c_int)]
 
 
 def layer_table(layers):
-    """The model's layers in layers.c's form (a ctypes array, built once), or None if a matrix is
-    neither f32 rows nor GGML blocks (a tuple of parts, f16, bf16): those layers run op by op."""
+    """The model's layers in layers.c's form (a ctypes array, built once), or None if a matrix (or
+    a part of q|k|v, gate|up) is neither f32 rows nor GGML blocks (f16, bf16): then op by op."""
     def matrix(m):
         if isinstance(m, np.ndarray) and _contiguous_f32(m):
             return Matrix(_address(m), F32_ROWS, m.shape[0])
@@ -294,15 +298,18 @@ def layer_table(layers):
         if fmt is None or fmt.block_size == 1 or not m.data.flags.c_contiguous:
             return None
         return Matrix(_address(m.data), fmt.gguf_type, m.shape[0])
+    def parts(m):
+        return [matrix(part) for part in (m if isinstance(m, tuple) else (m,))]
     table = (Layer * len(layers))()
     for entry, layer in zip(table, layers):
-        parts = [matrix(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down")]
+        qkv, o, gate_up, down = (parts(getattr(layer, name)) for name in ("qkv", "o", "gate_up", "down"))
         vectors = [layer.input_norm, layer.post_norm] + ([] if layer.qkv_bias is None else [layer.qkv_bias])
-        if any(part is None for part in parts) or not _contiguous_f32(*vectors):
+        if None in qkv + o + gate_up + down or not _contiguous_f32(*vectors):
             return None
         entry.input_norm, entry.post_norm = _address(layer.input_norm), _address(layer.post_norm)
         entry.qkv_bias = None if layer.qkv_bias is None else _address(layer.qkv_bias)
-        entry.qkv, entry.o, entry.gate_up, entry.down = parts
+        entry.qkv[:len(qkv)], entry.gate_up[:len(gate_up)] = qkv, gate_up
+        entry.qkv_parts, entry.gate_up_parts, (entry.o,), (entry.down,) = len(qkv), len(gate_up), o, down
     return table
 
 
