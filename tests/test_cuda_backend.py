@@ -132,7 +132,7 @@ def test_cuda_without_a_gpu_stops_with_one_clear_line(tiny_model):
 @pytest.fixture
 def bench():
     """benchmarks/ is not installed; pytest's pythonpath makes it importable from the repo root."""
-    from benchmarks import dtype_agreement, kernel_bench
+    from pyllm.benchmarks import dtype_agreement, kernel_bench
     return SimpleNamespace(dtype_agreement=dtype_agreement, kernel_bench=kernel_bench)
 
 
