@@ -89,7 +89,6 @@ def _library():
     layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
-    library.activation_bytes.argtypes, library.activation_bytes.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_size_t
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -327,8 +326,8 @@ def decoder_layers(x, table, config, slots, cos, sin):
     widest = max(hidden, inter, n_heads * head_dim, (n_heads + 2 * n_kv) * head_dim, 2 * inter)
     scratch = [np.empty((rows, n), np.float32) for n in (hidden, (n_heads + 2 * n_kv) * head_dim, n_heads * head_dim,
                                                         n_heads * head_dim, 2 * inter, inter, widest)]
-    xq = np.empty(library.activation_bytes(rows, max(hidden, inter, n_heads * head_dim)) + 64, np.uint8)
-    xq = xq[-xq.ctypes.data % 64:]  # 64-byte aligned, as quant.c loads it
+    from .cpu_quant import activation_buffer  # here: cpu_quant builds on this module
+    xq = activation_buffer(rows, max(hidden, inter, n_heads * head_dim))
     library.decoder_layers(len(table), ctypes.addressof(table), rows, hidden, inter, n_heads, n_kv, head_dim, config.rms_norm_eps,
                            head_dim ** -0.5, _address(x), len(slots), _address(cos), _address(sin), *caches,
                            *[_address(s) for s in scratch], _address(xq))

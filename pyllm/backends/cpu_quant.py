@@ -77,19 +77,23 @@ def activation_bytes(M: int, K: int) -> int:
     return _kernels().activation_bytes(M, K)
 
 
+def activation_buffer(M: int, K: int) -> np.ndarray:
+    """Room for quantize_activations' blocks of M rows of K: uint8, 64-byte aligned (quant.c's loads)."""
+    size = activation_bytes(M, K)
+    buffer = np.empty(size + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start:start + size]
+
+
 def quantize_activations(x) -> np.ndarray:
     """x [M, K] (K a multiple of 32) -> xq, an opaque uint8 buffer (64-byte aligned) for quant_matmul:
     per block of 32, d = max|x| / 127 and q = round-half-even(x / d) in int8, with its sums."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 32 or x.shape[1] % 32:
         raise ValueError(f"x {x.shape} must be [M >= 1, K] with K a positive multiple of 32")
-    library = _kernels()
     M, K = x.shape
-    size = library.activation_bytes(M, K)
-    buffer = np.empty(size + 64, np.uint8)
-    start = -buffer.ctypes.data % 64
-    xq = buffer[start:start + size]
-    library.quantize_activations(M, K, _address(x), _address(xq))
+    xq = activation_buffer(M, K)
+    _kernels().quantize_activations(M, K, _address(x), _address(xq))
     return xq
 
 
