@@ -125,6 +125,9 @@ def hf_config(meta, has_output, dtype="f32") -> dict:
     kv_heads = meta.get("llama.attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise PyllmError("GGUF files with per-layer head counts are not supported")
+    for key, value in (("llama.embedding_length", hidden), ("llama.attention.head_count", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise PyllmError(f"GGUF metadata {key} must be a positive integer, found {value!r}")
     head_dim = meta.get("llama.attention.key_length", hidden // heads)
     if meta.get("llama.attention.value_length", head_dim) != head_dim:
         raise PyllmError("GGUF files with different key and value head sizes are not supported")

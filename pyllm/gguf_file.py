@@ -42,10 +42,12 @@ class _Truncated(Exception):
 class _Cursor:
     """Reads little-endian values from a bytes-like header, advancing."""
 
-    def __init__(self, data, path):
-        self.data, self.at, self.path = data, 0, path
+    def __init__(self, data, path, size):
+        self.data, self.at, self.path, self.size = data, 0, path, size  # size: the file's bytes
 
     def take(self, n: int):
+        if n > self.size:  # a corrupt length: never read the whole file chasing it
+            raise PyllmError(f"{self.path} is not a valid GGUF file (a header length of {n} bytes)")
         if self.at + n > len(self.data):
             raise _Truncated
         chunk = self.data[self.at:self.at + n]
@@ -65,6 +67,8 @@ class _Cursor:
             return self.string()
         if kind == ARRAY:
             item_kind, count = self.scalar(4), self.scalar(10)
+            if count > self.size:
+                raise PyllmError(f"{self.path} is not a valid GGUF file (an array of {count} items)")
             if item_kind == STRING:
                 return [self.string() for _ in range(count)]
             if item_kind in SCALARS:
@@ -94,7 +98,7 @@ def read_header(path) -> tuple[dict, list[TensorInfo]]:
         while True:  # the header is read in growing chunks until it parses
             data += f.read(chunk - len(data))
             try:
-                return _parse(_Cursor(memoryview(data), path), n_tensors, n_fields, size)
+                return _parse(_Cursor(memoryview(data), path, size), n_tensors, n_fields, size)
             except _Truncated:
                 if 24 + len(data) >= size:
                     raise PyllmError(f"{path} is not a valid GGUF file (its header ends early)") from None
@@ -102,6 +106,8 @@ def read_header(path) -> tuple[dict, list[TensorInfo]]:
 
 
 def _parse(cursor, n_tensors, n_fields, size):
+    if max(n_fields, n_tensors) > size:
+        raise PyllmError(f"{cursor.path} is not a valid GGUF file ({n_fields} metadata items, {n_tensors} tensors)")
     meta = {}
     for _ in range(n_fields):
         key = cursor.string()
@@ -113,6 +119,8 @@ def _parse(cursor, n_tensors, n_fields, size):
         shape = tuple(cursor.scalar(10) for _ in range(dims))
         infos.append((name, cursor.scalar(4), shape, cursor.scalar(10)))
     alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        raise PyllmError(f"{cursor.path} is not a valid GGUF file (general.alignment is {alignment!r})")
     start = -(-(24 + cursor.at) // alignment) * alignment
     tensors = [TensorInfo(name, kind, shape, start + offset) for name, kind, shape, offset in infos]
     if any(t.offset > size for t in tensors):

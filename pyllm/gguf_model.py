@@ -44,8 +44,25 @@ class GGUFModel:
         check_tensors([(t.name, t.gguf_type) for t in tensors], meta)  # all named, typed and present, before any is read
         self.tensors = {t.name: t for t in tensors}
         self.config = ModelConfig.from_dict(hf_config(meta, has_output="output.weight" in self.tensors))
+        self._check_shapes()  # the kernels size their buffers from the config: every tensor must agree with it
         hf, tokenizer_config = build_tokenizer(meta)
         self.tokenizer = Tokenizer.from_parts(hf, tokenizer_config)
+
+    def _check_shapes(self):
+        cfg = self.config
+        hidden, inter, q_rows, kv_rows = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
+                                          cfg.num_kv_heads * cfg.head_dim)
+        per_layer = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (q_rows, hidden),
+                     "attn_k": (kv_rows, hidden), "attn_v": (kv_rows, hidden), "attn_output": (hidden, q_rows),
+                     "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+        expected = {"token_embd.weight": (cfg.vocab_size, hidden), "output.weight": (cfg.vocab_size, hidden),
+                    "output_norm.weight": (hidden,)}
+        expected |= {f"blk.{i}.{kind}.weight": shape for i in range(cfg.num_layers) for kind, shape in per_layer.items()}
+        for name, tensor in self.tensors.items():
+            shape = tuple(reversed(tensor.shape))  # [rows, cols], as the metadata's numbers give them
+            if shape != expected[name]:
+                raise PyllmError(f"GGUF tensor {name!r} has shape {list(shape)}, but the file's metadata makes it "
+                                 f"{list(expected[name])}")
 
     def _matrix(self, name, heads=None):
         """Tensor `name` as stored -> QuantizedMatrix [N, K] (f32: an array), q/k rows in HF order."""

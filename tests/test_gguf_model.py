@@ -8,6 +8,8 @@ tokens are identical; through the C kernels (int8 activations at decode) teacher
 and perplexity agree within the issue's bounds.
 """
 
+import struct
+
 import gguf
 import numpy as np
 import pytest
@@ -228,3 +230,47 @@ def test_story_model_written_by_llama_cpp(name):
         ours = np.concatenate([cpu.model.forward([(cache, [token])]) for token in ids])
         assert (ours.argmax(-1) == expected.argmax(-1)).mean() >= 0.94
         assert abs(perplexity(ours, ids) / perplexity(expected, ids) - 1) <= 0.01
+
+
+def small_gguf(path, extra=None, encode=None):
+    vocab = gpt2_vocab()
+    weights = hf_weights(len(vocab["tokens"]), tied=True, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN)
+    return write_gguf(path, vocab, weights, heads=HEADS, kv_heads=KV_HEADS, extra=extra,
+                      encode=encode or (lambda name, value: (value, Q.F32)))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"feed_forward_length": 256}, r"'blk\.0\.ffn_gate\.weight' has shape \[512, 256\], but the file's metadata makes it \[256, 256\]"),
+    ({"head_count_kv": 1}, r"'blk\.0\.attn_k\.weight' has shape \[128, 256\].*\[64, 256\]"),
+    ({"head_count": 0}, "llama.attention.head_count must be a positive integer, found 0"),
+])
+def test_metadata_that_contradicts_the_tensors_is_one_line(tmp_path, extra, message):
+    """The kernels size their buffers from the metadata: a file whose tensors disagree is refused
+    before any is read (it would otherwise overrun them)."""
+    path = small_gguf(tmp_path / "bad.gguf", extra)
+    with pytest.raises(PyllmError, match=message) as err:
+        pyllm.LLM(str(path), show_progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_header_fields_are_one_line(tmp_path):
+    data = bytearray(small_gguf(tmp_path / "good.gguf").read_bytes())
+    huge = bytearray(data)
+    huge[16:24] = (2 ** 60).to_bytes(8, "little")  # the metadata count
+    (tmp_path / "huge.gguf").write_bytes(huge)
+    with pytest.raises(PyllmError, match="not a valid GGUF file"):
+        pyllm.LLM(str(tmp_path / "huge.gguf"), show_progress=False)
+    key = b"general.alignment"  # a header by hand: no tensors, one item, general.alignment = 0 (u32)
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, 0)
+    (tmp_path / "align.gguf").write_bytes(header)
+    with pytest.raises(PyllmError, match="general.alignment is 0"):
+        pyllm.LLM(str(tmp_path / "align.gguf"), show_progress=False)
+
+
+def test_f32_gguf_runs_in_16_bits_on_the_cuda_emulator(tmp_path):
+    path = small_gguf(tmp_path / "f32.gguf")
+    llm = pyllm.LLM(str(path), backend="cuda-emu", dtype="f16", show_progress=False)
+    assert llm.model.weights.embed.dtype == np.float16
+    reference = pyllm.LLM(str(path), backend="reference", show_progress=False)
+    prompt = [1, 5, 40, 77]
+    np.testing.assert_allclose(llm.score(prompt), reference.score(prompt), atol=0.05, rtol=0)

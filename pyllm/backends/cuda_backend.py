@@ -258,6 +258,8 @@ class CudaBackend:
             if isinstance(part, QuantizedMatrix):
                 raise PyllmError(f"the {self.name} backend does not compute on {part.format.name} weights yet; "
                                  f"use --backend cpu, or a safetensors model without --quantize")
+        if host_array.dtype == np.float32 and self.dtype != "f32":  # an f32 GGUF tensor for a 16-bit run
+            host_array = convert(host_array, "f32", self.dtype)
         return self.xp.asarray(host_array)
 
     def upload_ids(self, ids):
