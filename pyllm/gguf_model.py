@@ -2,9 +2,9 @@
 
 Each tensor's blocks are read from the file into place as they are stored (no f32 copy is ever
 made; the file is not mapped): GGML blocks and f16/bf16 become QuantizedMatrix, f32 matrices
-plain arrays. llama.cpp
-stores q and k with each head's rows interleaved for its rope; a row is whole blocks, so undoing
-that is a reordering of block rows. q|k|v and gate|up stay fused where their formats agree.
+plain arrays. llama.cpp stores q and k with each head's rows interleaved for its rope; a row is
+whole blocks, so undoing that is a reordering of block rows. q|k|v and gate|up stay fused where
+their formats agree. Every tensor's shape is checked against the metadata before any is read.
 """
 
 from pathlib import Path
