@@ -206,3 +206,59 @@ def test_vocabulary_projection_takes_two_int8_layers():
     np.testing.assert_array_equal(int8_blocks(x), (q * d).reshape(x.shape).astype(np.float32))
     logits = CpuBackend.project_to_vocab(x, QuantizedMatrix(REGISTRY["q8_0"], (500, 576), w))
     assert np.abs(logits - want).max() <= np.abs(one_layer - want).max() / 30
+
+
+# ---- 16-bit weights (kernels/cpu/half.c) ---------------------------------------------------------
+HALF = (T.F16, T.BF16)
+
+
+def half_weights(qtype, N, K):
+    """f16 (float16) or bf16 (its bits, uint16) [N, K], as a GGUF stores them, from gguf's quantizer."""
+    w = gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    return w if qtype == T.F16 else w.view(np.uint16)
+
+
+@pytest.mark.parametrize("qtype", HALF, ids=lambda t: t.name)
+def test_half_matmul_matches_the_f64_product(qtype):
+    """Every M of a decode step, depths with tails of the 16- and 32-weight steps, weight rows not a
+    multiple of the batches of 8 or the runs of 4, each output within a bound of its sum of |x w|:
+    f16 2^-20 (f32 sums of exact products), bf16 2^-14 (its activations carried as two bf16 layers,
+    ~16 bits of each x instead of bf16's 8; one bf16 layer alone errs by up to 2^-9)."""
+    if not cpu_quant.takes_half(qtype):
+        pytest.skip(f"no {qtype.name} kernel on this CPU (bf16 needs AVX512_BF16)")
+    for K in (8, 40, 100, 576):
+        for N in (1, 3, 37):
+            w = half_weights(qtype, N, K)
+            dense = gguf.quants.dequantize(w.view(np.uint8), qtype).astype(np.float64)
+            for M in range(1, 17):
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                want = x.astype(np.float64) @ dense.T
+                out = cpu_quant.half_matmul(qtype, x, w)
+                assert out.shape == (M, N) and out.dtype == np.float32
+                bound = 2.0 ** (-20 if qtype == T.F16 else -14) * (np.abs(x).astype(np.float64) @ np.abs(dense).T)
+                assert (np.abs(out - want) <= bound).all(), f"{qtype.name} M={M} K={K} N={N}"
+    start = rng.standard_normal((M, N)).astype(np.float32)
+    added = start.copy()
+    assert cpu_quant.half_matmul(qtype, x, w, out=added, accumulate=True) is added
+    np.testing.assert_allclose(added, start + out, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        cpu_quant.half_matmul(qtype, rng.standard_normal((17, K)).astype(np.float32), w)  # M over 16
+    with pytest.raises(ValueError):
+        cpu_quant.half_matmul(qtype, x[:, :-1], w)  # K disagrees
+    with pytest.raises(ValueError):
+        cpu_quant.half_matmul(T.Q8_0, x, w)  # not a 16-bit type
+
+
+@pytest.mark.parametrize("qtype", HALF, ids=lambda t: t.name)
+def test_half_formats_dequantize_and_prefill_exactly(qtype):
+    """dequantize bit-exact to gguf; quant_gemm (a prompt's rows) on the widened weights."""
+    from pyllm.backends import cpu_kernels
+    from pyllm.formats import FORMATS as REGISTRY
+    K, N, M = 100, 37, 40
+    w = half_weights(qtype, N, K).view(np.uint8)
+    dense = gguf.quants.dequantize(w, qtype)
+    np.testing.assert_array_equal(cpu_quant.dequantize(qtype, w, K), dense)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    want = x.astype(np.float64) @ dense.astype(np.float64).T
+    np.testing.assert_allclose(cpu_kernels.quant_gemm(REGISTRY[qtype.name.lower()], x, w), want,
+                               atol=1e-5 * np.abs(want).max(), rtol=0)

@@ -5,6 +5,7 @@
 //   attention.c  attention (every sequence of a step over its KV cache)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
 //                quantize_activations, dequantize; quant_k.c: the same for the K-quants
+//   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
 // Without AVX-512 the sources compile to nothing and the NumPy path serves.
 #pragma once
@@ -46,11 +47,13 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
 #endif
 
 #ifdef __AVX512F__
-// GGML block-quantized weights (quant.c, quant_k.c); type: the GGML type id
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+// Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
+// type: the GGML type id
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 size_t row_bytes(int type, int K);  // bytes of a row of K weights (0: a type not known here)
 // w [rows, K] -> f32 [rows, K], as gguf.quants.dequantize; single-threaded, for inside pool tasks
 void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out);
+void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *out);  // F16, BF16
 // between quant.c and quant_k.c: the current quant_matmul call, xq's record size (quant.c), the
 // K-quants' rows of it and their dequantization, a row's output
 #define QX_GROUP 16     // blocks of 32 per xq record

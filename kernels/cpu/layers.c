@@ -4,16 +4,18 @@
 // results are bit for bit those of CpuBackend's ops:
 //   h = rms_norm(x); qkv = h W_qkv^T; q = rope(q), rope(k) and v into the caches; a = attention(q);
 //   x += a W_o^T; h = rms_norm(x); x += swiglu(h W_gate_up^T) W_down^T
-// Each matrix (or each part of q|k|v and gate|up, where their formats differ) is f32 rows (type F32_ROWS: skinny_matmul, then added for the residual) or GGML blocks
-// (quant.c: the activation quantized once to xq, then quant_matmul, accumulating the residual).
+// Each matrix (or each part of q|k|v and gate|up, where their formats differ) is f32 rows (type
+// F32_ROWS: skinny_matmul, then added for the residual), f16 or bf16 rows (half.c: half_matmul)
+// or GGML blocks (quant.c: the activation quantized once to xq, then quant_matmul); the last two
+// accumulate the residual themselves.
 // Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
 #include "cpu.h"
 #ifdef __AVX512F__
 #define F32_ROWS (-1)
 
 struct matrix {          // one weight matrix [N, K]
-  const void *data;      // f32 [N, K] or GGML blocks [N, row_bytes]
-  int type, N;           // type: F32_ROWS or a GGML type id
+  const void *data;      // f32 [N, K], f16 / bf16 [N, K] or GGML blocks [N, row_bytes]
+  int type, N;           // type: F32_ROWS or a GGML type id (F16, BF16, a block format)
 };
 
 #define MAX_PARTS 3      // q | k | v stored in different formats (llama.cpp's Q4_K_M) stay three matrices
@@ -27,6 +29,7 @@ struct layer {           // one decoder layer's weights
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
 void quantize_activations(int M, int K, const float *x, void *xq);
 void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate);
+void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int N, float *out, int accumulate);
 void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
 void swiglu(int T, int width, const float *gate_up, float *out);
 void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in, const float *bias, const float *cos,
@@ -39,6 +42,10 @@ void attention(int S, int H, int KV, int D, float scale, int layer, const float 
 // for x's int8 blocks
 static void apply(const struct matrix *m, int T, const float *x, int K, float *out, int accumulate, float *scratch,
                   void *xq) {
+  if (m->type == F16 || m->type == BF16) {
+    half_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
+    return;
+  }
   if (m->type != F32_ROWS) {
     quantize_activations(T, K, x, xq);
     quant_matmul(m->type, T, xq, K, m->data, m->N, out, accumulate);

@@ -29,6 +29,7 @@ EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROU
 
 size_t row_bytes(int type, int K) {
   switch (type) {
+    case F16: case BF16: return (size_t)K * 2;
     case Q4_0: return (size_t)K / 32 * 18;
     case Q4_1: return (size_t)K / 32 * 20;
     case Q5_0: return (size_t)K / 32 * 22;
@@ -417,6 +418,10 @@ static void dequantize_block32(int type, const uint8_t *b, float *out) {
 }
 
 void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
+  if (type == F16 || type == BF16) {
+    dequantize_rows_half(type, (const uint16_t *)w, rows, K, out);
+    return;
+  }
   if (type == Q4_K || type == Q5_K || type == Q6_K) {
     dequantize_rows_k(type, w, rows, K, out);
     return;

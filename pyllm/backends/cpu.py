@@ -3,10 +3,11 @@ their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, 
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
 does not take the input; what falls back for a whole model is said once, while it loads.
-Quantized weights (QuantizedMatrix) in GGML block formats run through int8 kernels: a decode
-step's few rows quantize their activations once per matmul and dot them with the blocks, a
-prompt's many rows meet weight strips dequantized in cache. Weights in f16/bf16 have no kernel
-yet: the reference dequantizes them each call (slow), and the load says so.
+Weights in their stored format (QuantizedMatrix): GGML block formats run through int8 kernels
+(a decode step's few rows quantize their activations once per matmul and dot them with the
+blocks), f16 and bf16 through 16-bit kernels (widened in registers; bf16 by vdpbf16ps), and a
+prompt's many rows meet weight strips dequantized in cache. A format without a kernel here (bf16
+on a CPU without AVX512_BF16) is dequantized by the reference at each use, and the load says so.
 """
 
 import sys
@@ -22,8 +23,16 @@ MAX_QUANT_ROWS = 16  # rows quant_matmul takes at once: beyond, the dequantizing
 
 
 def has_kernel(fmt) -> bool:
-    """Every GGML block format has its int8 kernels; f16 and bf16 have none yet."""
-    return fmt.block_size > 1 and cpu_quant.available()
+    """Every GGML block format has its int8 kernels, f16 and bf16 their 16-bit ones (bf16 decode
+    needs AVX512_BF16)."""
+    if not cpu_quant.available():
+        return False
+    return fmt.block_size > 1 or cpu_quant.takes_half(fmt.gguf_type)
+
+
+def stored_bytes(m):
+    """A QuantizedMatrix's data as the C kernels read it: uint8 [N, row bytes]."""
+    return m.data if m.data.dtype == np.uint8 else m.data.view(np.uint8)
 
 
 def _matrix_product(a, b, xq, add_to):
@@ -34,12 +43,14 @@ def _matrix_product(a, b, xq, add_to):
     if not has_kernel(b.format):
         return None
     rows = a.shape[0]
+    if rows <= MAX_QUANT_ROWS and b.format.block_size == 1:
+        return cpu_quant.half_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
     if rows <= MAX_QUANT_ROWS:
         if xq[0] is None:
             xq[0] = cpu_quant.quantize_activations(a)
         return cpu_quant.quant_matmul(b.format.gguf_type, xq[0], rows, b.shape[1], b.data, out=add_to,
                                       accumulate=add_to is not None)
-    return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to)
+    return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to)
 
 
 def int8_blocks(x):
@@ -133,7 +144,8 @@ class CpuBackend(ReferenceBackend):
         norm's outlier channels set each block's scale), enough to swap the top two tokens of a
         near-tie; the second layer leaves ~1/127 of that."""
         rows = x.shape[0]
-        if not (isinstance(weight, QuantizedMatrix) and has_kernel(weight.format) and 2 * rows <= MAX_QUANT_ROWS):
+        if not (isinstance(weight, QuantizedMatrix) and weight.format.block_size > 1 and has_kernel(weight.format)
+                and 2 * rows <= MAX_QUANT_ROWS):
             return CpuBackend.matmul_transb(x, weight)
         x = np.ascontiguousarray(x, dtype=np.float32)
         layers = np.concatenate([x, x - int8_blocks(x)])  # [2M, K]
@@ -144,7 +156,7 @@ class CpuBackend(ReferenceBackend):
     @staticmethod
     def gather(table, ids):
         if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
-            return cpu_quant.dequantize(table.format.gguf_type, table.data[ids], table.shape[1])
+            return cpu_quant.dequantize(table.format.gguf_type, stored_bytes(table)[ids], table.shape[1])
         return reference.gather(table, ids)
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):

@@ -289,12 +289,14 @@ class Layer(ctypes.Structure):  # layers.c's struct layer
 
 def layer_table(layers):
     """The model's layers in layers.c's form (a ctypes array, built once), or None if a matrix (or
-    a part of q|k|v, gate|up) is neither f32 rows nor GGML blocks (f16, bf16): then op by op."""
+    a part of q|k|v, gate|up) is neither f32 rows nor in a format of the kernels (cpu.has_kernel):
+    then op by op."""
+    from .cpu import has_kernel  # here: cpu builds on this module
     def matrix(m):
         if isinstance(m, np.ndarray) and _contiguous_f32(m):
             return Matrix(_address(m), F32_ROWS, m.shape[0])
         fmt = getattr(m, "format", None)
-        if fmt is None or fmt.block_size == 1 or not m.data.flags.c_contiguous:
+        if fmt is None or not has_kernel(fmt) or not m.data.flags.c_contiguous:
             return None
         return Matrix(_address(m.data), fmt.gguf_type, m.shape[0])
     def parts(m):

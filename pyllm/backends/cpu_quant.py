@@ -1,8 +1,10 @@
-"""ctypes wrappers of kernels/cpu/quant.c and quant_k.c: decode matmuls on GGML block-quantized
-weights (the bytes of a GGUF tensor, row by row) with int8 activations, and dequantization.
+"""ctypes wrappers of kernels/cpu/quant.c, quant_k.c and half.c: decode matmuls on weights as GGUF
+stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations, f16 and bf16;
+and dequantization.
 
     xq = quantize_activations(x)                  # x [M, K] f32 -> opaque uint8 buffer
     out = quant_matmul(gguf_type, xq, M, K, w)    # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
+    out = half_matmul(gguf_type, x, w)            # w [N, K] 16-bit (f16, or bf16 bits) -> x @ w^T
 
 The C side trusts its inputs: everything is checked here (ValueError).
 """
@@ -15,7 +17,9 @@ import numpy as np
 from ..formats import FORMATS
 from .cpu_kernels import _address, _library
 
-BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # what the kernels take
+BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # quant_matmul's
+STORED_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.name != "f32"}  # dequantize's
+HALF_FORMATS = {fmt.gguf_type: fmt for fmt in STORED_FORMATS.values() if fmt.block_size == 1}  # half_matmul's
 MAX_ROWS = 16  # quant_matmul's rows of x per call
 
 
@@ -27,6 +31,7 @@ def _quant_library():
     try:
         size, quantize, matmul, dequantize = (library.activation_bytes, library.quantize_activations,
                                               library.quant_matmul, library.dequantize)
+        half, takes_bf16 = library.half_matmul, library.half_takes_bf16
     except AttributeError:
         return None
     size.argtypes, size.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_size_t
@@ -39,6 +44,10 @@ def _quant_library():
     # type, w, rows, K, out
     dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dequantize.restype = None
+    # type, M, x, K, w, N, out, accumulate
+    half.argtypes = matmul.argtypes
+    half.restype = None
+    takes_bf16.argtypes, takes_bf16.restype = [], ctypes.c_int
     return library
 
 
@@ -54,21 +63,21 @@ def _kernels():
     return library
 
 
-def row_bytes(gguf_type, K: int) -> int:
-    """Bytes of one row of K weights in gguf_type (ValueError: not a type here, or K not whole blocks)."""
+def row_bytes(gguf_type, K: int, formats=STORED_FORMATS) -> int:
+    """Bytes of one row of K weights in gguf_type (ValueError: not one of `formats`, or K not whole blocks)."""
     try:
-        fmt = BLOCK_FORMATS[int(gguf_type)]
+        fmt = formats[int(gguf_type)]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(BLOCK_FORMATS)}") from None
+        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(formats)}") from None
     if K <= 0 or K % fmt.block_size:
         raise ValueError(f"K = {K} is not a positive multiple of GGML type {int(gguf_type)}'s block of {fmt.block_size}")
     return fmt.row_bytes(K)
 
 
-def _check_weights(gguf_type, w, K):
+def _check_weights(gguf_type, w, K, formats=STORED_FORMATS):
     if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or not w.flags.c_contiguous:
         raise ValueError("w must be a C-contiguous uint8 array [rows, row_bytes]")
-    if w.shape[1] != row_bytes(gguf_type, K) or w.shape[0] == 0:
+    if w.shape[1] != row_bytes(gguf_type, K, formats) or w.shape[0] == 0:
         raise ValueError(f"w {w.shape} is not [rows, {row_bytes(gguf_type, K)}] for K = {K} in GGML type "
                          f"{int(gguf_type)}")
 
@@ -102,25 +111,54 @@ def quant_matmul(gguf_type, xq, M: int, K: int, w, out=None, accumulate=False) -
     xq = quantize_activations(x [M, K]); w uint8 [N, row_bytes(gguf_type, K)]; 1 <= M <= 16."""
     if not isinstance(M, (int, np.integer)) or not 1 <= M <= MAX_ROWS:
         raise ValueError(f"M = {M} is not in 1..{MAX_ROWS}")
-    _check_weights(gguf_type, w, K)
+    _check_weights(gguf_type, w, K, BLOCK_FORMATS)
     library = _kernels()
     if (not isinstance(xq, np.ndarray) or xq.dtype != np.uint8 or not xq.flags.c_contiguous
             or xq.size != library.activation_bytes(M, K)):
         raise ValueError(f"xq must be quantize_activations' buffer for [{M}, {K}]")
-    N = w.shape[0]
+    out = _output(out, M, w.shape[0], accumulate)
+    library.quant_matmul(int(gguf_type), M, _address(xq), K, _address(w), w.shape[0], _address(out), int(bool(accumulate)))
+    return out
+
+
+def _output(out, M, N, accumulate):
     if out is None:
         if accumulate:
             raise ValueError("accumulate needs out")
-        out = np.empty((M, N), np.float32)
-    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
-          or not out.flags.c_contiguous or not out.flags.writeable):
+        return np.empty((M, N), np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
+            or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writeable C-contiguous f32 array [{M}, {N}]")
-    library.quant_matmul(int(gguf_type), M, _address(xq), K, _address(w), N, _address(out), int(bool(accumulate)))
+    return out
+
+
+def takes_half(gguf_type) -> bool:
+    """half_matmul takes this type here: f16 always, bf16 where the CPU has AVX512_BF16."""
+    library = _quant_library()
+    return (library is not None and int(gguf_type) in HALF_FORMATS
+            and (HALF_FORMATS[int(gguf_type)].name == "f16" or bool(library.half_takes_bf16())))
+
+
+def half_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
+    """x [M, K] f32 @ w^T -> out [M, N] f32 (added into out when accumulate); w [N, K] in gguf_type
+    f16 (float16) or bf16 (uint16 bits), as a GGUF stores it; 1 <= M <= 16; takes_half(gguf_type)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < 1:
+        raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS}")
+    if not takes_half(gguf_type):
+        raise ValueError(f"half_matmul does not take GGML type {gguf_type!r} here")
+    M, K = x.shape
+    if not isinstance(w, np.ndarray) or w.itemsize != 2 or w.ndim != 2 or not w.flags.c_contiguous or w.shape[1] != K:
+        raise ValueError(f"w must be a C-contiguous 16-bit array [N, {K}]")
+    out = _output(out, M, w.shape[0], accumulate)
+    _kernels().half_matmul(int(gguf_type), M, _address(x), K, _address(w), w.shape[0], _address(out),
+                           int(bool(accumulate)))
     return out
 
 
 def dequantize(gguf_type, w, K: int) -> np.ndarray:
-    """uint8 [rows, row_bytes] in gguf_type -> f32 [rows, K], bit-exact to gguf.quants.dequantize."""
+    """uint8 [rows, row_bytes] in gguf_type -> f32 [rows, K], bit-exact to gguf.quants.dequantize
+    (f16, bf16: their bytes, w.view(np.uint8))."""
     _check_weights(gguf_type, w, K)
     out = np.empty((w.shape[0], K), np.float32)
     _kernels().dequantize(int(gguf_type), _address(w), w.shape[0], K, _address(out))
