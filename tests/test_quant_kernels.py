@@ -191,21 +191,40 @@ def test_stream_read_sums_what_it_reads():
     assert cpu_kernels.stream_read(data) == pytest.approx(float(data.astype(np.float64).sum()), abs=1e-2)
 
 
-def test_vocabulary_projection_takes_two_int8_layers():
-    """CpuBackend.project_to_vocab: x's int8 blocks plus its rounding error's, so the logits err by
-    ~1/127 of one int8 layer's error; int8_blocks mirrors the kernel's rounding exactly."""
-    from pyllm.backends.cpu import CpuBackend, int8_blocks
-    from pyllm.formats import FORMATS as REGISTRY
-    from pyllm.weights import QuantizedMatrix
-    x = rng.standard_normal((3, 576)).astype(np.float32)
-    x[:, [5, 300]] = [[40.0, -60.0]] * 3  # outlier channels, as a final norm's output has
-    w = weights(T.Q8_0, 500, 576)
-    want = x.astype(np.float64) @ gguf.quants.dequantize(w, T.Q8_0).astype(np.float64).T
-    one_layer = cpu_quant.quant_matmul(T.Q8_0, cpu_quant.quantize_activations(x), 3, 576, w)
+def two_layers(x):
+    """x [M, K] -> (its int8 blocks, its rounding error's int8 blocks) in f64, as the kernel rounds
+    (the error x - d q taken in f32, as NumPy computes it)."""
     q, d = quantized(x)
-    np.testing.assert_array_equal(int8_blocks(x), (q * d).reshape(x.shape).astype(np.float32))
-    logits = CpuBackend.project_to_vocab(x, QuantizedMatrix(REGISTRY["q8_0"], (500, 576), w))
-    assert np.abs(logits - want).max() <= np.abs(one_layer - want).max() / 30
+    first = (q * d).reshape(x.shape)
+    error = x - first.astype(np.float32)
+    q2, d2 = quantized(error)
+    return first, (q2 * d2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", (T.Q8_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+def test_two_activation_layers(qtype):
+    """layers=2: each row of x as its int8 blocks plus its rounding error's, accumulated into the
+    same outputs: the NumPy emulation within f32 summation error, and next to the exact product
+    at most 1/30 of one layer's error (~1/127 in expectation), outlier channels included, as a
+    norm's output has them."""
+    K = depths(qtype)[-1]
+    for M in (1, 2, 4, 7, 16):
+        for N in (3, 37):
+            w = weights(qtype, N, K)
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            x[:, [5, K // 2]] = [40.0, -60.0]
+            dense = gguf.quants.dequantize(w, qtype).astype(np.float64)
+            first, second = two_layers(x)
+            emulated = (first + second) @ dense.T
+            out = cpu_quant.quant_matmul(qtype, cpu_quant.quantize_activations(x, 2), M, K, w, layers=2)
+            np.testing.assert_allclose(out, emulated, atol=1e-4 * np.abs(emulated).max(), rtol=0)
+            exact = x.astype(np.float64) @ dense.T
+            one_layer = cpu_quant.quant_matmul(qtype, cpu_quant.quantize_activations(x), M, K, w)
+            assert np.abs(out - exact).max() <= np.abs(one_layer - exact).max() / 30, f"{qtype.name} M={M} N={N}"
+    with pytest.raises(ValueError):  # a one-layer buffer for a two-layer call
+        cpu_quant.quant_matmul(qtype, cpu_quant.quantize_activations(x), M, K, w, layers=2)
+    with pytest.raises(ValueError):
+        cpu_quant.quantize_activations(x, layers=3)
 
 
 # ---- 16-bit weights (kernels/cpu/half.c) ---------------------------------------------------------

@@ -58,12 +58,13 @@ void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *o
 // K-quants' rows of it and their dequantization, a row's output
 #define QX_GROUP 16     // blocks of 32 per xq record
 #define QX_RECORD 832   // bytes of an xq record
-#define MAX_QUANT_ROWS 16
+#define MAX_QUANT_ROWS 32  // xq records per group a call takes: 16 rows of x, each as two layers
 #define QUANT_STRIP 8   // weight rows that take a group of xq in turn (when a row's xq passes L1)
 struct quant_call {
   const uint8_t *xq, *w;
   float *out;
-  int type, M, K, N, accumulate, strip;  // strip: 1 or QUANT_STRIP
+  int type, M, K, N, accumulate, strip;  // M: xq records per group (rows x layers); strip: 1 or QUANT_STRIP
+  int layers;           // 1, or 2: records M / 2 .. M - 1 are rows 0 .. M / 2 - 1's second layers
   const uint8_t *tail;  // K / 32 % QX_GROUP blocks: xq's last records, lane j = lane j % that (M records)
 };
 // rows whose tails of `tail` blocks share a group's lanes, at most a batch (QUANT_STRIP); tail 0: none

@@ -155,7 +155,7 @@ EXPORT int half_takes_bf16(void) {
 EXPORT void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int N, float *out, int accumulate) {
   pool_lock();
   half.type = type, half.x = x, half.w = w, half.K = K, half.K32 = (K + 31) / 32 * 32;
-  half.out.out = out, half.out.M = M, half.out.N = N, half.out.accumulate = accumulate;
+  half.out.out = out, half.out.M = M, half.out.layers = 1, half.out.N = N, half.out.accumulate = accumulate;
 #ifdef __AVX512BF16__
   if (type == BF16) {
     const size_t need = (size_t)M * 2 * half.K32;

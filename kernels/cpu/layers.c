@@ -27,8 +27,9 @@ struct layer {           // one decoder layer's weights
 };
 
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
-void quantize_activations(int M, int K, const float *x, void *xq);
-void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate);
+void quantize_activations(int M, int layers, int K, const float *x, void *xq);
+void quant_matmul(int type, int M, int layers, const void *xq, int K, const uint8_t *w, int N, float *out,
+                  int accumulate);
 void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int N, float *out, int accumulate);
 void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
 void swiglu(int T, int width, const float *gate_up, float *out);
@@ -39,16 +40,16 @@ void attention(int S, int H, int KV, int D, float scale, int layer, const float 
                const float *const *v, const int *length, const int *capacity, const int *count, float *out);
 
 // out [T, N] = x [T, K] @ m^T, or added into out when accumulate; scratch: [T, N] floats, xq: room
-// for x's int8 blocks
-static void apply(const struct matrix *m, int T, const float *x, int K, float *out, int accumulate, float *scratch,
-                  void *xq) {
+// for x's int8 blocks in `layers` layers (quant.c)
+static void apply(const struct matrix *m, int T, int layers, const float *x, int K, float *out, int accumulate,
+                  float *scratch, void *xq) {
   if (m->type == F16 || m->type == BF16) {
     half_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
     return;
   }
   if (m->type != F32_ROWS) {
-    quantize_activations(T, K, x, xq);
-    quant_matmul(m->type, T, xq, K, m->data, m->N, out, accumulate);
+    quantize_activations(T, layers, K, x, xq);
+    quant_matmul(m->type, T, layers, xq, K, m->data, m->N, out, accumulate);
     return;
   }
   if (!accumulate) {
@@ -61,16 +62,16 @@ static void apply(const struct matrix *m, int T, const float *x, int K, float *o
 
 // out [T, sum of the parts' N] = x [T, K] @ (parts stacked by rows)^T: each part through spare, its
 // columns copied into place (one part: straight into out)
-static void apply_parts(const struct matrix *parts, int n_parts, int T, const float *x, int K, float *out,
+static void apply_parts(const struct matrix *parts, int n_parts, int T, int layers, const float *x, int K, float *out,
                         float *spare, void *xq) {
   if (n_parts == 1) {
-    apply(parts, T, x, K, out, 0, NULL, xq);
+    apply(parts, T, layers, x, K, out, 0, NULL, xq);
     return;
   }
   int width = 0, column = 0;
   for (int p = 0; p < n_parts; p++) width += parts[p].N;
   for (int p = 0; p < n_parts; column += parts[p++].N) {
-    apply(&parts[p], T, x, K, spare, 0, NULL, xq);
+    apply(&parts[p], T, layers, x, K, spare, 0, NULL, xq);
     for (int t = 0; t < T; t++)
       memcpy(out + (size_t)t * width + column, spare + (size_t)t * parts[p].N, sizeof(float) * parts[p].N);
   }
@@ -79,22 +80,22 @@ static void apply_parts(const struct matrix *parts, int n_parts, int T, const fl
 // x [T, hidden] advances through layers 0 .. L - 1 in place (scale: attention's, D^-0.5). S sequences own the T rows in order;
 // k, v, length, capacity, count: their caches as attention's. Scratch (f32): h [T, hidden],
 // qkv [T, (H + 2 KV) D], q [T, H D], a [T, H D], gate_up [T, 2 inter], act [T, inter], spare
-// [T, max N]; xq: quantize_activations' bytes for T rows of max(hidden, inter).
-EXPORT void decoder_layers(int L, const struct layer *layers, int T, int hidden, int inter, int H, int KV, int D,
-                           float eps, float scale, float *x, int S, const float *cos, const float *sin, float *const *k,
+// [T, max N]; xq: quantize_activations' bytes for T rows of max(hidden, inter) in `activation_layers`.
+EXPORT void decoder_layers(int L, const struct layer *layers, int T, int activation_layers, int hidden, int inter, int H,
+                           int KV, int D, float eps, float scale, float *x, int S, const float *cos, const float *sin, float *const *k,
                            float *const *v, const int *length, const int *capacity, const int *count, float *h,
                            float *qkv, float *q, float *a, float *gate_up, float *act, float *spare, void *xq) {
   for (int l = 0; l < L; l++) {
     const struct layer *w = &layers[l];
     rms_norm(T, hidden, x, w->input_norm, eps, h);
-    apply_parts(w->qkv, w->qkv_parts, T, h, hidden, qkv, spare, xq);
+    apply_parts(w->qkv, w->qkv_parts, T, activation_layers, h, hidden, qkv, spare, xq);
     qkv_rope(S, H, KV, D, l, qkv, w->qkv_bias, cos, sin, k, v, length, capacity, count, q);
     attention(S, H, KV, D, scale, l, q, (const float *const *)k, (const float *const *)v, length, capacity, count, a);
-    apply(&w->o, T, a, H * D, x, 1, spare, xq);
+    apply(&w->o, T, activation_layers, a, H * D, x, 1, spare, xq);
     rms_norm(T, hidden, x, w->post_norm, eps, h);
-    apply_parts(w->gate_up, w->gate_up_parts, T, h, hidden, gate_up, spare, xq);
+    apply_parts(w->gate_up, w->gate_up_parts, T, activation_layers, h, hidden, gate_up, spare, xq);
     swiglu(T, inter, gate_up, act);
-    apply(&w->down, T, act, inter, x, 1, spare, xq);
+    apply(&w->down, T, activation_layers, act, inter, x, 1, spare, xq);
   }
 }
 #endif

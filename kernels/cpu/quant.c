@@ -9,9 +9,13 @@
 // vpdpbusd does 64 multiply-adds on the weights' own small integers, and the scales come per block.
 //
 // The activations, xq (quantize_activations): each row of x is cut into blocks of 32, a block b
-// gets d = max|x| / 127 and q = round-half-even(x / d) clamped to +-127 (d = 0: q = 0). Blocks go
-// in groups of 16 (QX_GROUP: a block per 32-bit lane of a zmm), zero-padded past K. xq is one record
-// of QX_RECORD bytes per (group g, row m), record (g, m) at (g * M + m) * QX_RECORD:
+// gets d = max|x| / 127 and q = round-half-even(x / d) clamped to +-127 (d = 0: q = 0). In two
+// layers, a second row per row of x holds its rounding error x - d q quantized the same way: the
+// two together carry x to ~1/127 of one layer's error (one layer moves a logit of SmolLM2 by up to
+// ~0.5: the norms' outlier channels set their blocks' scales), for 2x the dot products and the same
+// weight reads. Blocks go in groups of 16 (QX_GROUP: a block per 32-bit lane of a zmm), zero-padded
+// past K. xq is one record of QX_RECORD bytes per (group g, record m), records 0 .. M - 1 rows of x
+// (M x layers: then M .. 2M - 1 their second layers), record (g, m) at (g * records + m) * QX_RECORD:
 //   QX_Q        8 x 64 bytes: vector u (0..7), lane j (bytes 4j..4j+3) = q of elements 4u..4u+3
 //               of block j, so one vpdpbusd of a weight vector laid out the same way adds four
 //               products of each of 16 blocks into that block's lane; u 0..3 are the block's
@@ -143,32 +147,55 @@ static inline void transpose_8x16(const uint8_t *w, const int32_t *lanes, size_t
   }
 }
 
-// quantize_activations (the layout: the top of this file): per record, each block's q as its 32
-// bytes in a row of `bytes`, then transposed to xq's lanes like a q8_0 group; the sums by vpdpbusd
-// of the q with ones.
-EXPORT void quantize_activations(int M, int K, const float *x, void *xq) {
-  const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP;
-  const __m512i limit = _mm512_set1_epi32(127), ones = _mm512_set1_epi8(1);
+// block v [32] -> q [32] and its d (the layout: the top of this file)
+static inline float block_int8(const float *v, int8_t q[32]) {
+  const __m512i limit = _mm512_set1_epi32(127);
+  const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127.0f;
+  if (d == 0.0f) {  // q, d and the sums stay zero
+    memset(q, 0, 32);
+    return d;
+  }
+  const __m512 scale = _mm512_set1_ps(d);
+  for (int h = 0; h < 2; h++) {  // a d far below FLT_MIN is inexact: keep q in range
+    __m512i r = _mm512_cvt_roundps_epi32(_mm512_div_ps(h ? hi : lo, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_max_epi32(_mm512_min_epi32(r, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+    _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(r));
+  }
+  return d;
+}
+
+static inline __m512 keep(__m512 v) {  // v as computed: hides a product from contraction into an FMA
+  __asm__("" : "+v"(v));
+  return v;
+}
+
+// v [32] -> v - d q, its rounding error (d q rounded to f32 first, as NumPy computes it)
+static inline void rounding_error(const float *v, float *error) {
+  int8_t q[32];
+  const __m512 d = _mm512_set1_ps(block_int8(v, q));
+  for (int h = 0; h < 2; h++) {
+    const __m512 dq = keep(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * h)))), d));
+    _mm512_storeu_ps(error + 16 * h, _mm512_sub_ps(_mm512_loadu_ps(v + 16 * h), dq));
+  }
+}
+
+// quantize_activations (the layout: the top of this file): x [M, K] in `layers` (1, 2) layers. Per
+// record, each block's q as its 32 bytes in a row of `bytes`, then transposed to xq's lanes like a
+// q8_0 group; the sums by vpdpbusd of the q with ones.
+EXPORT void quantize_activations(int M, int layers, int K, const float *x, void *xq) {
+  const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP, records = M * layers;
+  const __m512i ones = _mm512_set1_epi8(1);
   for (int g = 0; g < groups; g++)
-    for (int m = 0; m < M; m++) {
-      uint8_t *record = (uint8_t *)xq + ((size_t)g * M + m) * QX_RECORD, bytes[QX_GROUP][32];
+    for (int m = 0; m < records; m++) {
+      uint8_t *record = (uint8_t *)xq + ((size_t)g * records + m) * QX_RECORD, bytes[QX_GROUP][32];
       float d[QX_GROUP] = {0};
       const int count = blocks - g * QX_GROUP < QX_GROUP ? blocks - g * QX_GROUP : QX_GROUP;
       for (int j = 0; j < count; j++) {
-        const float *block = x + (size_t)m * K + (size_t)(g * QX_GROUP + j) * 32;
-        const __m512 lo = _mm512_loadu_ps(block), hi = _mm512_loadu_ps(block + 16);
-        d[j] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127.0f;
-        if (d[j] == 0.0f) {  // q, d and the sums stay zero
-          memset(bytes[j], 0, 32);
-          continue;
-        }
-        const __m512 scale = _mm512_set1_ps(d[j]);
-        for (int h = 0; h < 2; h++) {  // a d far below FLT_MIN is inexact: keep q in range
-          __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(h ? hi : lo, scale),
-                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          q = _mm512_max_epi32(_mm512_min_epi32(q, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
-          _mm_storeu_si128((__m128i *)(bytes[j] + 16 * h), _mm512_cvtepi32_epi8(q));
-        }
+        const float *block = x + (size_t)(m % M) * K + (size_t)(g * QX_GROUP + j) * 32;
+        float error[32];
+        if (m >= M) rounding_error(block, error), block = error;
+        d[j] = block_int8(block, (int8_t *)bytes[j]);
       }
       __m512i Q[8], sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
       transpose_8x16(bytes[0], NULL, 32, count, Q);
@@ -311,6 +338,8 @@ static inline __attribute__((always_inline)) void rows32_m(const int type, const
 static inline __attribute__((always_inline)) void rows32(const int type, int lo, int hi) {
   if (call.M == 1)
     rows32_m(type, 1, lo, hi);
+  else if (call.M == 2)  // one row in two layers
+    rows32_m(type, 2, lo, hi);
   else
     rows32_m(type, call.M, lo, hi);
 }
@@ -324,12 +353,15 @@ static void rows_q8_0(int lo, int hi) { rows32(Q8_0, lo, hi); }
 _Static_assert(QUANT_STRIP == 8, "quant_store sums 8 rows at a time");
 
 void quant_store(const struct quant_call *c, int n0, int rows, __m512 (*acc)[MAX_QUANT_ROWS]) {
-  // the lane sums of a batch's 8 rows at once, per m: halves added (256-bit: two rows a register,
-  // 128-bit: four), then pairs of lanes and neighbours: rows r and 4 + r in lanes 4r and 4r + 2 of d
+  // the lane sums of a batch's 8 rows at once, per row m of x (its two layers' lanes added first):
+  // halves added (256-bit: two rows a register, 128-bit: four), then pairs of lanes and neighbours:
+  // rows r and 4 + r in lanes 4r and 4r + 2 of d
   const __mmask8 live = (__mmask8)((1u << rows) - 1);
-  for (int m = 0; m < c->M; m++) {
+  const int x_rows = c->layers == 2 ? c->M / 2 : c->M;
+  for (int m = 0; m < x_rows; m++) {
     __m512 v[QUANT_STRIP], a[4], b[2];
-    for (int r = 0; r < QUANT_STRIP; r++) v[r] = r < rows ? acc[r][m] : _mm512_setzero_ps();
+    for (int r = 0; r < QUANT_STRIP; r++)
+      v[r] = r >= rows ? _mm512_setzero_ps() : x_rows < c->M ? _mm512_add_ps(acc[r][m], acc[r][m + x_rows]) : acc[r][m];
     for (int i = 0; i < 4; i++)
       a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
                            _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
@@ -359,12 +391,14 @@ static void quant_part(int part) {  // weight rows split evenly among the thread
   }
 }
 
-// out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K), w [N, K] in
-// `type`; 1 <= M <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
-EXPORT void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *w, int N, float *out, int accumulate) {
+// out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K in `layers`), w
+// [N, K] in `type`; 1 <= M x layers <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
+EXPORT void quant_matmul(int type, int M, int layers, const void *xq, int K, const uint8_t *w, int N, float *out,
+                         int accumulate) {
   static uint8_t tail[MAX_QUANT_ROWS * QX_RECORD] __attribute__((aligned(64)));
   pool_lock();
-  call.type = type, call.M = M, call.xq = xq, call.K = K, call.w = w, call.N = N, call.out = out;
+  M *= layers;  // records per group from here on
+  call.type = type, call.M = M, call.layers = layers, call.xq = xq, call.K = K, call.w = w, call.N = N, call.out = out;
   call.accumulate = accumulate;
   call.strip = activation_bytes(M, K) > XQ_IN_L1 ? QUANT_STRIP : 1;
   const int blocks = K / 32, full = blocks / QX_GROUP;
@@ -382,11 +416,7 @@ EXPORT void quant_matmul(int type, int M, const void *xq, int K, const uint8_t *
 }
 
 // dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact):
-// q4_1's d q + m is two roundings, not an FMA (keep() hides the product from contraction).
-static inline __m512 keep(__m512 v) {
-  __asm__("" : "+v"(v));
-  return v;
-}
+// q4_1's d q + m is two roundings, not an FMA (keep()).
 
 static void dequantize_block32(int type, const uint8_t *b, float *out) {
   const __m512 d = _mm512_set1_ps(f16(b));

@@ -185,6 +185,8 @@ static inline __attribute__((always_inline)) void rows_k_m(const int type, const
 static inline __attribute__((always_inline)) void rows_k(const int type, const struct quant_call *c, int lo, int hi) {
   if (c->M == 1)
     rows_k_m(type, 1, c, lo, hi);
+  else if (c->M == 2)  // one row in two layers
+    rows_k_m(type, 2, c, lo, hi);
   else
     rows_k_m(type, c->M, c, lo, hi);
 }

@@ -20,6 +20,15 @@ from .base import Step
 from .reference import ReferenceBackend
 
 MAX_QUANT_ROWS = 16  # rows quant_matmul takes at once: beyond, the dequantizing GEMM
+# A decode step of up to this many rows gives the block-format matmuls its activations in two int8
+# layers (x's blocks and their rounding error's: ~f32 results), where streaming the weights costs
+# more than the second layer's dot products; more rows are compute-bound and take one layer
+# (llama.cpp's Q8 numerics). benchmarks/results/quant_bench.md has both's agreement and speed.
+TWO_LAYER_ROWS = 4
+
+
+def activation_layers(rows: int) -> int:
+    return 2 if rows <= TWO_LAYER_ROWS else 1
 
 
 def has_kernel(fmt) -> bool:
@@ -46,20 +55,12 @@ def _matrix_product(a, b, xq, add_to):
     if rows <= MAX_QUANT_ROWS and b.format.block_size == 1:
         return cpu_quant.half_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
     if rows <= MAX_QUANT_ROWS:
+        layers = activation_layers(rows)
         if xq[0] is None:
-            xq[0] = cpu_quant.quantize_activations(a)
+            xq[0] = cpu_quant.quantize_activations(a, layers)
         return cpu_quant.quant_matmul(b.format.gguf_type, xq[0], rows, b.shape[1], b.data, out=add_to,
-                                      accumulate=add_to is not None)
+                                      accumulate=add_to is not None, layers=layers)
     return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to)
-
-
-def int8_blocks(x):
-    """x [M, K] -> what quantize_activations rounds it to, in f32 [M, K]: per block of 32,
-    d = max|x| / 127 and x ~ d * round-half-even(x / d) (the kernel's arithmetic, in NumPy)."""
-    blocks = x.reshape(x.shape[0], -1, 32)
-    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
-    q = np.clip(np.rint(blocks / np.where(d == 0, np.float32(1), d)), -127, 127)
-    return (q * d).reshape(x.shape).astype(np.float32)
 
 
 def product(a, b, add_to=None):
@@ -115,7 +116,8 @@ class CpuBackend(ReferenceBackend):
         table = self._layer_table[1]
         if table is None or x.shape[0] > MAX_QUANT_ROWS:
             return None
-        return cpu_kernels.decoder_layers(x, table, self.config, step.slots, self.cos, self.sin)
+        return cpu_kernels.decoder_layers(x, table, self.config, step.slots, self.cos, self.sin,
+                                          activation_layers(x.shape[0]))
 
     @staticmethod
     def rms_norm(x, weight, eps):
@@ -136,22 +138,7 @@ class CpuBackend(ReferenceBackend):
                 return out
         return reference.matmul_transb(a, b, alpha, beta, c, bias)
 
-    @staticmethod
-    def project_to_vocab(x, weight):
-        """A decode step's logits from quantized weights take their activations as two int8 layers:
-        x's int8 blocks, and the rounding error's own int8 blocks, as 2M rows of one call (the
-        weights are read once). One layer alone moves SmolLM2's logits by up to ~0.5 (the final
-        norm's outlier channels set each block's scale), enough to swap the top two tokens of a
-        near-tie; the second layer leaves ~1/127 of that."""
-        rows = x.shape[0]
-        if not (isinstance(weight, QuantizedMatrix) and weight.format.block_size > 1 and has_kernel(weight.format)
-                and 2 * rows <= MAX_QUANT_ROWS):
-            return CpuBackend.matmul_transb(x, weight)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        layers = np.concatenate([x, x - int8_blocks(x)])  # [2M, K]
-        out = cpu_quant.quant_matmul(weight.format.gguf_type, cpu_quant.quantize_activations(layers), 2 * rows,
-                                     x.shape[1], weight.data)  # [2M, N]
-        return out[:rows] + out[rows:]
+    project_to_vocab = matmul_transb
 
     @staticmethod
     def gather(table, ids):

@@ -84,9 +84,9 @@ def _library():
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
     skinny.restype = matmul.restype = quant_gemm.restype = None
-    # L, layers, T, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k, v, lengths, capacities, counts,
-    # h, qkv, q, a, gate_up, act, spare, xq
-    layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
+    # L, layers, T, activation layers, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k, v, lengths,
+    # capacities, counts, h, qkv, q, a, gate_up, act, spare, xq
+    layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
@@ -314,9 +314,10 @@ def layer_table(layers):
     return table
 
 
-def decoder_layers(x, table, config, slots, cos, sin):
+def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     """x [T, hidden] (T <= MAX_ROWS) through every layer of `table` (layer_table) in one call, the
-    step's caches as attention's slots -> x advanced in place, or None (no kernels)."""
+    step's caches as attention's slots, block-format matrices taking x in `activation_layers` int8
+    layers (quant.c) -> x advanced in place, or None (no kernels)."""
     library = _library()
     if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
         return None
@@ -329,8 +330,8 @@ def decoder_layers(x, table, config, slots, cos, sin):
     scratch = [np.empty((rows, n), np.float32) for n in (hidden, (n_heads + 2 * n_kv) * head_dim, n_heads * head_dim,
                                                         n_heads * head_dim, 2 * inter, inter, widest)]
     from .cpu_quant import activation_buffer  # here: cpu_quant builds on this module
-    xq = activation_buffer(rows, max(hidden, inter, n_heads * head_dim))
-    library.decoder_layers(len(table), ctypes.addressof(table), rows, hidden, inter, n_heads, n_kv, head_dim, config.rms_norm_eps,
+    xq = activation_buffer(rows, max(hidden, inter, n_heads * head_dim), activation_layers)
+    library.decoder_layers(len(table), ctypes.addressof(table), rows, activation_layers, hidden, inter, n_heads, n_kv, head_dim, config.rms_norm_eps,
                            head_dim ** -0.5, _address(x), len(slots), _address(cos), _address(sin), *caches,
                            *[_address(s) for s in scratch], _address(xq))
     return x

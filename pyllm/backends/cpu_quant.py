@@ -2,8 +2,8 @@
 stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations, f16 and bf16;
 and dequantization.
 
-    xq = quantize_activations(x)                  # x [M, K] f32 -> opaque uint8 buffer
-    out = quant_matmul(gguf_type, xq, M, K, w)    # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
+    xq = quantize_activations(x, layers)          # x [M, K] f32 -> opaque uint8 buffer (1 or 2 int8 layers)
+    out = quant_matmul(gguf_type, xq, M, K, w, layers=layers)  # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
     out = half_matmul(gguf_type, x, w)            # w [N, K] 16-bit (f16, or bf16 bits) -> x @ w^T
 
 The C side trusts its inputs: everything is checked here (ValueError).
@@ -35,17 +35,19 @@ def _quant_library():
     except AttributeError:
         return None
     size.argtypes, size.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_size_t
-    # M, K, x, xq
-    quantize.argtypes, quantize.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], None
-    # type, M, xq, K, w, N, out, accumulate
-    matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_void_p, ctypes.c_int]
+    # M, layers, K, x, xq
+    quantize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    quantize.restype = None
+    # type, M, layers, xq, K, w, N, out, accumulate
+    matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     matmul.restype = None
     # type, w, rows, K, out
     dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dequantize.restype = None
     # type, M, x, K, w, N, out, accumulate
-    half.argtypes = matmul.argtypes
+    half.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                     ctypes.c_void_p, ctypes.c_int]
     half.restype = None
     takes_bf16.argtypes, takes_bf16.restype = [], ctypes.c_int
     return library
@@ -82,42 +84,48 @@ def _check_weights(gguf_type, w, K, formats=STORED_FORMATS):
                          f"{int(gguf_type)}")
 
 
-def activation_bytes(M: int, K: int) -> int:
-    return _kernels().activation_bytes(M, K)
+def activation_bytes(M: int, K: int, layers: int = 1) -> int:
+    return _kernels().activation_bytes(M * layers, K)
 
 
-def activation_buffer(M: int, K: int) -> np.ndarray:
-    """Room for quantize_activations' blocks of M rows of K: uint8, 64-byte aligned (quant.c's loads)."""
-    size = activation_bytes(M, K)
+def activation_buffer(M: int, K: int, layers: int = 1) -> np.ndarray:
+    """Room for quantize_activations' blocks of M rows of K in `layers` layers: uint8, 64-byte
+    aligned (quant.c's loads)."""
+    size = activation_bytes(M, K, layers)
     buffer = np.empty(size + 64, np.uint8)
     start = -buffer.ctypes.data % 64
     return buffer[start:start + size]
 
 
-def quantize_activations(x) -> np.ndarray:
+def quantize_activations(x, layers: int = 1) -> np.ndarray:
     """x [M, K] (K a multiple of 32) -> xq, an opaque uint8 buffer (64-byte aligned) for quant_matmul:
-    per block of 32, d = max|x| / 127 and q = round-half-even(x / d) in int8, with its sums."""
+    per block of 32, d = max|x| / 127 and q = round-half-even(x / d) in int8, with its sums; with
+    layers = 2, also the rounding error x - d q quantized the same way (x to ~1/127 of the error)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 32 or x.shape[1] % 32:
         raise ValueError(f"x {x.shape} must be [M >= 1, K] with K a positive multiple of 32")
+    if layers not in (1, 2):
+        raise ValueError(f"layers = {layers!r} is not 1 or 2")
     M, K = x.shape
-    xq = activation_buffer(M, K)
-    _kernels().quantize_activations(M, K, _address(x), _address(xq))
+    xq = activation_buffer(M, K, layers)
+    _kernels().quantize_activations(M, layers, K, _address(x), _address(xq))
     return xq
 
 
-def quant_matmul(gguf_type, xq, M: int, K: int, w, out=None, accumulate=False) -> np.ndarray:
+def quant_matmul(gguf_type, xq, M: int, K: int, w, out=None, accumulate=False, layers: int = 1) -> np.ndarray:
     """x @ dequant(w)^T -> out [M, N] f32 (added into out when accumulate), x given as
-    xq = quantize_activations(x [M, K]); w uint8 [N, row_bytes(gguf_type, K)]; 1 <= M <= 16."""
+    xq = quantize_activations(x [M, K], layers); w uint8 [N, row_bytes(gguf_type, K)]; 1 <= M <= 16."""
     if not isinstance(M, (int, np.integer)) or not 1 <= M <= MAX_ROWS:
         raise ValueError(f"M = {M} is not in 1..{MAX_ROWS}")
+    if layers not in (1, 2):
+        raise ValueError(f"layers = {layers!r} is not 1 or 2")
     _check_weights(gguf_type, w, K, BLOCK_FORMATS)
     library = _kernels()
     if (not isinstance(xq, np.ndarray) or xq.dtype != np.uint8 or not xq.flags.c_contiguous
-            or xq.size != library.activation_bytes(M, K)):
-        raise ValueError(f"xq must be quantize_activations' buffer for [{M}, {K}]")
+            or xq.size != library.activation_bytes(M * layers, K)):
+        raise ValueError(f"xq must be quantize_activations' buffer for [{M}, {K}] in {layers} layers")
     out = _output(out, M, w.shape[0], accumulate)
-    library.quant_matmul(int(gguf_type), M, _address(xq), K, _address(w), w.shape[0], _address(out), int(bool(accumulate)))
+    library.quant_matmul(int(gguf_type), M, layers, _address(xq), K, _address(w), w.shape[0], _address(out), int(bool(accumulate)))
     return out
 
 
