@@ -7,6 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from pyllm.backends import cpu_kernels
+
 SMALL = ["--prompt-tokens", "40", "--decode-tokens", "6", "--batches", "2"]
 # the bench as a user runs it, with matplotlib made unimportable (as in a venv without the bench extra)
 WITHOUT_MATPLOTLIB = ("import sys\n"
@@ -38,6 +42,10 @@ def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
     assert set(report["matmul_gb_s"]) == {"1", "2"} and min(report["matmul_gb_s"].values()) > 0
     assert "| batch 2 / batch 1 ceiling from the matmul alone |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if cpu_kernels.available():  # the split of a step: the matmuls as layers.c counts them, and the rest
+        split = report["step_split"]
+        assert 0 < split["matmul_ms"] < split["step_ms"] and split["rest_ms"] > 0
+        assert "| of it in the weight-streaming kernels (ms) |" in (tmp_path / "bench.md").read_text()
 
 
 def test_cpu_vs_gpu_report(tmp_path):
@@ -79,3 +87,31 @@ def test_ctrl_c_mid_bench_keeps_the_finished_measurements(tiny_model, tmp_path):
     assert report["partial"] is True and report["best_seconds"] and min(report["best_seconds"].values()) > 0
     assert "| measurement | best seconds so far |" in (tmp_path / "bench.md").read_text()
     assert "interrupted: what was measured is in" in stderr
+
+
+def test_quant_bench_reports_speed_quality_and_the_step_split(tmp_path):
+    """The per-format benchmark (no peer) on a tiny q8_0 GGUF: speeds, the quality table with one
+    sequence and a batch, the split of a step and the tiny-matrix step, JSON, markdown and PNG."""
+    import gguf
+
+    from pyllm.benchmarks import quant_bench
+    from test_gguf import gpt2_vocab, hf_weights, write_gguf
+    if not cpu_kernels.available():
+        pytest.skip("no C kernels here: the split needs the one-call layers")
+    vocab = gpt2_vocab()
+    weights = hf_weights(len(vocab["tokens"]), tied=True, hidden=64, heads=4, kv_heads=2, ffn=128)
+    path = write_gguf(tmp_path / "tiny-q8_0.gguf", vocab, weights, heads=4, kv_heads=2, extra={"context_length": 1024},
+                      encode=lambda name, value: (value, gguf.GGMLQuantizationType.F32) if value.ndim == 1 else
+                      (gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0))
+    quant_bench.main(["--files", str(path), "--out", str(tmp_path), "--prompt-tokens", "32", "--decode-tokens", "6",
+                      "--batches", "2", "--rounds", "1"])
+    report = json.loads((tmp_path / "quant_bench.json").read_text())
+    entry = report["files"]["tiny-q8_0"]
+    assert entry["pyllm"]["decode_b1_tok_s"] > 0 and entry["pyllm"]["decode_b2_tok_s"] > 0
+    assert 0 < entry["pyllm_step_split"]["matmul_ms"] < entry["pyllm_step_split"]["step_ms"]
+    assert report["tiny_step_ms"] > 0
+    quality = entry["quality"]
+    assert quality["pyllm_decode_argmax_agreement"] >= 0.99 and quality["pyllm_batched_decode_argmax_agreement"] > 0.8
+    table = (tmp_path / "quant_bench.md").read_text()
+    assert "| tiny-q8_0 |" in table and "weight-streaming kernels ms" in table
+    assert (tmp_path / "quant_bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -23,7 +23,7 @@ from pyllm.backends import cpu_kernels, cpu_quant
 from pyllm.backends.cpu import TWO_LAYER_ROWS
 from pyllm.formats import FORMATS
 from pyllm.weights import QuantizedMatrix
-from pyllm.benchmarks.quant_bench import QUALITY_TEXT, perplexity, rss_growth
+from pyllm.benchmarks.quant_bench import QUALITY_TEXT, decode_teacher_forced, perplexity, rss_growth
 from conftest import SHARED, needs_shared
 from test_gguf import gpt2_vocab, hf_weights, write_gguf
 
@@ -128,13 +128,6 @@ def test_reference_backend_matches_transformers(tiny_gguf):
     # greedy: each of our tokens is transformers' argmax given the same text (or ties it within float error)
     logits = hf_logits(reference, prompt + ours)[len(prompt) - 1:-1]  # [16, vocab]: what predicts each token
     assert np.all(logits[np.arange(16), ours] >= logits.max(-1) - 1e-4), (ours, logits.argmax(-1).tolist())
-
-
-def decode_teacher_forced(llm, ids, copies=1):
-    """Logits [len(ids), vocab] of ids fed one token a step, in a batch of `copies` sequences of the
-    same text (each step then has that many rows): the first copy's."""
-    caches = [llm.model.new_cache(len(ids)) for _ in range(copies)]
-    return np.concatenate([llm.model.forward([(cache, [token]) for cache in caches])[:1] for token in ids])
 
 
 def test_cpu_kernels_agree_with_transformers(tiny_gguf):

@@ -314,7 +314,9 @@ EXPORT void attention(int S, int H, int KV, int D, float scale, int layer, const
   att.row = row, att.units = units, att.n_units = n_units, att.out = out, att.scale = scale;
   att.S = S, att.H = H, att.KV = KV, att.D = D, att.layer = layer;
   atomic_store(&att.next_unit, 0);
-  pool_run(attention_part);
+  size_t cache_bytes = 0;  // the keys and values the call reads
+  for (int s = 0; s < S; s++) cache_bytes += (size_t)length[s] * KV * D * 2 * sizeof(float);
+  pool_run_sized(attention_part, cache_bytes);
   pool_unlock();
   free(units);
   free(row);

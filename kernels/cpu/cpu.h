@@ -26,6 +26,7 @@ extern int pool_threads;
 void pool_lock(void);  // one call at a time, whichever thread makes it
 void pool_unlock(void);
 void pool_run(void (*task)(int part));
+void pool_run_sized(void (*task)(int part), size_t bytes);  // the same, on the caller alone for a small call
 
 static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
   // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two steps (Cody-Waite), and

@@ -169,7 +169,7 @@ EXPORT void half_matmul(int type, int M, const float *x, int K, const uint16_t *
     half.xb = half.xb_buffer;
   }
 #endif
-  pool_run(half_part);
+  pool_run_sized(half_part, (size_t)N * K * 2);
   pool_unlock();
 }
 

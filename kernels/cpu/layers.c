@@ -11,7 +11,27 @@
 // Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
 #include "cpu.h"
 #ifdef __AVX512F__
+#include <time.h>
 #define F32_ROWS (-1)
+
+// The benchmarks' split of a step: with timing on, the seconds decoder_layers spends in its
+// matmuls (the weight-streaming kernels) add up here; off (the default), no clock is read.
+static struct {
+  int on;
+  double matmul_seconds;
+} timing;
+
+EXPORT double decoder_matmul_seconds(int keep_timing) {  // the sum so far (then reset); timing on or off from now
+  const double seconds = timing.matmul_seconds;
+  timing.on = keep_timing, timing.matmul_seconds = 0.0;
+  return seconds;
+}
+
+static double seconds_now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
 
 struct matrix {          // one weight matrix [N, K]
   const void *data;      // f32 [N, K], f16 / bf16 [N, K] or GGML blocks [N, row_bytes]
@@ -41,8 +61,8 @@ void attention(int S, int H, int KV, int D, float scale, int layer, const float 
 
 // out [T, N] = x [T, K] @ m^T, or added into out when accumulate; scratch: [T, N] floats, xq: room
 // for x's int8 blocks in `layers` layers (quant.c)
-static void apply(const struct matrix *m, int T, int layers, const float *x, int K, float *out, int accumulate,
-                  float *scratch, void *xq) {
+static void apply_untimed(const struct matrix *m, int T, int layers, const float *x, int K, float *out,
+                          int accumulate, float *scratch, void *xq) {
   if (m->type == F16 || m->type == BF16) {
     half_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
     return;
@@ -58,6 +78,13 @@ static void apply(const struct matrix *m, int T, int layers, const float *x, int
   }
   skinny_matmul(T, x, K, m->data, m->N, scratch);
   for (size_t i = 0; i < (size_t)T * m->N; i++) out[i] += scratch[i];
+}
+
+static void apply(const struct matrix *m, int T, int layers, const float *x, int K, float *out, int accumulate,
+                  float *scratch, void *xq) {
+  const double start = timing.on ? seconds_now() : 0.0;
+  apply_untimed(m, T, layers, x, K, out, accumulate, scratch, xq);
+  if (timing.on) timing.matmul_seconds += seconds_now() - start;
 }
 
 // out [T, sum of the parts' N] = x [T, K] @ (parts stacked by rows)^T: each part through spare, its

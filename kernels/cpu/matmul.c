@@ -89,7 +89,7 @@ static void matmul_part(int part) {  // even bounds: the kernel takes weight row
 EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
   pool_lock();
   mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
-  pool_run(matmul_part);
+  pool_run_sized(matmul_part, (size_t)N * K * sizeof(float));
   pool_unlock();
 }
 

@@ -111,6 +111,17 @@ void pool_run(void (*task)(int part)) {
     if (spins < 100000) _mm_pause(); else sched_yield();
 }
 
+// The handoff to the workers and back costs a few microseconds: a call that reads less than this
+// runs every part on the caller (the same parts, so the same results).
+#define POOL_MIN_BYTES 65536
+void pool_run_sized(void (*task)(int part), size_t bytes) {
+  if (bytes >= POOL_MIN_BYTES) {
+    pool_run(task);
+    return;
+  }
+  for (int part = 0; part < pool_threads; part++) task(part);
+}
+
 void pool_lock(void) {
   pthread_mutex_lock(&pool.call_lock);
   if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here

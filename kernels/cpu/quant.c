@@ -411,7 +411,7 @@ EXPORT void quant_matmul(int type, int M, int layers, const void *xq, int K, con
       _mm512_store_si512(tail + 64 * v, _mm512_permutexvar_epi32(index, _mm512_loadu_si512(from + 64 * v)));
     call.tail = tail;
   }
-  pool_run(quant_part);
+  pool_run_sized(quant_part, (size_t)N * row_bytes(type, K));
   pool_unlock();
 }
 

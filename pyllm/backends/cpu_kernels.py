@@ -73,6 +73,7 @@ def _library():
         start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
                                             library.attention)
         quant_gemm, stream, layers = library.quant_gemm, library.stream_read, library.decoder_layers
+        timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
         return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
@@ -89,6 +90,7 @@ def _library():
     layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
+    timing.argtypes, timing.restype = [ctypes.c_int], ctypes.c_double  # keep timing
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -312,6 +314,13 @@ def layer_table(layers):
         entry.qkv[:len(qkv)], entry.gate_up[:len(gate_up)] = qkv, gate_up
         entry.qkv_parts, entry.gate_up_parts, (entry.o,), (entry.down,) = len(qkv), len(gate_up), o, down
     return table
+
+
+def decoder_matmul_seconds(keep_timing: bool) -> float | None:
+    """The seconds decoder_layers has spent in its matmuls since the last call (counted only while
+    timing is on), then timing on or off from now; None without the kernels. For the benchmarks."""
+    library = _library()
+    return None if library is None else library.decoder_matmul_seconds(int(keep_timing))
 
 
 def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):

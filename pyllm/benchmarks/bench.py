@@ -155,6 +155,11 @@ def write_report(results, out_dir: Path, plots=True):
               f"| peak RSS (MB) | {ours['peak_rss_bytes'] / 1e6:.1f} | | |"]
     if results["backend"] == "cpu":  # the CPU's roofline per batch size; a GPU's is in the kernel table
         lines += roofline_rows(results)
+    if results.get("step_split"):
+        split = results["step_split"]
+        lines += [f"| decode step, batch 1 (ms) | {split['step_ms']:.2f} | | |",
+                  f"| of it in the weight-streaming kernels (ms) | {split['matmul_ms']:.2f} | | |",
+                  f"| of it the rest: norms, rope, attention, Python (ms) | {split['rest_ms']:.2f} | | |"]
     table = "\n".join(lines)
     if "pyllm_cpu" in results:  # a GPU run also measured the CPU backend
         table += "\n\n" + cpu_vs_gpu_table(results)
@@ -297,6 +302,8 @@ def main(args):
     if args.backend == "cuda":
         from pyllm.benchmarks.kernel_bench import report
         results["kernels"] = report(out_dir, "cuda", ours["dtype"])
+    from pyllm.benchmarks.step_split import decode_split
+    results["step_split"] = decode_split(llm)  # None off the CPU backend's one-call layers
     print(write_report(results, out_dir, plots))
     print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + (f", {out_dir / 'bench.png'}" if plots else ""))
 

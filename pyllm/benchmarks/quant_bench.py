@@ -8,8 +8,9 @@ prompt, weight GB/s of a batch-1 decode step (the file's bytes x steps/s) beside
 loop reading 512 MB on every core, kernels/cpu/stream.c, and the same loop over the file's own size:
 its ceiling where the cache holds it), peak RSS of loading it and generating (a
 fresh process), and the perplexity of benchmarks/data/quality_text.txt for pyllm (as a prompt, and
-teacher-forced through decode steps: the int8 kernels), llama.cpp and transformers on the same file,
-with pyllm's argmax agreement against transformers. Every speed is the best of --rounds rounds, each
+teacher-forced through decode steps: the int8 kernels, one sequence and a batch of 5), llama.cpp and
+transformers on the same file, with pyllm's argmax agreement against transformers; and where a
+batch-1 step's time goes (step_split.py), with a 30-layer step of tiny matrices. Every speed is the best of --rounds rounds, each
 round taking every measurement in turn (all files, both engines, the roofline), so a drift in the
 machine's speed reaches both sides of a ratio alike. llama.cpp (llama-cpp-python) is optional: with
 --peer llama.cpp it must import. Writes quant_bench.{json,md,png}. Run it with nothing else running.
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from pyllm.benchmarks.bench import can_plot, interleaved_best, prompt_ids, pyllm_measures, speeds, timed
+from pyllm.benchmarks.step_split import decode_split, tiny_step_ms
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
 ROOFLINE_BYTES = 512 << 20
+SPLIT_STEPS = 64
 # VmHWM (peak RSS of this address space) rather than ru_maxrss, which a child inherits from its parent
 RSS_SCRIPT = ("import sys, pyllm\n"
               "def status(key):\n"
@@ -93,20 +96,31 @@ def perplexity(logits, ids) -> float:
     return float(np.exp(-log_softmax(logits[:-1])[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
+def decode_teacher_forced(llm, ids, copies=1):
+    """Logits [len(ids), vocab] of ids fed one token a step, in a batch of `copies` sequences of the
+    same text (each step then has that many rows): the first copy's."""
+    caches = [llm.model.new_cache(len(ids)) for _ in range(copies)]
+    return np.concatenate([llm.model.forward([(cache, [token]) for cache in caches])[:1] for token in ids])
+
+
 def quality(path, llm, ids, peer):
-    """Perplexities of ids under each engine, and pyllm's argmax agreement with transformers."""
+    """Perplexities of ids under each engine, and pyllm's argmax agreement with transformers:
+    decoding one sequence (activations in two int8 layers) and in a batch that takes one layer."""
+    from pyllm.backends.cpu import TWO_LAYER_ROWS
     import torch
     from transformers import AutoModelForCausalLM
     reference = AutoModelForCausalLM.from_pretrained(Path(path).parent, gguf_file=Path(path).name,
                                                      dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0].numpy()
-    cache = llm.model.new_cache(len(ids))
-    decoded = np.concatenate([llm.model.forward([(cache, [token])]) for token in ids])  # teacher-forced decode steps
+    decoded = decode_teacher_forced(llm, ids)
+    batched = decode_teacher_forced(llm, ids, TWO_LAYER_ROWS + 1)
     prompt = llm.score(ids)
     result = {"transformers_ppl": perplexity(expected, ids), "pyllm_prompt_ppl": perplexity(prompt, ids),
               "pyllm_decode_ppl": perplexity(decoded, ids),
               "pyllm_decode_argmax_agreement": float((decoded.argmax(-1) == expected.argmax(-1)).mean()),
+              "pyllm_batched_decode_ppl": perplexity(batched, ids),
+              "pyllm_batched_decode_argmax_agreement": float((batched.argmax(-1) == expected.argmax(-1)).mean()),
               "pyllm_prompt_argmax_agreement": float((prompt.argmax(-1) == expected.argmax(-1)).mean())}
     if peer is not None:
         peer.reset()
@@ -134,13 +148,26 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                      f"{ratio('decode_b1_tok_s')} | {gb_s:.1f} ({gb_s / roof:.0%}; {gb_s / r['same_size_read_gb_s']:.0%}) | "
                      f"{ours['prefill_tok_s']:.1f} | "
                      f"{value(peer, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {batched} | {r['rss_bytes'] / 1e6:.0f} |")
-    lines += ["", "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode, int8) | llama.cpp ppl | "
-              "argmax agreement (decode) |", "|---|---|---|---|---|---|"]
+    lines += ["", "Decode: one sequence (activations as two int8 layers) and a batch of 5 (one int8 layer); "
+              "agreement: teacher-forced argmax against transformers on the same file.", "",
+              "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode, 2 layers) | agreement | "
+              "pyllm ppl (batch of 5, 1 layer) | agreement | llama.cpp ppl |", "|---" * 8 + "|"]
     for name, r in results["files"].items():
         q = r["quality"]
-        lines.append(f"| {name} | {q['transformers_ppl']:.3f} | {q['pyllm_prompt_ppl']:.3f} | {q['pyllm_decode_ppl']:.3f} "
-                     f"({q['pyllm_decode_ppl'] / q['transformers_ppl'] - 1:+.2%}) | "
-                     f"{q.get('llama_cpp_ppl', float('nan')):.3f} | {q['pyllm_decode_argmax_agreement']:.1%} |")
+        rel = lambda key: f"{q[key]:.3f} ({q[key] / q['transformers_ppl'] - 1:+.2%})"  # noqa: E731
+        lines.append(f"| {name} | {q['transformers_ppl']:.3f} | {q['pyllm_prompt_ppl']:.3f} | {rel('pyllm_decode_ppl')} | "
+                     f"{q['pyllm_decode_argmax_agreement']:.1%} | {rel('pyllm_batched_decode_ppl')} | "
+                     f"{q['pyllm_batched_decode_argmax_agreement']:.1%} | {q.get('llama_cpp_ppl', float('nan')):.3f} |")
+    lines += ["", f"Where a batch-1 decode step's time goes (one sequence, {SPLIT_STEPS} steps after the interleaved "
+              "rounds): the weight-streaming kernels (decoder matmuls and the vocabulary projection) against the rest "
+              f"(norms, rope, attention, Python and the calls into C). A 30-layer step of 64-wide matrices "
+              f"(pure dispatch): {results['tiny_step_ms']:.3f} ms.", "",
+              "| file | step ms | weight-streaming kernels ms (GB/s of the file) | the rest ms |", "|---|---|---|---|"]
+    for name, r in results["files"].items():
+        split = r.get("pyllm_step_split")
+        if split:
+            lines.append(f"| {name} | {split['step_ms']:.2f} | {split['matmul_ms']:.2f} "
+                         f"({r['bytes'] / split['matmul_ms'] / 1e6:.1f}) | {split['rest_ms']:.2f} |")
     table = "\n".join(lines)
     (out_dir / "quant_bench.md").write_text(f"# pyllm quant_bench\n\n{table}\n")
     (out_dir / "quant_bench.json").write_text(json.dumps(results, indent=2))
@@ -219,7 +246,9 @@ def main(argv=None):
         if args.peer:
             entry["llama.cpp"] = {"prefill_tok_s": len(f["ids"]) / best[f"{name} llama.cpp prefill"],
                                   "decode_b1_tok_s": (args.decode_tokens - 1) / best[f"{name} llama.cpp decode b1"]}
+        entry["pyllm_step_split"] = decode_split(f["llm"], SPLIT_STEPS)
         results["files"][name] = entry
+    results["tiny_step_ms"] = tiny_step_ms()
     print(write_report(results, out_dir, plots))
 
 
