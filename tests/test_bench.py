@@ -95,7 +95,7 @@ def test_quant_bench_reports_speed_quality_and_the_step_split(tmp_path):
     import gguf
 
     from pyllm.benchmarks import quant_bench
-    from test_gguf import gpt2_vocab, hf_weights, write_gguf
+    from test_gguf import LAYERS, gpt2_vocab, hf_weights, write_gguf
     if not cpu_kernels.available():
         pytest.skip("no C kernels here: the split needs the one-call layers")
     vocab = gpt2_vocab()
@@ -109,7 +109,10 @@ def test_quant_bench_reports_speed_quality_and_the_step_split(tmp_path):
     entry = report["files"]["tiny-q8_0"]
     assert entry["pyllm"]["decode_b1_tok_s"] > 0 and entry["pyllm"]["decode_b2_tok_s"] > 0
     assert 0 < entry["pyllm_step_split"]["matmul_ms"] < entry["pyllm_step_split"]["step_ms"]
+    per_layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128  # q|k|v (GQA 4/2 of 16: 64 + 2 x 32 rows), o, gate|up, down
+    assert entry["macs_per_token"] == LAYERS * per_layer + 64 * len(vocab["tokens"])  # + the tied vocabulary projection
     assert report["tiny_step_ms"] > 0
+    assert report.get("int8_dot_gmac_s", 1) > 0
     quality = entry["quality"]
     assert quality["pyllm_decode_argmax_agreement"] >= 0.99 and quality["pyllm_batched_decode_argmax_agreement"] > 0.8
     table = (tmp_path / "quant_bench.md").read_text()

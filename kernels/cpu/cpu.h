@@ -97,13 +97,27 @@ static inline __attribute__((always_inline)) void xq_dots(const __m512i W[8], co
   }
 }
 
+// one group of weights W[8] against one xq record x: per lane (block), the products over the block in
+// one chain (where several rows are in flight, their chains hide each other's latency)
+static inline __attribute__((always_inline)) __m512i xq_dot(const __m512i W[8], const uint8_t *x) {
+  __m512i s = _mm512_setzero_si512();
+  for (int u = 0; u < 8; u++) s = _mm512_dpbusd_epi32(s, W[u], _mm512_loadu_si512(x + 64 * u));
+  return s;
+}
+
+// the sum of block products: one chain per row where M >= 4 rows' chains overlap, else two
+static inline __attribute__((always_inline)) __m512i xq_sum(const __m512i W[8], const uint8_t *x, int M) {
+  if (M >= 4) return xq_dot(W, x);
+  __m512i s0, s1;
+  xq_dots(W, x, &s0, &s1);
+  return _mm512_add_epi32(s0, s1);
+}
+
 // formats with a per-block min (q4_1, q5_1, q4_k, q5_k): acc[m] += dw dx sum(q xq) + mw dx sum(xq), per lane
 static inline __attribute__((always_inline)) void rows_times_min(const __m512i W[8], __m512 dw, __m512 mw, int M,
                                                                  const uint8_t *x, __m512 *acc) {
   for (int m = 0; m < M; m++, x += QX_RECORD) {
-    __m512i s0, s1;
-    xq_dots(W, x, &s0, &s1);
-    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(xq_sum(W, x, M)),
                                           _mm512_loadu_ps((const float *)(x + QX_D)));
     acc[m] = _mm512_fmadd_ps(mw, _mm512_loadu_ps((const float *)(x + QX_DSUM)), _mm512_fmadd_ps(products, dw, acc[m]));
   }

@@ -252,10 +252,8 @@ static inline void fifth_bits(__m512i qh, __m512i W[8]) {  // + 16 where bit e o
 static inline __attribute__((always_inline)) void rows_times_offset(const __m512i W[8], __m512 dw, const int shift,
                                                                     int M, const uint8_t *x, __m512 *acc) {
   for (int m = 0; m < M; m++, x += QX_RECORD) {
-    __m512i s0, s1;
-    xq_dots(W, x, &s0, &s1);
     const __m512i offset = _mm512_sll_epi32(_mm512_loadu_si512(x + QX_SUM), _mm_cvtsi32_si128(shift));
-    const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), offset);
+    const __m512i s = _mm512_sub_epi32(xq_sum(W, x, M), offset);
     const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps((const float *)(x + QX_D)));
     acc[m] = _mm512_fmadd_ps(products, dw, acc[m]);
   }

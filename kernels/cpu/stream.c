@@ -3,6 +3,11 @@
 // independent accumulators, so the adds never wait on each other); the sum is returned so the
 // loads cannot be optimised away. Bytes read / seconds of this call is what "the same-run C
 // streaming roofline" means in the benchmarks.
+//
+// int8_dot_loop: the int8 compute roofline, the ceiling of a batched decode step (whose weights
+// meet many rows, so that the dot products, not the reads, set its time): each thread runs
+// `rounds` x 12 independent vpdpbusd on registers (64 multiply-adds each); 768 x rounds x threads
+// multiply-adds / seconds of this call is the peak the quantized kernels work against.
 #include "cpu.h"
 #ifdef __AVX512F__
 
@@ -27,6 +32,34 @@ static void stream_part(int part) {
   for (; i < hi; i++) sum += stream.data[i];
   stream.sums[part] = sum;
 }
+
+#ifdef __AVX512VNNI__
+static long dot_rounds;
+static int dot_sums[64];
+
+static void dot_part(int part) {
+  __m512i acc[12];
+  const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8((char)(part + 1));
+  for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_epi32(j);
+  for (long r = 0; r < dot_rounds; r++)
+    for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbusd_epi32(acc[j], a, b);
+  __m512i sum = acc[0];
+  for (int j = 1; j < 12; j++) sum = _mm512_add_epi32(sum, acc[j]);
+  dot_sums[part] = _mm512_reduce_add_epi32(sum);
+}
+
+// 12 x rounds vpdpbusd on every thread of the pool -> a checksum (so the loop stays); the threads
+EXPORT int int8_dot_loop(long rounds, int *threads) {
+  pool_lock();
+  dot_rounds = rounds;
+  pool_run(dot_part);
+  int sum = 0;
+  for (int part = 0; part < pool_threads; part++) sum += dot_sums[part];
+  *threads = pool_threads;
+  pool_unlock();
+  return sum;
+}
+#endif
 
 // the sum of data [floats], read once by every thread of the pool
 EXPORT double stream_read(const float *data, size_t floats) {

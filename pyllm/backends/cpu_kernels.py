@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -179,6 +180,21 @@ def stream_read(data) -> float:
     if library is None or not _contiguous_f32(data):
         return None
     return library.stream_read(_address(data), data.size)
+
+
+def int8_dot_peak(rounds=20_000_000) -> float | None:
+    """Multiply-adds per second of vpdpbusd on every core (stream.c's int8_dot_loop, timed here):
+    the int8 compute roofline; None without the kernels or without AVX-512 VNNI."""
+    library = _library()
+    loop = getattr(library, "int8_dot_loop", None)
+    if loop is None:
+        return None
+    loop.argtypes, loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+    threads = ctypes.c_int()
+    loop(rounds // 100, ctypes.byref(threads))  # warm: every core at speed
+    start = time.perf_counter()
+    loop(rounds, ctypes.byref(threads))
+    return 768 * rounds * threads.value / (time.perf_counter() - start)
 
 
 def rms_norm(x, weight, eps):

@@ -129,6 +129,14 @@ def quality(path, llm, ids, peer):
     return result
 
 
+def macs_per_token(weights) -> int:
+    """Multiply-adds of one token's matmuls: every layer matrix and the vocabulary projection."""
+    def size(m):
+        return sum(size(part) for part in m) if isinstance(m, tuple) else m.shape[0] * m.shape[1]
+    return size(weights.lm_head) + sum(size(getattr(layer, name)) for layer in weights.layers
+                                       for name in ("qkv", "o", "gate_up", "down"))
+
+
 def write_report(results, out_dir: Path, plots=True) -> str:
     roof = results["roofline_gb_s"]
     lines = [f"Same-run C read roofline: {roof:.1f} GB/s ({results['machine']}). Best of {results['rounds']} "
@@ -158,6 +166,19 @@ def write_report(results, out_dir: Path, plots=True) -> str:
         lines.append(f"| {name} | {q['transformers_ppl']:.3f} | {q['pyllm_prompt_ppl']:.3f} | {rel('pyllm_decode_ppl')} | "
                      f"{q['pyllm_decode_argmax_agreement']:.1%} | {rel('pyllm_batched_decode_ppl')} | "
                      f"{q['pyllm_batched_decode_argmax_agreement']:.1%} | {q.get('llama_cpp_ppl', float('nan')):.3f} |")
+    if "int8_dot_gmac_s" in results:
+        peak = results["int8_dot_gmac_s"]
+        lines += ["", f"Batched decode is bound by int8 dot products, not reads: same-run vpdpbusd peak "
+                  f"{peak:.0f} G multiply-adds/s on every core (kernels/cpu/stream.c). Ceiling = peak / the "
+                  "model's multiply-adds per token.", "",
+                  "| file | M multiply-adds / token | int8-compute ceiling tok/s | " +
+                  " | ".join(f"pyllm b{b} (of ceiling)" for b in results["batches"]) + " |",
+                  "|---" * (3 + len(results["batches"])) + "|"]
+        for name, r in results["files"].items():
+            ceiling = peak * 1e9 / r["macs_per_token"]
+            lines.append(f"| {name} | {r['macs_per_token'] / 1e6:.1f} | {ceiling:.0f} | " + " | ".join(
+                f"{r['pyllm'][f'decode_b{b}_tok_s']:.1f} ({r['pyllm'][f'decode_b{b}_tok_s'] / ceiling:.0%})"
+                for b in results["batches"]) + " |")
     lines += ["", f"Where a batch-1 decode step's time goes (one sequence, {SPLIT_STEPS} steps after the interleaved "
               "rounds): the weight-streaming kernels (decoder matmuls and the vocabulary projection) against the rest "
               f"(norms, rope, attention, Python and the calls into C). A 30-layer step of 64-wide matrices "
@@ -218,11 +239,13 @@ def main(argv=None):
     import platform
 
     import pyllm
-    from pyllm.backends import CORES
+    from pyllm.backends import CORES, cpu_kernels
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",") if b]
     measures, files = {"roofline": roofline_measure()}, {}
+    if cpu_kernels.int8_dot_peak(1000) is not None:  # seconds per multiply-add: the best round is the peak
+        measures["int8 dot"] = lambda: 1.0 / cpu_kernels.int8_dot_peak()
     for path in map(Path, args.files):
         name = path.stem
         llm = pyllm.LLM(str(path), show_progress=False)
@@ -230,6 +253,7 @@ def main(argv=None):
         peer = llama_cpp_model(path, n_ctx=1024) if args.peer else None
         text = llm.tokenizer.encode(QUALITY_TEXT.read_text())[:512]
         files[name] = {"path": str(path), "bytes": path.stat().st_size, "rss_bytes": rss_growth(path),
+                       "macs_per_token": macs_per_token(llm.model.weights),
                        "quality": quality(path, llm, text, peer), "llm": llm, "ids": ids}
         measures[f"{name} same-size read"] = roofline_measure(path.stat().st_size // 64 * 64)
         measures.update(pyllm_measures(llm, ids, batches, args.decode_tokens, f"{name} pyllm"))
@@ -239,6 +263,8 @@ def main(argv=None):
     results = {"machine": f"{platform.machine()}, {CORES} cores", "rounds": args.rounds, "batches": batches,
                "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                "roofline_gb_s": ROOFLINE_BYTES / best["roofline"] / 1e9, "files": {}}
+    if "int8 dot" in best:
+        results["int8_dot_gmac_s"] = 1e-9 / best["int8 dot"]
     for name, f in files.items():
         entry = {k: v for k, v in f.items() if k not in ("llm", "ids")}
         entry["pyllm"] = speeds(best, f"{name} pyllm", len(f["ids"]), batches, args.decode_tokens)
