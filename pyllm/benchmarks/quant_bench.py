@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pyllm.benchmarks.bench import can_plot, interleaved_best, prompt_ids, pyllm_measures, speeds, timed
-from pyllm.benchmarks.step_split import decode_split, tiny_step_ms
+from pyllm.benchmarks.step_split import TINY_FORMATS, decode_split, tiny_step_ms
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
 ROOFLINE_BYTES = 512 << 20
@@ -181,8 +181,8 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                 for b in results["batches"]) + " |")
     lines += ["", f"Where a batch-1 decode step's time goes (one sequence, {SPLIT_STEPS} steps after the interleaved "
               "rounds): the weight-streaming kernels (decoder matmuls and the vocabulary projection) against the rest "
-              f"(norms, rope, attention, Python and the calls into C). A 30-layer step of 64-wide matrices "
-              f"(pure dispatch): {results['tiny_step_ms']:.3f} ms.", "",
+              "(norms, rope, attention, Python and the calls into C). A 30-layer step of 64-wide matrices "
+              "(pure dispatch): " + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in results["tiny_step_ms"].items()) + ".", "",
               "| file | step ms | weight-streaming kernels ms (GB/s of the file) | the rest ms |", "|---|---|---|---|"]
     for name, r in results["files"].items():
         split = r.get("pyllm_step_split")
@@ -274,7 +274,7 @@ def main(argv=None):
                                   "decode_b1_tok_s": (args.decode_tokens - 1) / best[f"{name} llama.cpp decode b1"]}
         entry["pyllm_step_split"] = decode_split(f["llm"], SPLIT_STEPS)
         results["files"][name] = entry
-    results["tiny_step_ms"] = tiny_step_ms()
+    results["tiny_step_ms"] = {fmt: tiny_step_ms(fmt) for fmt in TINY_FORMATS}
     print(write_report(results, out_dir, plots))
 
 

@@ -4,8 +4,9 @@
                         kernels (the decoder layers' matmuls as kernels/cpu/layers.c counts them,
                         and the vocabulary projection), and the rest (norms, rope, attention,
                         gathers, Python and the calls into C)
-    tiny_step_ms()      a decode step of a 30-layer model with tiny matrices: almost no weight
-                        traffic, so what a step costs beyond its arithmetic (dispatch)
+    tiny_step_ms(fmt)   a decode step of a 30-layer model with tiny matrices (f32, or a block
+                        format): almost no weight traffic, so what a step costs beyond its
+                        arithmetic (dispatch)
 
 python -m pyllm.benchmarks.step_split [--model FILE.gguf | DIR] prints both.
 """
@@ -53,8 +54,12 @@ def decode_split(llm, steps=48) -> dict | None:
     return {"step_ms": 1e3 * total / steps, "matmul_ms": 1e3 * matmul / steps, "rest_ms": 1e3 * (total - matmul) / steps}
 
 
+TINY_FORMATS = ("f32", "q8_0")  # the tiny step's matrices: plain f32 rows, and int8 blocks
+
+
 def tiny_model(layers=30, fmt="q8_0", seed=0) -> LlamaModel:
-    """A random llama of `layers` layers with 64-wide matrices in `fmt` on the CPU backend."""
+    """A random llama of `layers` layers with 64-wide matrices in `fmt` (f32: plain arrays) on the
+    CPU backend."""
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
                          rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
@@ -63,7 +68,8 @@ def tiny_model(layers=30, fmt="q8_0", seed=0) -> LlamaModel:
     block = format_named(fmt)
 
     def matrix(rows, cols):  # [rows, cols]
-        return QuantizedMatrix.quantize((0.1 * rng.standard_normal((rows, cols))).astype(np.float32), block, "random")
+        values = (0.1 * rng.standard_normal((rows, cols))).astype(np.float32)
+        return values if fmt == "f32" else QuantizedMatrix.quantize(values, block, "random")
     ones = np.ones(64, np.float32)
     embed = matrix(256, 64)
     stack = [LayerWeights(ones, matrix(128, 64), None, matrix(64, 64), ones, matrix(256, 64), matrix(64, 128))
@@ -71,9 +77,9 @@ def tiny_model(layers=30, fmt="q8_0", seed=0) -> LlamaModel:
     return LlamaModel(config, make_backend("cpu", config), ModelWeights(embed, stack, ones, embed))
 
 
-def tiny_step_ms(steps=300) -> float:
-    """Median ms of one decode step (one sequence) of tiny_model()."""
-    model = tiny_model()
+def tiny_step_ms(fmt="q8_0", steps=300) -> float:
+    """Median ms of one decode step (one sequence) of tiny_model(fmt=fmt)."""
+    model = tiny_model(fmt=fmt)
     cache = model.new_cache(steps + 2)
     model.forward([(cache, [1])])
     times = []
@@ -98,7 +104,8 @@ def main(argv=None):
     llm = pyllm.LLM(args.model, show_progress=False)
     split = decode_split(llm)
     print(describe(split, llm.model.weights.nbytes()) if split else "the CPU kernels do not run here: no split")
-    print(f"a 30-layer decode step of tiny matrices: {tiny_step_ms():.3f} ms")
+    for fmt in TINY_FORMATS:
+        print(f"a 30-layer decode step of tiny {fmt} matrices: {tiny_step_ms(fmt):.3f} ms")
 
 
 if __name__ == "__main__":
