@@ -158,17 +158,36 @@ def test_tokenize_health_metrics(base, llm):
 
 # ---- errors ------------------------------------------------------------------------------------
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 BAD_BODIES = [
-    ({"messages": HELLO, "n": 2}, "n"), ({"messages": HELLO, "logprobs": True}, "logprobs"),
-    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": HELLO, "n": 17}, "n"), ({"messages": HELLO, "n": 0}, "n"), ({"messages": HELLO, "n": True}, "n"),
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"), ({"messages": HELLO, "logprobs": 3}, "logprobs"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {}}]}, "tools[0]"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": HELLO, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "required": 5}}}}, "response_format"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "objekt"}}}], "tool_choice": "required"}, "tools"),
+    ({"messages": HELLO, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": HELLO, "presence_penalty": "x"}, "presence_penalty"),
+    ({"messages": HELLO, "logit_bias": {"5": 101}}, "logit_bias"), ({"messages": HELLO, "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"messages": HELLO, "bogus": 1}, "bogus"), ({"messages": HELLO, "temperature": "hot"}, "temperature"),
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens"), ({"messages": HELLO, "max_tokens": True}, "max_tokens"),
     ({"messages": HELLO, "stop": 5}, "stop"), ({"messages": HELLO, "top_p": 2}, "top_p"),
     ({"messages": HELLO, "seed": -1}, "seed"), ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
 ]
 
@@ -182,7 +201,11 @@ def test_invalid_parameters_are_400(base, body, param):
 
 def test_malformed_input_is_400_and_server_keeps_serving(base):
     for raw in [b"{", b"[1, 2]", b"\xff\xfe", b"null", b'{"prompt": {"a": 1}}', b'{"prompt": [1, -5]}',
-                b'{"prompt": ["a", "b"]}', b'{"prompt": "x", "echo": true}', b'{"prompt": [99999]}']:
+                b'{"prompt": ["a", 5]}', b'{"prompt": []}', b'{"prompt": [[1], []]}', b'{"prompt": [99999]}',
+                b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "echo": true, "stream": true}',
+                b'{"prompt": "x", "logprobs": 21}', b'{"prompt": ["x"], "n": 16, "logprobs": true}',
+                b'{"prompt": [[1]] , "n": 9}'.replace(b"[[1]]", b"[" + b",".join([b"[1]"] * 8) + b"]"),
+                b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b"[" * 100 + b"]" * 100 + b"}"]:
         r = httpx.post(base + "/v1/completions", content=raw, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
     r = httpx.post(base + "/v1/completions", json={"prompt": "x" * 30000, "max_tokens": 5000}, timeout=10)
