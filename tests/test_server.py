@@ -307,14 +307,17 @@ def test_smollm2_chat_and_reuse(smollm2_dir):
 # ---- concurrency, disconnects, shutdown ----------------------------------------------------------
 
 def run_concurrently(url, bodies, path="/v1/completions") -> list[str]:
-    """Stream every body at once over its own connection -> the texts, in order."""
+    """Stream every body at once over its own connection -> the texts, in order. A body with
+    messages goes to /v1/chat/completions."""
     async def one(http, body):
         text = ""
-        async with http.stream("POST", url + path, json={**body, "stream": True}) as r:
+        async with http.stream("POST", url + ("/v1/chat/completions" if "messages" in body else path),
+                               json={**body, "stream": True}) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    text += json.loads(line[6:])["choices"][0]["text"]
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"] if "text" in choice else choice["delta"].get("content", "")
         return text
 
     async def main():
@@ -325,19 +328,31 @@ def run_concurrently(url, bodies, path="/v1/completions") -> list[str]:
 
 
 def test_64_concurrent_clients_match_one_at_a_time(base, llm):
+    """Every fourth client asks for logprobs, and four more are held to a JSON schema meanwhile."""
     prompts = [f"Story {i}:" for i in range(64)]
-    texts = run_concurrently(base, [{"prompt": p, "max_tokens": 16, "ignore_eos": True, "temperature": 0}
-                                    for p in prompts])
-    assert texts == [llm.generate(p, max_tokens=16, ignore_eos=True).text for p in prompts]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["n"], "additionalProperties": False}
+    constrained = [{"messages": [{"role": "user", "content": f"Number {i}"}], "max_tokens": 40, "seed": i,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+                   for i in range(4)]
+    texts = run_concurrently(base, [{"prompt": p, "max_tokens": 16, "ignore_eos": True, "temperature": 0,
+                                     **({"logprobs": 2} if i % 4 == 0 else {})} for i, p in enumerate(prompts)]
+                             + constrained)
+    assert texts[:64] == [llm.generate(p, max_tokens=16, ignore_eos=True).text for p in prompts]
+    assert all(set(json.loads(text)) == {"n"} for text in texts[64:])
     assert metric(base, 'pyllm_batch_size_bucket{le="8"}') < metric(base, 'pyllm_batch_size_bucket{le="16"}')
 
 
 def test_disconnected_clients_are_dropped(base):
     before = metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}')
+    chat_before = metric(base, 'pyllm_requests_total{endpoint="/v1/chat/completions",status="499"}')
 
-    async def read_a_bit_then_leave():
-        body = {"prompt": "Go on", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-        async with httpx.AsyncClient(timeout=30) as http, http.stream("POST", base + "/v1/completions", json=body) as r:
+    async def read_a_bit_then_leave(extra):
+        body = {"prompt": "Go on", "max_tokens": LONG, "ignore_eos": True, "stream": True, **extra}
+        if "response_format" in body:  # a grammar that holds the stream open: a very long string
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        async with httpx.AsyncClient(timeout=30) as http, http.stream("POST", base + path, json=body) as r:
             lines = r.aiter_lines()
             for _ in range(3):
                 await lines.__anext__()
@@ -349,13 +364,17 @@ def test_disconnected_clients_are_dropped(base):
                                                                   "ignore_eos": True})
 
     async def main():
-        await asyncio.gather(*(read_a_bit_then_leave() for _ in range(4)), wait_then_leave())
+        long_string = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string",
+                                                                                      "minLength": LONG}}}
+        await asyncio.gather(*(read_a_bit_then_leave(extra) for extra in
+                               [{}, {"logprobs": 5}, {"response_format": long_string}, {"n": 2}]), wait_then_leave())
     asyncio.run(main())
     wait_until(lambda: metric(base, "pyllm_running_sequences") == 0, 5)
     generated = metric(base, "pyllm_generation_tokens_total")
     time.sleep(0.2)
     assert metric(base, "pyllm_generation_tokens_total") == generated  # nothing left generating
-    assert metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}') == before + 5
+    assert metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}') == before + 4
+    assert metric(base, 'pyllm_requests_total{endpoint="/v1/chat/completions",status="499"}') == chat_before + 1
     assert client(base).completions.create(model=MODEL, prompt="still here", max_tokens=2).choices
 
 
