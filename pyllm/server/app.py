@@ -7,7 +7,6 @@ On shutdown the scheduler first ends streams in flight (after a grace period) so
 """
 
 import asyncio
-import dataclasses
 import hmac
 import json
 from contextlib import asynccontextmanager
@@ -20,8 +19,11 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
-from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Job, QueueFull, Scheduler, Usage
+from ..jobs import Job
+from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Scheduler
+from .body import read_json
 from .errors import RequestError
+from .job_stream import JobStream
 from .logprobs import LogprobsShaper
 from .metrics import Metrics
 from .protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
@@ -30,85 +32,7 @@ from .tools import messages_for_template
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20
-MAX_JSON_DEPTH = 64  # deeper bodies are refused: nothing here nests that far, and recursion has limits
 SHUTDOWN_GRACE_S = 5.0
-
-
-class JobStream:
-    """A request's scheduler jobs (one per prompt, each with n choices) seen from the event loop:
-    their updates arrive on one asyncio queue, choices numbered across the jobs in prompt order."""
-
-    def __init__(self, scheduler: Scheduler, jobs: list[Job]):
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.scheduler, self.jobs, self.open = scheduler, jobs, len(jobs)
-        self.usage = Usage(0, 0, 0, None, None)
-        for offset, job in enumerate(jobs):
-            job.sink = lambda update, base=offset * job.n: loop.call_soon_threadsafe(
-                self.queue.put_nowait, dataclasses.replace(update, choice=base + update.choice))
-        try:
-            for job in jobs:
-                scheduler.submit(job)
-        except QueueFull as exc:
-            self.close()
-            raise RequestError(str(exc), 503, type="server_error", code="overloaded",
-                               headers={"Retry-After": "1"}) from None
-        except PyllmError as exc:
-            self.close()
-            raise RequestError(str(exc)) from None
-
-    async def updates(self):
-        """Every update, until each job's final one (an error ends the stream at once)."""
-        while self.open:
-            update = await self.queue.get()
-            if update.final:
-                self.open -= 1
-                self._add_usage(update.usage)
-            if update.error:
-                self.open = 0
-            yield update
-
-    def _add_usage(self, usage: Usage | None):
-        if usage is not None:
-            first = self.usage.prompt_tokens == 0
-            self.usage = Usage(self.usage.prompt_tokens + usage.prompt_tokens,
-                               self.usage.cached_tokens + usage.cached_tokens,
-                               self.usage.completion_tokens + usage.completion_tokens,
-                               usage.ttft_s if first else self.usage.ttft_s, usage.tpot_s if first else self.usage.tpot_s)
-
-    def close(self):
-        for job in self.jobs:
-            self.scheduler.cancel(job)
-
-
-async def read_json(request: Request, limit: int):
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body of {declared} bytes is over the limit of {limit}", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"request body is over the limit of {limit} bytes", 413)
-    try:
-        parsed = json.loads(body)
-    except RecursionError:
-        raise RequestError(f"malformed JSON body: nested more than {MAX_JSON_DEPTH} levels deep") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"malformed JSON body: {exc}") from None
-    check_depth(parsed)
-    return parsed
-
-
-def check_depth(value):
-    """Refuse JSON nested deeper than MAX_JSON_DEPTH, without recursing."""
-    level = [value]
-    for _ in range(MAX_JSON_DEPTH + 1):
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item)]
-        if not level:
-            return
-    raise RequestError(f"malformed JSON body: nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 async def wait_for_disconnect(request: Request):
