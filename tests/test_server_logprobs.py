@@ -95,6 +95,11 @@ def test_echo_prompt_logprobs_equal_transformers(served, tiny):
     assert one.choices[0].logprobs.token_logprobs[:-1] == lp.token_logprobs
     assert one.choices[0].logprobs.token_logprobs[-1] == pytest.approx(reference[-1].max(), abs=1e-3)
     assert len(one.choices[1].logprobs.tokens) == 5
+    long = [int(t) for t in np.random.default_rng(0).integers(2, 258, 300)]  # prefilled in two chunks
+    reference = hf_log_softmax(tiny[1], long)
+    scored = c.completions.create(model=MODEL, prompt=long, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [reference[i, t] for i, t in enumerate(long[1:])], abs=1e-3)
 
 
 def test_completion_logprobs_and_prompt_forms(served, tiny, hf_tokenizer):
