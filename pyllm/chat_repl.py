@@ -1,4 +1,5 @@
-"""The terminal chat loop behind `pyllm chat`; works with a terminal or piped stdin."""
+"""The terminal chat loop behind `pyllm chat`; works with a terminal or piped stdin. On a terminal,
+readline gives the prompt line editing and a history of this session's lines (up/down arrows)."""
 
 import sys
 
@@ -10,6 +11,7 @@ def repl(llm, system, sampling):
     session = ChatSession(llm, system, sampling)
     interactive = sys.stdin.isatty()
     if interactive:
+        enable_line_editing()
         print("pyllm chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
     while (text := read_line(interactive)) is not None:
         if text == "/exit":
@@ -19,6 +21,14 @@ def repl(llm, system, sampling):
             print("[conversation reset]", file=sys.stderr)
         elif text:
             run_turn(session, text)
+
+
+def enable_line_editing():
+    """Importing readline is what makes input() edit lines and keep history; piped input needs neither."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # a Python built without it: plain input() still works
+        pass
 
 
 def read_line(interactive: bool) -> str | None:

@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .errors import PyllmError
 from .formats import QUANTIZE_CHOICES
 from .gguf_model import GGUFModel, is_gguf
+from .grammar import Grammars
 from .model import LlamaModel
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -64,6 +65,7 @@ class LLM:
         self.model = LlamaModel(self.config, self.backend, weights)
         self.load_seconds = time.perf_counter() - started
         self.eos_ids = self.config.eos_token_ids
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
 
     # ---- building sequences -------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
@@ -86,10 +88,11 @@ class LLM:
         if n_prompt >= limit:
             raise PyllmError(f"prompt too long: {n_prompt} tokens, the context window is {limit}")
 
-    def new_sequence(self, prompt_ids, params: SamplingParams, cache=None, cached_tokens=0) -> Sequence:
+    def new_sequence(self, prompt_ids, params: SamplingParams, cache=None, cached_tokens=0,
+                     constraint=None) -> Sequence:
         self._check_fits(len(prompt_ids))
         cache = cache or self.model.new_cache(len(prompt_ids) + params.max_tokens)
-        return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens)
+        return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens, constraint)
 
     # ---- the step loop ------------------------------------------------------------------
     def step(self, sequences, prefill_chunk=PREFILL_CHUNK):
@@ -99,11 +102,20 @@ class LLM:
         running = [s for s in sequences if not s.finished]
         batch = [(s.cache, s.pending_prompt[:prefill_chunk] or [s.last_token]) for s in running]
         prompt_done = [len(s.pending_prompt) <= prefill_chunk for s in running]
-        logits = self.model.forward(batch)
+        starts = [s.cache.length for s in running]
+        scoring = any(s.wants_prompt_logits for s in running)
+        logits = self.model.forward(batch, all_logits=scoring)
+        if scoring:  # every position's logits: each sequence's rows, its last row the one it samples from
+            ends = np.cumsum([len(ids) for _, ids in batch])
+            for seq, start, rows in zip(running, starts, np.split(logits, ends[:-1])):
+                if seq.wants_prompt_logits:
+                    seq.record_prompt_logits(rows, start)
+            logits = logits[ends - 1]
         events = []
         for seq, row, sample_now in zip(running, logits, prompt_done):
             if sample_now:
-                events.append((seq, seq.add_token_from(row)))
+                siblings = seq.spawn_choices(self.model.new_cache) if seq.extra_choices else []
+                events += [(s, s.add_token_from(row)) for s in [seq, *siblings]]
         return events
 
     def run(self, sequences):

@@ -1,16 +1,23 @@
 """SamplingParams and sample(): greedy, temperature, top-k, top-p, min-p, repetition penalty, seed.
 
 Logit processors run in the order transformers applies them: repetition penalty, temperature,
-top-k, top-p, min-p. Each sequence owns a seeded generator, so the same seed gives the same tokens.
+top-k, top-p, min-p. OpenAI's additive adjustments (frequency and presence penalties on the
+generated tokens, logit_bias) come before them, in adjust_logits(). Each sequence owns a seeded
+generator, so the same seed gives the same tokens.
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
 
 from .errors import PyllmError
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_LOGIT_BIAS = 300   # OpenAI's limit on logit_bias entries
 
 
 def _is_int(value, low) -> bool:
@@ -33,13 +40,20 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None     # None: off; else the log-probability of each sampled token and its N best rivals
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         if self.stop is None or isinstance(self.stop, str):
             self.stop = [] if self.stop is None else [self.stop]
         self.stop = list(self.stop)
         checks = [
-            (_is_int(self.max_tokens, 1), "max_tokens must be an integer >= 1"),
+            # 0 only to score a prompt
+            (_is_int(self.max_tokens, 0 if self.prompt_logprobs is not None else 1),
+             "max_tokens must be an integer >= 1"),
             (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
             (_is_int(self.top_k, 0), "top_k must be an integer >= 0"),
             (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -47,13 +61,47 @@ class SamplingParams:
             (_is_real(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.seed is None or _is_int(self.seed, 0), "seed must be an integer >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (_is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "presence_penalty must be in [-2, 2]"),
+            (_is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "frequency_penalty must be in [-2, 2]"),
+            (isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS,
+             f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases"),
+            (isinstance(self.logit_bias, dict)
+             and all(_is_int(t, 0) and _is_real(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias must map token ids (integers >= 0) to numbers in [-100, 100]"),
+            (self.logprobs is None or _is_int(self.logprobs, 0) and self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.prompt_logprobs is None or _is_int(self.prompt_logprobs, 0)
+             and self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise PyllmError(message)
 
-    def new_generator(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def new_generator(self, stream: int = 0) -> np.random.Generator:
+        """Stream 0 is the seed's own stream; choice i of an n > 1 request draws from stream i."""
+        if stream == 0 or self.seed is None:
+            return np.random.default_rng(self.seed)
+        return np.random.default_rng([self.seed, stream])
+
+
+def adjust_logits(logits, params: SamplingParams, output_counts: Counter) -> np.ndarray:
+    """OpenAI's additive adjustments, on a copy: logit[t] -= count[t] * frequency_penalty
+    + (count[t] > 0) * presence_penalty over the generated tokens, then += logit_bias[t]."""
+    logits = np.array(logits, dtype=np.float32)
+    if output_counts and (params.presence_penalty or params.frequency_penalty):
+        ids = np.fromiter(output_counts.keys(), dtype=np.int64, count=len(output_counts))
+        counts = np.fromiter(output_counts.values(), dtype=np.float32, count=len(output_counts))
+        logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    for token, bias in params.logit_bias.items():
+        logits[token] += bias
+    return logits
 
 
 def apply_repetition_penalty(logits, seen_ids, penalty):

@@ -6,27 +6,25 @@ prompt never stalls running streams for long. Waiting jobs are admitted, first c
 while a batch slot is free and their worst-case KV memory (prompt + max_tokens) fits the budget;
 finished and cancelled sequences leave the batch at once and their KV memory is freed.
 
-Conversation reuse: a job marked `reuse` starts from a copy of the pooled KV cache that shares the
-longest token prefix with its prompt, and when it ends normally its own cache replaces the entries
-it extends. The pool is keyed by token content only (never by a client-chosen id); every job
-computes on its own copy, so no entry is ever shared by running jobs, and an aborted turn leaves
-the conversation as it was. Idle entries are evicted least-recently-used under the memory budget.
+Conversation reuse: a job marked `reuse` starts from a copy of the pooled KV cache (prefix_pool)
+that shares the longest token prefix with its prompt, and when it ends normally its own cache
+replaces the entries it extends; an aborted turn leaves the conversation as it was.
+
+A job with n > 1 choices prefills its prompt once; the other choices then start from copies of
+its K/V (Sequence.spawn_choices) and run as sequences of their own. KV memory is reserved for all n.
 
 No HTTP here: results go to each job's `sink` callback, called on the engine thread.
 """
 
 import collections
 import ctypes
-import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .chat import reusable_prefix
 from .errors import PyllmError
-from .sampling import SamplingParams
+from .jobs import Job, Update, Usage
+from .prefix_pool import PrefixPool
 
 log = logging.getLogger("pyllm.scheduler")
 # prompt tokens prefilled per step: small enough that running streams keep flowing past a long
@@ -51,79 +49,6 @@ def return_freed_memory():
 
 class QueueFull(Exception):
     """No room to wait: the queue is full or the scheduler is shutting down."""
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    cached_tokens: int          # prompt tokens reused from the pool, not prefilled
-    completion_tokens: int
-    ttft_s: float | None        # arrival to first token
-    tpot_s: float | None        # mean time per output token after the first
-
-
-@dataclass
-class Update:
-    """What a sink receives: new text; the last update also has a finish reason and usage."""
-    text: str = ""
-    finish_reason: str | None = None   # "stop" | "length" | "error"
-    usage: Usage | None = None
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class Job:
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: Callable[[Update], None]
-    reuse: bool = False                # look up and keep the KV cache by token prefix
-    arrived: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-    sequence: object = None            # the engine's Sequence while running
-
-
-@dataclass(eq=False)
-class _Entry:
-    ids: list[int]     # the tokens whose K/V the cache holds, in order
-    cache: object
-    last_used: int
-
-
-class PrefixPool:
-    """Idle KV caches of finished conversations, found by the token prefix they share with a prompt."""
-
-    def __init__(self, bytes_per_token: int):
-        self.bytes_per_token = bytes_per_token
-        self.entries: list[_Entry] = []
-        self._clock = itertools.count()
-
-    @property
-    def bytes(self) -> int:
-        return sum(len(e.ids) for e in self.entries) * self.bytes_per_token
-
-    def put(self, ids, cache):
-        """Keep a cache; entries holding a prefix of its tokens are now redundant and go."""
-        ids = list(ids)
-        self.entries = [e for e in self.entries if ids[:len(e.ids)] != e.ids]
-        self.entries.append(_Entry(ids, cache, next(self._clock)))
-
-    def match(self, ids):
-        """-> (entry, tokens reusable) for the longest common prefix; at least one prompt token
-        is left to prefill, since the last one must be fed to get logits."""
-        best, best_n = None, 0
-        for entry in self.entries:
-            n = reusable_prefix(entry.ids, ids)
-            if n > best_n:
-                best, best_n = entry, n
-        if best is not None:
-            best.last_used = next(self._clock)
-        return best, best_n
-
-    def evict_lru(self) -> bool:
-        if not self.entries:
-            return False
-        self.entries.remove(min(self.entries, key=lambda e: e.last_used))
-        return True
 
 
 def kv_bytes_per_token(llm) -> int:
@@ -154,7 +79,8 @@ class Scheduler:
 
     # ---- the asyncio side -----------------------------------------------------------------
     def capacity(self, job: Job) -> int:
-        return min(len(job.prompt_ids) + job.params.max_tokens, self.context)
+        """Tokens of KV cache a job may fill: prompt + max_tokens, for each of its choices."""
+        return min(len(job.prompt_ids) + job.params.max_tokens, self.context) * job.n
 
     def submit(self, job: Job):
         need = self.capacity(job) * self.bytes_per_token
@@ -199,7 +125,7 @@ class Scheduler:
         running = list(self._running)
         return {
             "running": len(running), "waiting": len(self._waiting),
-            "kv_bytes_used": sum(s.cache.length for s in (j.sequence for j in running) if s) * self.bytes_per_token,
+            "kv_bytes_used": sum(s.cache.length for j in running for s in list(j.sequences)) * self.bytes_per_token,
             "kv_bytes_reserved": sum(self.capacity(j) for j in running) * self.bytes_per_token,
             "kv_bytes_pooled": self.pool.bytes, "kv_budget_bytes": self.kv_budget_bytes,
             "pooled_conversations": len(self.pool.entries),
@@ -227,16 +153,17 @@ class Scheduler:
     def _drop_cancelled(self):
         self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
         for job in [j for j in self._running if j.cancelled]:
-            job.sequence.abort()
             self._release(job)
 
     def _cut_short(self):
         for job in self._waiting:
-            self._emit(job, Update(finish_reason="error", error="the server is shutting down"))
+            self._emit(job, Update(finish_reason="error", error="the server is shutting down", final=True))
         self._waiting.clear()
         for job in list(self._running):
-            job.sequence.abort()
-            self._finish(job, "", "length")
+            job.first.extra_choices = 0  # a prompt still prefilling ends with its first choice only
+            for seq in [s for s in job.sequences if not s.finished]:
+                seq.finish_reason = "length"
+                self._choice_done(job, seq, "")
 
     def _take_admissible(self) -> list[Job]:
         """Waiting jobs that fit now, in order: first come first served, so a big job is not
@@ -260,72 +187,104 @@ class Scheduler:
         try:
             self._start_sequence(job)
         except PyllmError as exc:  # the server validates first; this keeps the engine alive regardless
-            self._emit(job, Update(finish_reason="error", error=str(exc)))
+            self._emit(job, Update(finish_reason="error", error=str(exc), final=True))
 
     def _start_sequence(self, job: Job):
         entry, reused = self.pool.match(job.prompt_ids) if job.reuse else (None, 0)
-        cache = self.llm.model.new_cache(self.capacity(job))
+        cache = self.llm.model.new_cache(self.capacity(job) // job.n)
         if reused:  # a copy: the entry stays for others until this job's longer conversation replaces it
             cache.copy_prefix_from(entry.cache, reused)
-        job.sequence = self.llm.new_sequence(job.prompt_ids, job.params, cache=cache, cached_tokens=reused)
+        sequence = self.llm.new_sequence(job.prompt_ids, job.params, cache=cache, cached_tokens=reused,
+                                         constraint=job.constraint)
+        sequence.extra_choices = job.n - 1
+        job.sequences = [sequence]
         self.counters["prompt_tokens"] += len(job.prompt_ids)
         self.counters["cached_tokens"] += reused
         self._running.append(job)
 
-    def _pick_batch(self) -> list[Job]:
+    def _pick_batch(self) -> list:
         """Every decoding sequence, plus prefilling ones in admission order within the prefill
         budget (the first always goes, so a chunk larger than the budget still progresses)."""
         batch, budget = [], self.prefill_budget
         for job in self._running:
-            pending = len(job.sequence.pending_prompt)
-            chunk = min(pending, self.prefill_budget)
+            running = [s for s in job.sequences if not s.finished]
+            chunk = min(len(job.first.pending_prompt), self.prefill_budget)
             if chunk > budget:
                 continue
-            batch.append(job)
+            batch += running
             budget -= chunk
         return batch
 
     def _step(self):
         batch = self._pick_batch()
-        by_sequence = {id(job.sequence): job for job in batch}
+        job_of = {id(seq): job for job in self._running for seq in job.sequences}
         try:
-            events = self.llm.step([job.sequence for job in batch], prefill_chunk=self.prefill_budget)
+            events = self.llm.step(batch, prefill_chunk=self.prefill_budget)
         except Exception as exc:  # the batch's caches may be half-written: fail those jobs, keep serving
             log.exception("engine step failed")
-            for job in batch:
-                job.sequence.abort()
-                self._finish(job, "", "error", f"engine error: {type(exc).__name__}: {exc}")
+            for job in {id(job_of[id(seq)]): job_of[id(seq)] for seq in batch}.values():
+                self._release(job)
+                self._emit(job, Update(finish_reason="error", error=f"engine error: {type(exc).__name__}: {exc}",
+                                       final=True))
             return
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += len(events)
         self.batch_sizes[len(batch)] += 1
+        for sequence, _ in events:
+            if id(sequence) not in job_of:  # a choice spawned in this step
+                job_of[id(sequence)] = job_of[id(sequence.spawned_from)]
+                job_of[id(sequence)].sequences.append(sequence)
         for sequence, text in events:
-            job = by_sequence[id(sequence)]
+            job = job_of[id(sequence)]
             if sequence.finished:
-                self._finish(job, text, sequence.finish_reason)
-            elif text:
-                self._emit(job, Update(text))
+                self._choice_done(job, sequence, text)
+            else:
+                update = self._update(sequence, text)
+                if update.text or update.logprobs or update.prompt_logprobs:
+                    self._emit(job, update)
 
-    def _finish(self, job: Job, text: str, reason: str, error: str | None = None):
-        seq, now = job.sequence, time.perf_counter()
-        n_out = len(seq.output_ids)
-        first = seq.first_token_at
-        usage = Usage(len(job.prompt_ids), seq.cached_tokens, n_out,
-                      first - job.arrived if first else None,
-                      (now - first) / (n_out - 1) if first and n_out > 1 else None)
-        if job.reuse and reason in ("stop", "length") and seq.cache.length:
+    @staticmethod
+    def _update(sequence, text: str, **fields) -> Update:
+        """The news of a sequence's latest step: its text and its new token's log-probabilities."""
+        first = len(sequence.output_ids) <= 1
+        return Update(text, choice=sequence.choice, logprobs=sequence.logprobs[-1:],
+                      prompt_logprobs=sequence.prompt_logprobs if first and sequence.params.prompt_logprobs
+                      is not None else None, **fields)
+
+    def _choice_done(self, job: Job, seq, text: str):
+        """One choice has finished; the last one to finish ends the job."""
+        job.choices_done += 1
+        done = job.choices_done == len(job.sequences) and not job.first.extra_choices
+        usage = self._usage(job) if done else None
+        if done:
+            self._keep_conversation(job)
+            self._release(job)
+        self._emit(job, self._update(seq, text, finish_reason=seq.finish_reason, usage=usage, final=done))
+
+    def _usage(self, job: Job) -> Usage:
+        first, now = job.first.first_token_at, time.perf_counter()
+        n_first = len(job.first.output_ids)
+        return Usage(len(job.prompt_ids), job.first.cached_tokens, sum(len(s.output_ids) for s in job.sequences),
+                     first - job.arrived if first else None,
+                     (now - first) / (n_first - 1) if first and n_first > 1 else None)
+
+    def _keep_conversation(self, job: Job):
+        """Pool a finished chat's first choice for the next turn to reuse."""
+        seq = job.first
+        if job.reuse and seq.finish_reason in ("stop", "length") and seq.cache.length:
             # pooled at its true size: the cache was allocated for prompt + max_tokens
             kept = self.llm.model.new_cache(seq.cache.length)
             kept.copy_prefix_from(seq.cache, seq.cache.length)
             self.pool.put(seq.cached_ids, kept)
             while self.pool.bytes > self.reuse_budget_bytes and self.pool.evict_lru():
                 pass
-        self._release(job)
-        self._emit(job, Update(text, reason, usage, error))
 
     def _release(self, job: Job):
+        for seq in job.sequences:
+            if not seq.finished:
+                seq.abort()
         self._running.remove(job)
-        job.sequence = None  # frees the KV cache unless the pool kept it
+        job.sequences = []  # frees the KV caches unless the pool kept one
 
     def _emit(self, job: Job, update: Update):
         try:

@@ -57,6 +57,7 @@ class Tokenizer:
         self.hf = hf
         self.bos_token = _token_text(config.get("bos_token")) or ""
         self.eos_token = _token_text(config.get("eos_token")) or ""
+        self.pad_token = _token_text(config.get("pad_token")) or ""
         template = config.get("chat_template") or CHATML_TEMPLATE
         if isinstance(template, list):  # a list of named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
@@ -65,7 +66,9 @@ class Tokenizer:
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        self.chat_template_source = template
         self.chat_template = env.from_string(template)
+        self.template_renders_tools = "tools" in template
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -75,20 +78,20 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                     or not isinstance(message.get("content"), str):
                 raise PyllmError("each message needs a string 'role' and a string 'content'")
         try:
             return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             bos_token=self.bos_token, eos_token=self.eos_token)
+                                             bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
         except TemplateError as exc:
             raise PyllmError(f"chat template: {exc}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> list[int]:
         """As transformers' apply_chat_template(tokenize=True): the template writes the special tokens."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -158,17 +158,36 @@ def test_tokenize_health_metrics(base, llm):
 
 # ---- errors ------------------------------------------------------------------------------------
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 BAD_BODIES = [
-    ({"messages": HELLO, "n": 2}, "n"), ({"messages": HELLO, "logprobs": True}, "logprobs"),
-    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": HELLO, "n": 17}, "n"), ({"messages": HELLO, "n": 0}, "n"), ({"messages": HELLO, "n": True}, "n"),
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"), ({"messages": HELLO, "logprobs": 3}, "logprobs"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {}}]}, "tools[0]"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": HELLO, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": HELLO, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "required": 5}}}}, "response_format"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "objekt"}}}], "tool_choice": "required"}, "tools"),
+    ({"messages": HELLO, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": HELLO, "presence_penalty": "x"}, "presence_penalty"),
+    ({"messages": HELLO, "logit_bias": {"5": 101}}, "logit_bias"), ({"messages": HELLO, "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"messages": HELLO, "bogus": 1}, "bogus"), ({"messages": HELLO, "temperature": "hot"}, "temperature"),
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens"), ({"messages": HELLO, "max_tokens": True}, "max_tokens"),
     ({"messages": HELLO, "stop": 5}, "stop"), ({"messages": HELLO, "top_p": 2}, "top_p"),
     ({"messages": HELLO, "seed": -1}, "seed"), ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
 ]
 
@@ -182,7 +201,11 @@ def test_invalid_parameters_are_400(base, body, param):
 
 def test_malformed_input_is_400_and_server_keeps_serving(base):
     for raw in [b"{", b"[1, 2]", b"\xff\xfe", b"null", b'{"prompt": {"a": 1}}', b'{"prompt": [1, -5]}',
-                b'{"prompt": ["a", "b"]}', b'{"prompt": "x", "echo": true}', b'{"prompt": [99999]}']:
+                b'{"prompt": ["a", 5]}', b'{"prompt": []}', b'{"prompt": [[1], []]}', b'{"prompt": [99999]}',
+                b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "echo": true, "stream": true}',
+                b'{"prompt": "x", "logprobs": 21}', b'{"prompt": ["x"], "n": 16, "logprobs": true}',
+                b'{"prompt": [[1]] , "n": 9}'.replace(b"[[1]]", b"[" + b",".join([b"[1]"] * 8) + b"]"),
+                b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b"[" * 100 + b"]" * 100 + b"}"]:
         r = httpx.post(base + "/v1/completions", content=raw, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
     r = httpx.post(base + "/v1/completions", json={"prompt": "x" * 30000, "max_tokens": 5000}, timeout=10)
@@ -284,14 +307,17 @@ def test_smollm2_chat_and_reuse(smollm2_dir):
 # ---- concurrency, disconnects, shutdown ----------------------------------------------------------
 
 def run_concurrently(url, bodies, path="/v1/completions") -> list[str]:
-    """Stream every body at once over its own connection -> the texts, in order."""
+    """Stream every body at once over its own connection -> the texts, in order. A body with
+    messages goes to /v1/chat/completions."""
     async def one(http, body):
         text = ""
-        async with http.stream("POST", url + path, json={**body, "stream": True}) as r:
+        async with http.stream("POST", url + ("/v1/chat/completions" if "messages" in body else path),
+                               json={**body, "stream": True}) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    text += json.loads(line[6:])["choices"][0]["text"]
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"] if "text" in choice else choice["delta"].get("content", "")
         return text
 
     async def main():
@@ -302,19 +328,31 @@ def run_concurrently(url, bodies, path="/v1/completions") -> list[str]:
 
 
 def test_64_concurrent_clients_match_one_at_a_time(base, llm):
+    """Every fourth client asks for logprobs, and four more are held to a JSON schema meanwhile."""
     prompts = [f"Story {i}:" for i in range(64)]
-    texts = run_concurrently(base, [{"prompt": p, "max_tokens": 16, "ignore_eos": True, "temperature": 0}
-                                    for p in prompts])
-    assert texts == [llm.generate(p, max_tokens=16, ignore_eos=True).text for p in prompts]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["n"], "additionalProperties": False}
+    constrained = [{"messages": [{"role": "user", "content": f"Number {i}"}], "max_tokens": 40, "seed": i,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}}
+                   for i in range(4)]
+    texts = run_concurrently(base, [{"prompt": p, "max_tokens": 16, "ignore_eos": True, "temperature": 0,
+                                     **({"logprobs": 2} if i % 4 == 0 else {})} for i, p in enumerate(prompts)]
+                             + constrained)
+    assert texts[:64] == [llm.generate(p, max_tokens=16, ignore_eos=True).text for p in prompts]
+    assert all(set(json.loads(text)) == {"n"} for text in texts[64:])
     assert metric(base, 'pyllm_batch_size_bucket{le="8"}') < metric(base, 'pyllm_batch_size_bucket{le="16"}')
 
 
 def test_disconnected_clients_are_dropped(base):
     before = metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}')
+    chat_before = metric(base, 'pyllm_requests_total{endpoint="/v1/chat/completions",status="499"}')
 
-    async def read_a_bit_then_leave():
-        body = {"prompt": "Go on", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-        async with httpx.AsyncClient(timeout=30) as http, http.stream("POST", base + "/v1/completions", json=body) as r:
+    async def read_a_bit_then_leave(extra):
+        body = {"prompt": "Go on", "max_tokens": LONG, "ignore_eos": True, "stream": True, **extra}
+        if "response_format" in body:  # a grammar that holds the stream open: a very long string
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        async with httpx.AsyncClient(timeout=30) as http, http.stream("POST", base + path, json=body) as r:
             lines = r.aiter_lines()
             for _ in range(3):
                 await lines.__anext__()
@@ -326,13 +364,17 @@ def test_disconnected_clients_are_dropped(base):
                                                                   "ignore_eos": True})
 
     async def main():
-        await asyncio.gather(*(read_a_bit_then_leave() for _ in range(4)), wait_then_leave())
+        long_string = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string",
+                                                                                      "minLength": LONG}}}
+        await asyncio.gather(*(read_a_bit_then_leave(extra) for extra in
+                               [{}, {"logprobs": 5}, {"response_format": long_string}, {"n": 2}]), wait_then_leave())
     asyncio.run(main())
     wait_until(lambda: metric(base, "pyllm_running_sequences") == 0, 5)
     generated = metric(base, "pyllm_generation_tokens_total")
     time.sleep(0.2)
     assert metric(base, "pyllm_generation_tokens_total") == generated  # nothing left generating
-    assert metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}') == before + 5
+    assert metric(base, 'pyllm_requests_total{endpoint="/v1/completions",status="499"}') == before + 4
+    assert metric(base, 'pyllm_requests_total{endpoint="/v1/chat/completions",status="499"}') == chat_before + 1
     assert client(base).completions.create(model=MODEL, prompt="still here", max_tokens=2).choices
 
 
@@ -345,7 +387,7 @@ def test_sigterm_lets_streams_finish(tiny_dir):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(url), 60)
-        body = {"prompt": "Go on", "max_tokens": 2000, "ignore_eos": True, "stream": True,  # < the 5 s grace
+        body = {"prompt": "Go on", "max_tokens": 1000, "ignore_eos": True, "stream": True,  # < the 5 s grace, if busy
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -354,7 +396,7 @@ def test_sigterm_lets_streams_finish(tiny_dir):
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
-        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 2000
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 1000
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         assert "Traceback" not in proc.stderr.read()
     finally:

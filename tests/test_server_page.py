@@ -87,3 +87,18 @@ def test_chat_page_streams_stops_and_reuses(page, page_url, smollm2_dir, tmp_pat
     if os.environ.get("PYLLM_SCREENSHOT_DIR"):
         Path(os.environ["PYLLM_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, os.environ["PYLLM_SCREENSHOT_DIR"])
+
+
+def test_chat_page_shows_token_probabilities(page, smollm2_dir):
+    page.wait_for_function(f"document.getElementById('model').textContent === {smollm2_dir.name!r}")
+    page.fill("#temperature", "0")
+    page.check("#probs")
+    answer = ask(page, "What is the capital of France?", 12)
+    page.wait_for_selector(".assistant[data-done]")
+    tokens = answer.locator(".tok")
+    assert tokens.count() == int(re.search(r"· (\d+) tokens", answer.locator(".meta").inner_text())[1])
+    assert "Paris" in answer.locator(".text").inner_text()
+    tokens.first.hover()
+    title = tokens.first.get_attribute("title")
+    assert re.match(r'^".*": \d+\.\d%\n', title) and len(title.splitlines()) == 4  # itself and 3 rivals
+    assert 0 < float(tokens.first.get_attribute("data-probability")) <= 1

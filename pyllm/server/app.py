@@ -1,5 +1,5 @@
-"""pyllm serve: the OpenAI-compatible HTTP API with SSE streaming, /metrics, /tokenize and the chat
-page, over one Scheduler whose engine thread owns the LLM.
+"""pyllm serve: the OpenAI-compatible HTTP API with SSE streaming, /metrics, /tokenize, /detokenize,
+/tokenizer_info and the chat page, over one Scheduler whose engine thread owns the LLM.
 
 The engine thread hands updates to the event loop with call_soon_threadsafe, into one asyncio queue
 per request. A client that goes away cancels its job, which leaves the batch before the next step.
@@ -19,56 +19,20 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
-from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Job, QueueFull, Scheduler
+from ..jobs import Job
+from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Scheduler
+from .body import read_json
+from .errors import RequestError
+from .job_stream import JobStream
+from .logprobs import LogprobsShaper
 from .metrics import Metrics
-from .protocol import RequestError, Shaper, parse_chat, parse_completion, parse_tokenize
+from .protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
+from .responses import ChoiceResult, Echo, Shaper
+from .tools import messages_for_template
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_GRACE_S = 5.0
-
-
-class JobStream:
-    """A scheduler job seen from the event loop: its updates arrive on an asyncio queue."""
-
-    def __init__(self, scheduler: Scheduler, prompt_ids, params, reuse: bool):
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.scheduler, self.done = scheduler, False
-        self.job = Job(prompt_ids, params, lambda update: loop.call_soon_threadsafe(self.queue.put_nowait, update),
-                       reuse)
-        try:
-            scheduler.submit(self.job)
-        except QueueFull as exc:
-            raise RequestError(str(exc), 503, type="server_error", code="overloaded",
-                               headers={"Retry-After": "1"}) from None
-        except PyllmError as exc:
-            raise RequestError(str(exc)) from None
-
-    async def updates(self):
-        while not self.done:
-            update = await self.queue.get()
-            self.done = update.finish_reason is not None
-            yield update
-
-    def close(self):
-        if not self.done:
-            self.scheduler.cancel(self.job)
-
-
-async def read_json(request: Request, limit: int):
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body of {declared} bytes is over the limit of {limit}", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"request body is over the limit of {limit} bytes", 413)
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"malformed JSON body: {exc}") from None
 
 
 async def wait_for_disconnect(request: Request):
@@ -87,11 +51,12 @@ def error_json(status: int, message: str, type="invalid_request_error", headers=
 def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = None,
                cors_origin: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     metrics = Metrics()
-    context = llm.config.max_position_embeddings
+    context, vocab_size, tokenizer = llm.config.max_position_embeddings, llm.config.vocab_size, llm.tokenizer
 
     @asynccontextmanager
     async def lifespan(app):
         scheduler.start()
+        await asyncio.to_thread(llm.grammars.llg_tokenizer)  # built once, for grammars and logprobs' bytes
         yield
         scheduler.stop()
 
@@ -128,50 +93,83 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
             raise RequestError(f"the model {name!r} does not exist; this server serves {model_id!r}", 404,
                                param="model", code="model_not_found")
 
-    def prompt_ids(messages, prompt) -> list[int]:
+    def prompt_ids(messages, prompt, tool_choice=None, add_special_tokens=True) -> list[int]:
+        """Chat messages through the template, a text prompt through the tokenizer, or token ids as
+        they are (no BOS added)."""
         try:
-            return llm.tokenizer.encode_chat(messages) if messages is not None else llm.encode_prompt(prompt)
+            if messages is not None:
+                renders = tokenizer.template_renders_tools
+                return tokenizer.encode_chat(messages_for_template(messages, tool_choice, renders),
+                                             tools=tool_choice.template_tools if tool_choice and renders else None)
+            if isinstance(prompt, str) and not add_special_tokens:
+                prompt = tokenizer.encode(prompt, add_special_tokens=False)
+            return llm.encode_prompt(prompt)
         except PyllmError as exc:
             raise RequestError(str(exc), param="messages" if messages is not None else "prompt") from None
+
+    async def constraint_for(req):
+        """The grammar a request's output must follow, compiled off the event loop; None: free text."""
+        forced = req.tool_choice is not None and req.tool_choice.forced
+        schema = req.tool_choice.call_schema() if forced else req.response_schema
+        if schema is None:
+            return None
+        try:
+            return await asyncio.to_thread(llm.grammars.json_schema, schema)
+        except PyllmError as exc:
+            raise RequestError(str(exc), param="tools" if forced else "response_format") from None
 
     async def generate(request: Request, chat: bool):
         body = await read_json(request, max_body_bytes)
         req = parse_chat(body) if chat else parse_completion(body)
         check_model(req.model)
-        ids = prompt_ids(req.messages, req.prompt)
-        stream = JobStream(scheduler, ids, req.sampling_params(len(ids), context), reuse=chat)
-        shaper = Shaper(chat, model_id, req.include_usage)
+        prompts = [prompt_ids(req.messages, None, req.tool_choice)] if chat else \
+            [prompt_ids(None, p) for p in req.prompts]
+        params = [req.sampling_params(len(ids), context, vocab_size) for ids in prompts]
+        constraint = await constraint_for(req)
+        echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False), ids)
+                  for p, ids in zip(req.prompts, prompts)] if req.echo else None
+        stream = JobStream(scheduler, [Job(ids, p, None, reuse=chat, n=req.n, constraint=constraint)
+                                       for ids, p in zip(prompts, params)])
+        shaper = Shaper(chat, model_id, req.include_usage,
+                        LogprobsShaper(tokenizer, llm.grammars) if req.logprobs is not None else None,
+                        req.tool_choice, [e for e in echoes for _ in range(req.n)] if echoes else None)
+        n_choices = len(prompts) * req.n
         if req.stream:
-            return StreamingResponse(stream_events(request.url.path, stream, shaper), media_type="text/event-stream",
+            return StreamingResponse(stream_events(request.url.path, stream, shaper, n_choices),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole_response(request, stream, shaper)
+        return await whole_response(request, stream, shaper, n_choices)
 
-    async def stream_events(path: str, stream: JobStream, shaper: Shaper):
-        status, usage = 499, None  # 499: the client went away first
+    async def stream_events(path: str, stream: JobStream, shaper: Shaper, n_choices: int):
+        status, results = 499, [ChoiceResult() for _ in range(n_choices)]  # 499: the client went away first
         try:
-            if shaper.chat:
-                yield sse(shaper.chunk(first=True))
+            for chunk in shaper.first_chunks(n_choices):
+                yield sse(chunk)
             async for update in stream.updates():
                 if update.error:
                     status = 500
                     yield sse(RequestError(update.error, 500, type="server_error").body())
                     break
-                if update.text:
-                    yield sse(shaper.chunk(update.text))
-                if update.finish_reason:
-                    status, usage = 200, update.usage
-                    yield sse(shaper.chunk(finish_reason=update.finish_reason))
-            if usage is not None and shaper.include_usage:
-                yield sse(shaper.usage_chunk(usage))
+                results[update.choice].add(update)
+                for chunk in shaper.chunks(update, results[update.choice]):
+                    yield sse(chunk)
+            else:
+                status = 200
+                if shaper.include_usage:
+                    yield sse(shaper.usage_chunk(stream.usage))
             yield "data: [DONE]\n\n"
         finally:
             stream.close()
-            metrics.request_done(path, status, usage)
+            metrics.request_done(path, status, stream.usage if status == 200 else None)
 
-    async def whole_response(request: Request, stream: JobStream, shaper: Shaper):
+    async def whole_response(request: Request, stream: JobStream, shaper: Shaper, n_choices: int):
         async def collect():
-            parts = [update async for update in stream.updates()]
-            return "".join(u.text for u in parts), parts[-1]
+            results = [ChoiceResult() for _ in range(n_choices)]
+            async for update in stream.updates():
+                if update.error:
+                    return update.error
+                results[update.choice].add(update)
+            return results
 
         result, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(wait_for_disconnect(request))
         try:
@@ -183,11 +181,10 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
             result.cancel()
             metrics.request_done(request.url.path, 499)
             return PlainTextResponse("", 499)  # nobody is listening
-        text, last = result.result()
-        if last.error:
-            raise RequestError(last.error, 500, type="server_error")
-        metrics.request_done(request.url.path, 200, last.usage)
-        return shaper.whole(text, last.finish_reason, last.usage)
+        if isinstance(result.result(), str):
+            raise RequestError(result.result(), 500, type="server_error")
+        metrics.request_done(request.url.path, 200, stream.usage)
+        return shaper.whole(result.result(), stream.usage)
 
     keyed = [Depends(check_key)]
 
@@ -206,10 +203,23 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
 
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request):
-        model, messages, prompt = parse_tokenize(await read_json(request, max_body_bytes))
+        model, messages, prompt, add_special_tokens = parse_tokenize(await read_json(request, max_body_bytes))
         check_model(model)
-        ids = prompt_ids(messages, prompt)
+        ids = prompt_ids(messages, prompt, add_special_tokens=add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+    @app.post("/detokenize", dependencies=keyed)
+    async def detokenize(request: Request):
+        ids = parse_detokenize(await read_json(request, max_body_bytes))
+        if any(t >= vocab_size for t in ids):
+            raise RequestError(f"token id out of range: the vocabulary has {vocab_size} tokens", param="tokens")
+        return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info", dependencies=keyed)
+    async def tokenizer_info():
+        return {"eos_token": tokenizer.eos_token or None, "bos_token": tokenizer.bos_token or None,
+                "pad_token": tokenizer.pad_token or None, "chat_template": tokenizer.chat_template_source,
+                "model_max_length": context, "vocab_size": vocab_size}
 
     @app.get("/health")
     async def health():

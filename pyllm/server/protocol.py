@@ -1,50 +1,38 @@
-"""OpenAI request validation and response shapes for /v1/chat/completions and /v1/completions.
+"""OpenAI request validation for /v1/chat/completions and /v1/completions.
 
 Every field either works as OpenAI documents it, is accepted because it cannot change the output
-(user, metadata, ...), or is accepted only at its neutral value (n=1, logprobs off, no tools, ...):
+(user, metadata, ...), or is accepted only at its neutral value (best_of=1, no suffix, ...):
 anything else is a 400 naming the field, never silently ignored.
 """
 
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from ..errors import PyllmError
-from ..sampling import SamplingParams
-
-
-class RequestError(Exception):
-    """An error response in OpenAI's shape."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
+from .errors import RequestError
+from .messages import parse_messages
+from .tools import ToolChoice, parse_response_format, parse_tools
 
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default when a request gives none (pyllm's own default is greedy)
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "ignore_eos")
-COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", *SAMPLING_FIELDS}
+MAX_N = 16                # choices per prompt
+MAX_CHOICES = 64          # choices per request: prompts x n
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "ignore_eos",
+                   "presence_penalty", "frequency_penalty")
+COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "n", "logprobs", "logit_bias", *SAMPLING_FIELDS}
 # fields that cannot change the generated text
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
                   "prompt_cache_retention", "parallel_tool_calls"}
 # fields that change the output, accepted only at the value that means "off"
 NEUTRAL_VALUES = {
-    "n": (1,), "best_of": (1,), "frequency_penalty": (0,), "presence_penalty": (0,),
-    "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "echo": (False,), "suffix": ("",),
-    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
-    "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
-    "reasoning_effort": (), "web_search_options": (), "verbosity": (),
+    "best_of": (1,), "suffix": ("",), "functions": ([],), "function_call": ("none",),
+    "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
+    "verbosity": (),
 }
 CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "functions", "tool_choice",
              "function_call", "response_format", "modalities", "audio", "prediction", "reasoning_effort",
              "web_search_options", "verbosity", "parallel_tool_calls"}
 COMPLETION_ONLY = {"prompt", "echo", "suffix", "best_of"}
 ALL_FIELDS = COMMON_FIELDS | IGNORED_FIELDS | set(NEUTRAL_VALUES) | CHAT_ONLY | COMPLETION_ONLY
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass
@@ -52,13 +40,18 @@ class GenerationRequest:
     chat: bool
     model: str | None
     messages: list[dict] | None = None
-    prompt: str | list[int] | None = None
+    prompts: list | None = None           # completions: each a string or a token id list; one choice set each
     max_tokens: int | None = None         # None: whatever the context window leaves
     sampling: dict = field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    logprobs: int | None = None           # None: off; else how many top alternatives per token
+    echo: bool = False                    # completions: the prompt (and its logprobs) comes first
+    response_schema: dict | None = None   # a JSON schema the output must follow
+    tool_choice: ToolChoice | None = None
 
-    def sampling_params(self, n_prompt: int, context: int) -> SamplingParams:
+    def sampling_params(self, n_prompt: int, context: int, vocab_size: int) -> SamplingParams:
         """The request's sampling once its prompt length is known; checks it fits the context."""
         max_tokens = self.max_tokens if self.max_tokens is not None else context - n_prompt
         if n_prompt + max(max_tokens, 1) > context:
@@ -68,7 +61,14 @@ class GenerationRequest:
                 message = (f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
                            f"tokens exceeds the context window of {context} tokens")
             raise RequestError(message, param="messages" if self.chat else "prompt", code="context_length_exceeded")
-        return SamplingParams(max_tokens=max_tokens, **{"temperature": OPENAI_TEMPERATURE, **self.sampling})
+        outside = [t for t in self.sampling.get("logit_bias", {}) if t >= vocab_size]
+        if outside:
+            raise RequestError(f"logit_bias: token id {outside[0]} is outside the vocabulary of {vocab_size}",
+                               param="logit_bias")
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs,
+                              # echo always scores the prompt (max_tokens may be 0); the logprobs show if asked
+                              prompt_logprobs=(self.logprobs or 0) if self.echo else None,
+                              **{"temperature": OPENAI_TEMPERATURE, **self.sampling})
 
 
 def _check_fields(body: dict, chat: bool):
@@ -85,11 +85,37 @@ def _is_neutral(value, neutral) -> bool:
     return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
 
 
-def _int_field(body, name):
+def _int_field(body, name, low=1, high=None):
     value = body.get(name)
-    if value is not None and (type(value) is not int or value < 1):
-        raise RequestError(f"{name} must be an integer >= 1", param=name)
+    if value is not None and (type(value) is not int or value < low or high is not None and value > high):
+        raise RequestError(f"{name} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+                           + f", not {value!r}", param=name)
     return value
+
+
+def _bool_field(body, name) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean", param=name)
+    return bool(value)
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """JSON object keys are strings: {"50256": -100} -> {50256: -100}."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+        raise RequestError("logit_bias must map token ids (as strings) to numbers", param="logit_bias")
+    return {int(k): v for k, v in value.items()}
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    if not chat:
+        return _int_field(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    top = _int_field(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if not _bool_field(body, "logprobs"):
+        if top is not None:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def _common(body: dict, chat: bool) -> GenerationRequest:
@@ -99,129 +125,95 @@ def _common(body: dict, chat: bool) -> GenerationRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
-    stream = False if body.get("stream") is None else body["stream"]
+    stream = _bool_field(body, "stream")
     options = body.get("stream_options")
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be a boolean", param="stream")
     if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
                                     and isinstance(options.get("include_usage", False), bool)):
         raise RequestError("stream_options must be {\"include_usage\": bool}", param="stream_options")
     if options is not None and not stream:
         raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
-    max_tokens = _int_field(body, "max_tokens")
+    max_tokens = _int_field(body, "max_tokens", 0 if body.get("echo") is True else 1)
     if chat and body.get("max_completion_tokens") is not None:
         if max_tokens is not None:
             raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         max_tokens = _int_field(body, "max_completion_tokens")
     sampling = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    if body.get("logit_bias") is not None:
+        sampling["logit_bias"] = _logit_bias(body["logit_bias"])
     stop = sampling.get("stop", [])
     if not isinstance(stop, (str, list)) or isinstance(stop, list) and len(stop) > 4:
         raise RequestError("stop must be a string or a list of at most 4 strings", param="stop")
     if not isinstance(sampling.get("ignore_eos", False), bool):
         raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
+    request = GenerationRequest(chat, model, max_tokens=max_tokens, sampling=sampling, stream=stream,
+                                include_usage=bool(options and options.get("include_usage")),
+                                n=_int_field(body, "n", 1, MAX_N) or 1, logprobs=_logprobs(body, chat),
+                                echo=_bool_field(body, "echo"))
     try:  # validates every sampling field now, before the prompt is tokenized
-        SamplingParams(**sampling)
+        request.sampling_params(0, 1 << 62, 1 << 62)
     except PyllmError as exc:  # its messages start with the field's name
         raise RequestError(str(exc), param=str(exc).split()[0]) from None
-    return GenerationRequest(chat, model, max_tokens=max_tokens, sampling=sampling, stream=stream,
-                             include_usage=bool(options and options.get("include_usage")))
+    return request
 
 
 def parse_chat(body) -> GenerationRequest:
     request = _common(body, chat=True)
-    request.messages = _messages(body.get("messages"))
+    request.messages = parse_messages(body.get("messages"))
+    request.response_schema = parse_response_format(body.get("response_format"))
+    request.tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    if request.response_schema is not None and request.tool_choice and request.tool_choice.forced:
+        raise RequestError("give response_format or a forced tool_choice, not both", param="tool_choice")
     return request
-
-
-def _messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
-    return [_message(m, i) for i, m in enumerate(messages)]
-
-
-def _message(message, index: int) -> dict:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
-        raise RequestError(f"{where} needs a role: one of {', '.join(ROLES)}", param=where)
-    for name, value in message.items():
-        if name not in ("role", "content") and value not in (None, [], ""):
-            raise RequestError(f"{where}.{name} is not supported by this server", param=f"{where}.{name}")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise RequestError(f"{where}.content: only text parts are supported", param=f"{where}.content")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-    return {"role": ROLES[message["role"]], "content": content}
 
 
 def parse_completion(body) -> GenerationRequest:
     request = _common(body, chat=False)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    request.prompt = _prompt(prompt)
+    if request.echo and request.stream:
+        raise RequestError("echo is not supported with stream: true", param="echo", code="unsupported_parameter")
+    if request.max_tokens == 0 and not request.echo:
+        raise RequestError("max_tokens must be an integer >= 1 (0 only with echo: true)", param="max_tokens")
+    request.prompts = parse_prompts(body.get("prompt"))
+    if len(request.prompts) * request.n > MAX_CHOICES:
+        raise RequestError(f"{len(request.prompts)} prompts x n={request.n} is more than the "
+                           f"{MAX_CHOICES} choices one request may ask for", param="n")
     return request
 
 
-def _prompt(prompt):
-    is_ids = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
-    if not (isinstance(prompt, str) and prompt) and not is_ids:
-        raise RequestError("prompt must be a non-empty string or token id list (one prompt per request)",
-                           param="prompt")
-    return prompt
+def parse_prompts(prompt) -> list:
+    """A string, a token id list, or a non-empty list of either (a batch) -> the list of prompts."""
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    for one in batch:
+        is_ids = isinstance(one, list) and one and all(type(t) is int for t in one)
+        if not (isinstance(one, str) and one) and not is_ids:
+            raise RequestError("prompt must be a non-empty string, a token id list, or a list of either",
+                               param="prompt")
+    return batch
 
 
 def parse_tokenize(body):
-    """/tokenize takes a model (optional) and either a prompt or chat messages -> (model, messages, prompt)."""
-    if not isinstance(body, dict) or set(body) - {"model", "prompt", "messages"} or \
+    """/tokenize takes a model (optional), add_special_tokens (for a prompt), and either a prompt
+    or chat messages -> (model, messages, prompt, add_special_tokens)."""
+    if not isinstance(body, dict) or set(body) - {"model", "prompt", "messages", "add_special_tokens"} or \
             ("prompt" in body) == ("messages" in body):
-        raise RequestError("/tokenize takes {\"model\", \"prompt\"} or {\"model\", \"messages\"}")
+        raise RequestError("/tokenize takes {\"model\", \"prompt\", \"add_special_tokens\"} or "
+                           "{\"model\", \"messages\"}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
+    add_special = body.get("add_special_tokens", True)
+    if not isinstance(add_special, bool):
+        raise RequestError("add_special_tokens must be a boolean", param="add_special_tokens")
     if "prompt" in body:
-        return model, None, _prompt(body["prompt"])
-    return model, _messages(body["messages"]), None
+        prompts = parse_prompts(body["prompt"])
+        if len(prompts) != 1:
+            raise RequestError("/tokenize takes one prompt", param="prompt")
+        return model, None, prompts[0], add_special
+    return model, parse_messages(body["messages"]), None, add_special
 
 
-class Shaper:
-    """Builds one request's response objects: whole, streamed chunks, usage."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
-        self.chat, self.model, self.include_usage = chat, model, include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-
-    def _envelope(self, obj: str, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
-
-    def whole(self, text: str, finish_reason: str, usage) -> dict:
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
-        return self._envelope(self.object, [choice], usage=usage_json(usage))
-
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict:
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice["delta"] = delta
-        else:
-            choice["text"] = text or ""
-        extra = {"usage": None} if self.include_usage else {}
-        return self._envelope(self.object + ".chunk" if self.chat else self.object, [choice], **extra)
-
-    def usage_chunk(self, usage) -> dict:
-        return self._envelope("chat.completion.chunk" if self.chat else self.object, [], usage=usage_json(usage))
-
-
-def usage_json(usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+def parse_detokenize(body) -> list[int]:
+    if not isinstance(body, dict) or set(body) - {"model", "tokens"} or not isinstance(body.get("tokens"), list) \
+            or not all(type(t) is int and t >= 0 for t in body["tokens"]):
+        raise RequestError("/detokenize takes {\"model\", \"tokens\": [token ids]}", param="tokens")
+    return body["tokens"]
