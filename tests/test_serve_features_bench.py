@@ -11,3 +11,4 @@ def test_serve_features_bench_smoke(tmp_path):
     table = (tmp_path / "out" / "serve_features_bench.md").read_text()
     assert all(f"| {name} |" in table for name in serve_features_bench.VARIANTS)
     assert (tmp_path / "out" / "serve_features_bench.json").is_file()
+    assert (tmp_path / "out" / "serve_features_bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,7 +5,7 @@ The variants run in interleaved rounds (each round runs every variant once, in a
 so that a machine's drift hits all of them alike; each reports its median decode tokens/s (first
 token excluded: it includes the prefill) and its cost per step against plain. Greedy, fixed length
 (ignore_eos); the schema asks for more array items than max_tokens can write, so the grammar stays
-active to the end. Writes serve_features_bench.json and serve_features_bench.md.
+active to the end. Writes serve_features_bench.json, .md and .png (the plot needs matplotlib).
 
     python -m pyllm.benchmarks.serve_features_bench [--model DIR] [--tokens 256] [--rounds 5] [--out DIR]
 
@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from ..engine import LLM, StepTimer
+from .bench import can_plot
 from ..sampling import SamplingParams
 
 PROMPT = [{"role": "user", "content": "List people as JSON: a name, an age and a city for each."}]
@@ -66,6 +67,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(result["variants"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(names, [result["variants"][n]["decode_tok_s_median"] for n in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"logprobs and grammars: {result['model']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model directory or GGUF file (default: SmolLM2, pulled on first use)")
@@ -73,11 +88,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    plots = can_plot()
     result = run(args.model, args.tokens, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_features_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "serve_features_bench.md").write_text(markdown(result))
+    if plots:  # last: a failing plot loses no result
+        plot(result, out / "serve_features_bench.png")
     print(markdown(result))
 
 
