@@ -170,47 +170,57 @@ static inline __m512 keep(__m512 v) {  // v as computed: hides a product from co
   return v;
 }
 
-// v [32] -> v - d q, its rounding error (d q rounded to f32 first, as NumPy computes it)
-static inline void rounding_error(const float *v, float *error) {
-  int8_t q[32];
-  const __m512 d = _mm512_set1_ps(block_int8(v, q));
+// block v [32] and its int8 blocks (q, d) -> v - d q, its rounding error (d q rounded to f32
+// first, as NumPy computes it)
+static inline void rounding_error(const float *v, const int8_t q[32], float d, float *error) {
   for (int h = 0; h < 2; h++) {
-    const __m512 dq = keep(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * h)))), d));
+    const __m512i qh = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * h)));
+    const __m512 dq = keep(_mm512_mul_ps(_mm512_cvtepi32_ps(qh), _mm512_set1_ps(d)));
     _mm512_storeu_ps(error + 16 * h, _mm512_sub_ps(_mm512_loadu_ps(v + 16 * h), dq));
   }
 }
 
-// quantize_activations (the layout: the top of this file): x [M, K] in `layers` (1, 2) layers. Per
-// record, each block's q as its 32 bytes in a row of `bytes`, then transposed to xq's lanes like a
-// q8_0 group; the sums by vpdpbusd of the q with ones.
+// one xq record from its blocks' q (bytes: a row of 32 per block, count blocks) and d: q
+// transposed to xq's lanes like a q8_0 group, the sums by vpdpbusd of the q with ones
+static void write_record(uint8_t *record, const uint8_t bytes[QX_GROUP][32], const float d[QX_GROUP], int count) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i Q[8], sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
+  transpose_8x16(bytes[0], NULL, 32, count, Q);
+  for (int u = 0; u < 4; u++) {
+    sum_lo = _mm512_dpbusd_epi32(sum_lo, ones, Q[u]);
+    sum_hi = _mm512_dpbusd_epi32(sum_hi, ones, Q[4 + u]);
+  }
+  for (int u = 0; u < 8; u++) _mm512_storeu_si512(record + 64 * u, Q[u]);
+  const __m512i sum = _mm512_add_epi32(sum_lo, sum_hi);
+  const __m512 dv = _mm512_loadu_ps(d);
+  _mm512_storeu_ps(record + QX_D, dv);
+  _mm512_storeu_ps(record + QX_DSUM, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sum)));
+  _mm512_storeu_si512(record + QX_SUM, sum);
+  _mm512_storeu_si512(record + QX_SUM_LO, sum_lo);
+  _mm512_storeu_si512(record + QX_SUM_HI, sum_hi);
+}
+
+// quantize_activations (the layout: the top of this file): x [M, K] in `layers` (1, 2) layers;
+// each block of x is quantized once, its second layer made from that block's own q and d.
 EXPORT void quantize_activations(int M, int layers, int K, const float *x, void *xq) {
   const int blocks = K / 32, groups = (blocks + QX_GROUP - 1) / QX_GROUP, records = M * layers;
-  const __m512i ones = _mm512_set1_epi8(1);
   for (int g = 0; g < groups; g++)
-    for (int m = 0; m < records; m++) {
-      uint8_t *record = (uint8_t *)xq + ((size_t)g * records + m) * QX_RECORD, bytes[QX_GROUP][32];
-      float d[QX_GROUP] = {0};
+    for (int m = 0; m < M; m++) {
+      uint8_t bytes[QX_GROUP][32], second[QX_GROUP][32];
+      float d[QX_GROUP] = {0}, d2[QX_GROUP] = {0};
       const int count = blocks - g * QX_GROUP < QX_GROUP ? blocks - g * QX_GROUP : QX_GROUP;
       for (int j = 0; j < count; j++) {
-        const float *block = x + (size_t)(m % M) * K + (size_t)(g * QX_GROUP + j) * 32;
-        float error[32];
-        if (m >= M) rounding_error(block, error), block = error;
+        const float *block = x + (size_t)m * K + (size_t)(g * QX_GROUP + j) * 32;
         d[j] = block_int8(block, (int8_t *)bytes[j]);
+        if (layers == 2) {
+          float error[32];
+          rounding_error(block, (const int8_t *)bytes[j], d[j], error);
+          d2[j] = block_int8(error, (int8_t *)second[j]);
+        }
       }
-      __m512i Q[8], sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
-      transpose_8x16(bytes[0], NULL, 32, count, Q);
-      for (int u = 0; u < 4; u++) {
-        sum_lo = _mm512_dpbusd_epi32(sum_lo, ones, Q[u]);
-        sum_hi = _mm512_dpbusd_epi32(sum_hi, ones, Q[4 + u]);
-      }
-      for (int u = 0; u < 8; u++) _mm512_storeu_si512(record + 64 * u, Q[u]);
-      const __m512i sum = _mm512_add_epi32(sum_lo, sum_hi);
-      const __m512 dv = _mm512_loadu_ps(d);
-      _mm512_storeu_ps(record + QX_D, dv);
-      _mm512_storeu_ps(record + QX_DSUM, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(sum)));
-      _mm512_storeu_si512(record + QX_SUM, sum);
-      _mm512_storeu_si512(record + QX_SUM_LO, sum_lo);
-      _mm512_storeu_si512(record + QX_SUM_HI, sum_hi);
+      uint8_t *record = (uint8_t *)xq + ((size_t)g * records + m) * QX_RECORD;
+      write_record(record, bytes, d, count);
+      if (layers == 2) write_record(record + (size_t)M * QX_RECORD, second, d2, count);
     }
 }
 

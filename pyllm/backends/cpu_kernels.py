@@ -93,6 +93,9 @@ def _library():
     layers.restype = None
     timing.argtypes, timing.restype = [ctypes.c_int], ctypes.c_double  # keep timing
     stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
+    dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
+    if dot_loop is not None:  # rounds, threads (out)
+        dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                    ctypes.c_void_p], None
@@ -189,7 +192,6 @@ def int8_dot_peak(rounds=20_000_000) -> float | None:
     loop = getattr(library, "int8_dot_loop", None)
     if loop is None:
         return None
-    loop.argtypes, loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
     threads = ctypes.c_int()
     loop(rounds // 100, ctypes.byref(threads))  # warm: every core at speed
     start = time.perf_counter()
