@@ -4,7 +4,8 @@
 //   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes)
 //   attention.c  attention (every sequence of a step over its KV cache)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
-//                quantize_activations, dequantize; quant_k.c: the same for the K-quants
+//                quantize_activations, dequantize (quant_blocks.h: decoding the 32-weight
+//                formats); quant_k.c: the same for the K-quants
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
 // Without AVX-512 the sources compile to nothing and the NumPy path serves.
