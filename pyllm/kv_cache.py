@@ -1,43 +1,99 @@
-"""Per-sequence key/value cache, preallocated on the backend's device."""
+"""KVCache: one sequence's view of the model's BlockPool: its block table and the tokens it holds.
 
-from .backends.base import CacheSlot
+Blocks are taken as the sequence grows (reserve), full ones are registered by content, and a
+block someone else also reads is copied before it is written (copy on write: only a partial
+block, at a fork or after truncation, ever needs it). Dropping the cache gives its blocks back.
+"""
+
+import numpy as np
+
+from .backends.base import BLOCK_TOKENS, CacheSlot
 from .errors import PyllmError
+from .kv_blocks import block_key
 
 
 class KVCache:
-    """Keys and values of every token a sequence has seen, for every layer.
+    def __init__(self, pool, capacity: int, salt: str = ""):
+        self.pool = pool
+        self.capacity = capacity  # tokens this sequence may hold (its context window)
+        self.salt = salt          # prefix sharing only among caches with the same salt
+        self.blocks: list[int] = []     # held, in token order
+        self.tokens: list[int] = []     # whose K/V it holds, in order
+        self.keys: list[int] = []       # content key of each full block
 
-    Head-major layout, so each head's keys are contiguous rows for the attention matmuls.
-    """
-
-    def __init__(self, backend, config, capacity: int):
-        if capacity > config.max_position_embeddings:
-            capacity = config.max_position_embeddings
-        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
-        self.k = backend.zeros(shape)  # [layers, KV, capacity, D]
-        self.v = backend.zeros(shape)  # [layers, KV, capacity, D]
-        self.capacity = capacity
-        self.length = 0  # tokens cached
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
     def check_room(self, n_new: int):
         if self.length + n_new > self.capacity:
             raise PyllmError(f"context full: {self.length} cached + {n_new} new tokens exceed "
                              f"the context window of {self.capacity} tokens")
 
+    def match_prefix(self, ids) -> int:
+        """Start this (empty) cache with the cached full blocks that ids begin with (at least one
+        token of ids is left to compute, for its logits) -> tokens matched."""
+        assert not self.blocks, "match_prefix starts an empty cache"
+        parent = None
+        for start in range(0, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):  # blocks inside ids[:-1]
+            key = block_key(parent, ids[start:start + BLOCK_TOKENS], self.salt)
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            self.blocks.append(block)
+            self.keys.append(key)
+            self.tokens += ids[start:start + BLOCK_TOKENS]
+            parent = key
+        return self.length
+
+    def reserve(self, n_new: int):
+        """Blocks for n_new more tokens, and the last partial block made this cache's own; PoolFull
+        when the pool has none left (the blocks taken so far stay, for the next try)."""
+        self.check_room(n_new)
+        if self.length % BLOCK_TOKENS and self.pool.is_shared(self.blocks[-1]):
+            old = self.blocks[-1]
+            self.blocks[-1] = self.pool.copy(old)
+            self.pool.release(old)
+        while len(self.blocks) * BLOCK_TOKENS < self.length + n_new:
+            self.blocks.append(self.pool.allocate())
+
     def step_slot(self, n_new: int) -> CacheSlot:
-        """What a step with n_new tokens writes (their rows last) and reads, in every layer;
-        length advances in advance()."""
-        return CacheSlot(self.k, self.v, self.length + n_new, n_new)
+        """What a step with n_new tokens writes (their positions last) and reads, in every layer;
+        the tokens join in advance()."""
+        self.reserve(n_new)
+        return CacheSlot(self.pool.keys, self.pool.values, np.asarray(self.blocks, np.int32), self.length + n_new, n_new)
 
-    def copy_prefix_from(self, other: "KVCache", n: int):
-        """Start this (empty) cache with the first n tokens of `other`, on the device."""
-        self.k[:, :, :n] = other.k[:, :, :n]
-        self.v[:, :, :n] = other.v[:, :, :n]
-        self.length = n
+    def advance(self, ids):
+        """The step's tokens are in: blocks that filled up become shareable by content."""
+        self.tokens += [int(t) for t in ids]
+        while len(self.keys) < self.length // BLOCK_TOKENS:
+            i = len(self.keys)
+            key = block_key(self.keys[-1] if self.keys else None, self.tokens[i * BLOCK_TOKENS:(i + 1) * BLOCK_TOKENS],
+                            self.salt)
+            self.keys.append(key)
+            self.pool.register(self.blocks[i], key)
 
-    def advance(self, n_new: int):
-        self.length += n_new
+    def fork(self, capacity: int | None = None) -> "KVCache":
+        """A cache holding the same tokens, sharing every block (the partial last one is copied
+        when either writes it)."""
+        other = KVCache(self.pool, capacity or self.capacity, self.salt)
+        other.blocks = self.blocks[:-(-self.length // BLOCK_TOKENS)]  # the blocks its tokens fill
+        for block in other.blocks:
+            self.pool.hold(block)
+        other.tokens, other.keys = list(self.tokens), list(self.keys)
+        return other
 
     def truncate(self, length: int):
-        """Forget tokens from `length` on (their slots are simply overwritten later)."""
-        self.length = min(self.length, length)
+        """Forget tokens from `length` on; blocks past them go back to the pool."""
+        keep = -(-min(length, self.length) // BLOCK_TOKENS)
+        for block in self.blocks[keep:]:
+            self.pool.release(block)
+        del self.blocks[keep:], self.tokens[length:], self.keys[length // BLOCK_TOKENS:]
+
+    def release(self):
+        """Every block back to the pool: the cache is empty."""
+        self.truncate(0)
+
+    def __del__(self):  # a cache dropped without release() (or at exit) still gives its blocks back
+        if getattr(self, "pool", None) is not None:
+            self.release()

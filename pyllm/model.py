@@ -6,18 +6,37 @@ tokens. Linear layers run on all new tokens concatenated; attention runs per seq
 
 import numpy as np
 
-from .backends.base import Step
+from .backends.base import BLOCK_TOKENS, Step
+from .kv_blocks import BlockPool
 from .kv_cache import KVCache
+
+KV_MEMORY_GB = 4.0  # the KV pool of a model by default (host pages are committed as tokens arrive)
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """Bytes of K and V one token occupies in every layer."""
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
 
 
 class LlamaModel:
-    def __init__(self, config, backend, weights):
+    def __init__(self, config, backend, weights, kv_memory_bytes: int | None = None):
         self.config = config
         self.backend = backend
         self.weights = weights
+        self.pool = None  # the KV pool, made at the first cache (kv_memory_bytes, or KV_MEMORY_GB)
+        self.kv_memory_bytes = kv_memory_bytes or int(KV_MEMORY_GB * 2**30)
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.backend, self.config, capacity or self.config.max_position_embeddings)
+    def kv_pool(self) -> BlockPool:
+        if self.pool is None:
+            itemsize = self.backend.zeros((1,)).itemsize
+            block_bytes = BLOCK_TOKENS * kv_bytes_per_token(self.config, itemsize)
+            self.pool = BlockPool(self.backend, self.config, max(1, self.kv_memory_bytes // block_bytes))
+        return self.pool
+
+    def new_cache(self, capacity: int | None = None, salt: str = "") -> KVCache:
+        """An empty cache of up to `capacity` tokens (default: the context window) in the pool."""
+        limit = self.config.max_position_embeddings
+        return KVCache(self.kv_pool(), min(capacity or limit, limit), salt)
 
     def forward(self, batch, all_logits=False):
         """batch: list of (KVCache, new token ids). Returns logits as host f32:
@@ -41,8 +60,8 @@ class LlamaModel:
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
         x = x if fused is None else fused
-        for (cache, _), n in zip(batch, lengths):
-            cache.advance(n)
+        for cache, new_ids in batch:
+            cache.advance(new_ids)
         if not all_logits and len(ids) > len(batch):  # in a pure decode step every row already is a last token
             x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
         return be.to_host(be.project_to_vocab(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 
+BLOCK_TOKENS = 16  # tokens per block of the KV pool
+
+
 class CacheSlot(NamedTuple):
-    """What one sequence's step writes and reads in its KV cache, the same in every layer."""
-    keys: Any    # [layers, KV, capacity, D]
-    values: Any  # [layers, KV, capacity, D]
-    rows: int    # cached + new tokens: attention reads rows 0 .. rows - 1
-    n_new: int   # the new tokens, written at rows - n_new .. rows - 1
+    """What one sequence's step writes and reads in the model's KV pool, the same in every layer:
+    its token at position p sits in block table[p // BLOCK_TOKENS], row p % BLOCK_TOKENS."""
+    keys: Any    # the pool's keys [blocks, layers, KV, BLOCK_TOKENS, D]
+    values: Any  # the pool's values, the same
+    table: Any   # host int32 [ceil(rows / BLOCK_TOKENS)]: the sequence's blocks in order
+    rows: int    # cached + new tokens: attention reads positions 0 .. rows - 1
+    n_new: int   # the new tokens, written at positions rows - n_new .. rows - 1
 
 
 @dataclass

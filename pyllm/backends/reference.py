@@ -10,7 +10,7 @@ it is dequantized (the rows gather needs, or the whole matrix for a matmul) righ
 import numpy as np
 
 from ..weights import QuantizedMatrix
-from .base import Step
+from .base import BLOCK_TOKENS, Step
 
 
 def gather(table, ids):
@@ -141,23 +141,34 @@ def _attention_block(q, k, v, offset):
     return out.reshape(n_heads, n_tokens, head_dim).transpose(1, 0, 2)
 
 
+def cache_rows(slot, positions):
+    """Where positions [n] of a slot sit in the pool -> (blocks [n], rows in them [n])."""
+    return slot.table[positions // BLOCK_TOKENS], positions % BLOCK_TOKENS
+
+
 def qkv_rope_cache(qkv, bias, step: Step, layer, cos, sin):
     """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; each
-    slot's rope(k) and v go into rows rows - n_new .. rows - 1 of its caches at `layer`."""
-    n_kv, dim = step.slots[0].keys.shape[1], step.slots[0].keys.shape[3]
+    slot's rope(k) and v go to positions rows - n_new .. rows - 1 of its blocks at `layer`."""
+    n_kv, dim = step.slots[0].keys.shape[2], step.slots[0].keys.shape[4]
     positions = np.concatenate([np.arange(slot.rows - slot.n_new, slot.rows) for slot in step.slots])  # [T]
     heads = (qkv if bias is None else qkv + bias).reshape(qkv.shape[0], -1, dim)  # [T, H + 2 KV, D]
     rotated = rope(heads[:, :-n_kv], positions, cos, sin)                         # [T, H + KV, D]
     for slot, start in zip(step.slots, step.starts):
-        new = slice(slot.rows - slot.n_new, slot.rows)
-        slot.keys[layer, :, new] = rotated[start:start + slot.n_new, -n_kv:].transpose(1, 0, 2)
-        slot.values[layer, :, new] = heads[start:start + slot.n_new, -n_kv:].transpose(1, 0, 2)
+        blocks, rows = cache_rows(slot, np.arange(slot.rows - slot.n_new, slot.rows))
+        slot.keys[blocks, layer, :, rows] = rotated[start:start + slot.n_new, -n_kv:]  # [n_new, KV, D]
+        slot.values[blocks, layer, :, rows] = heads[start:start + slot.n_new, -n_kv:]
     return rotated[:, :-n_kv]
+
+
+def cached(pool, slot, layer):
+    """A slot's keys (or values) at `layer` from the pool [blocks, layers, KV, BLOCK_TOKENS, D] -> [KV, rows, D]."""
+    blocks = pool[slot.table[:-(-slot.rows // BLOCK_TOKENS)], layer]  # [blocks, KV, BLOCK_TOKENS, D]
+    return blocks.transpose(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[3])[:, :slot.rows]
 
 
 def step_attention(q, step: Step, layer):
     """q [T, H, D] -> [T, H, D]: each sequence's rows attend over its own cache at `layer`."""
-    outs = [attention(q[start:start + slot.n_new], slot.keys[layer, :, :slot.rows], slot.values[layer, :, :slot.rows],
+    outs = [attention(q[start:start + slot.n_new], cached(slot.keys, slot, layer), cached(slot.values, slot, layer),
                       slot.rows - slot.n_new)
             for slot, start in zip(step.slots, step.starts)]
     return outs[0] if len(outs) == 1 else np.concatenate(outs)
