@@ -1,7 +1,8 @@
-"""ChatSession: a multi-turn conversation that keeps its KV cache between turns.
+"""ChatSession: a multi-turn conversation whose turns share their KV blocks.
 
-Each turn renders the whole conversation with the model's chat template, finds how many of its
-tokens the cache already holds (the longest common prefix) and prefills only the rest.
+Each turn renders the whole conversation with the model's chat template; its prompt starts with
+the blocks the pool already holds for those tokens (the earlier turns, kept by content after the
+previous turn's cache let go of them: kv_blocks.py), so only the rest is prefilled.
 """
 
 from .errors import PyllmError
@@ -10,28 +11,13 @@ from .sampling import SamplingParams
 
 CHAT_MAX_TOKENS = 512  # a chat answer's default length
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def reusable_prefix(cached_ids, ids) -> int:
-    """Tokens of `ids` whose cached K/V can be kept: the common prefix, less the last token of
-    `ids`, which must be fed again to get logits."""
-    return min(common_prefix(cached_ids, ids), len(ids) - 1)
-
 
 class ChatSession:
     def __init__(self, llm, system: str | None = None, sampling: SamplingParams | None = None):
         self.llm = llm
         self.system = system
         self.sampling = sampling or SamplingParams(max_tokens=CHAT_MAX_TOKENS)
-        self.cache = llm.model.new_cache()  # the whole context window; NumPy pages it in lazily
-        self.cached_ids: list[int] = []     # the tokens whose K/V the cache holds, in order
+        self.context = llm.config.max_position_embeddings
         self.messages: list[dict] = []
         self.dropped_turns = 0              # turns forgotten to make room, for the caller to report
         self.last_sequence = None           # the latest turn's Sequence (stats, finish reason)
@@ -39,9 +25,7 @@ class ChatSession:
 
     def reset(self):
         self._close_answer()
-        self.messages, self.cached_ids = [], []
-        self.dropped_turns, self.last_sequence = 0, None
-        self.cache.truncate(0)
+        self.messages, self.dropped_turns, self.last_sequence = [], 0, None
 
     def _conversation(self, messages, user_text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -51,16 +35,16 @@ class ChatSession:
         """Drop the oldest turns until the prompt leaves room for the answer (at most half the
         window, so one long answer cannot evict the whole history) -> (messages kept, prompt ids).
         Nothing changes when even the message alone does not fit."""
-        room = min(max_tokens, self.cache.capacity // 2)
+        room = min(max_tokens, self.context // 2)
         messages = self.messages
         while True:
             ids = self.llm.tokenizer.encode_chat(self._conversation(messages, user_text))
-            if len(ids) + room <= self.cache.capacity or not messages:
+            if len(ids) + room <= self.context or not messages:
                 break
             messages = messages[2:]  # one user turn and its answer
-        if len(ids) >= self.cache.capacity:
+        if len(ids) >= self.context:
             raise PyllmError(f"message too long: the conversation needs {len(ids)} tokens, "
-                             f"the context window is {self.cache.capacity}")
+                             f"the context window is {self.context}")
         return messages, ids
 
     def send(self, user_text: str, sampling: SamplingParams | None = None):
@@ -72,12 +56,9 @@ class ChatSession:
         messages, ids = self._fit(user_text, params.max_tokens)
         self.dropped_turns = (len(self.messages) - len(messages)) // 2
         self.messages = messages
-        reused = reusable_prefix(self.cached_ids, ids)
-        self.cache.truncate(reused)
-        self.cached_ids = ids[:reused]
-        seq = self.llm.new_sequence(ids, params, cache=self.cache, cached_tokens=reused)
+        seq = self.llm.new_sequence(ids, params, capacity=self.context)
         self.last_sequence = seq
-        self._streaming = self._answer(user_text, ids, seq)
+        self._streaming = self._answer(user_text, seq)
         return self._streaming
 
     def _close_answer(self):
@@ -85,14 +66,14 @@ class ChatSession:
             self._streaming.close()
             self._streaming = None
 
-    def _answer(self, user_text, ids, seq):
+    def _answer(self, user_text, seq):
         try:
             for _, piece in self.llm.run([seq]):
                 if piece:
                     yield piece
-        finally:  # also on Ctrl-C or a closed generator: keep the conversation and cache consistent
+        finally:  # also on Ctrl-C or a closed generator: keep the conversation consistent
             if not seq.finished:
                 seq.abort()
-            self.cached_ids = seq.cached_ids
+            seq.cache.release()  # its full blocks stay cached for the next turn
             self.messages = self.messages + [{"role": "user", "content": user_text},
                                              {"role": "assistant", "content": seq.text}]

@@ -63,5 +63,5 @@ def run_turn(session: ChatSession, text: str):
         return
     print()
     seq = session.last_sequence
-    if seq.finish_reason == "length" and seq.cache.length >= seq.cache.capacity:
+    if seq.finish_reason == "length" and len(seq.prompt_ids) + len(seq.output_ids) >= session.context:
         print("[context window full: the answer was cut; older turns will be dropped next]", file=sys.stderr)

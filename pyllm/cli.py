@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import PyllmError, first_line
-from .scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB
+from .scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -96,7 +96,6 @@ def cmd_serve(args):
     from .pull import ensure_default_model
     checks = [(args.max_running >= 1, "--max-running must be >= 1"), (args.max_queue >= 1, "--max-queue must be >= 1"),
               (0 < args.kv_memory_gb < 1e6, "--kv-memory-gb must be a positive number"),
-              (0 <= args.reuse_memory_mb < 1e9, "--reuse-memory-mb must be >= 0"),
               (0 <= args.port <= 65535, "--port must be 0-65535"), (args.api_key != "", "--api-key must not be empty")]
     for ok, message in checks:
         if not ok:
@@ -107,7 +106,7 @@ def cmd_serve(args):
     llm = load_llm(args)
     server = make_server(llm, model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
                          max_running=args.max_running, max_queue=args.max_queue, kv_memory_gb=args.kv_memory_gb,
-                         reuse_memory_mb=args.reuse_memory_mb, cors_origin=args.cors_origin)
+                         prefix_cache_scope=args.prefix_cache_scope, cors_origin=args.cors_origin)
     print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     server.run()
 
@@ -178,10 +177,11 @@ def build_parser():
     p.add_argument("--max-running", type=int, default=MAX_RUNNING, help="sequences decoded together per step")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait; more get 503")
     p.add_argument("--kv-memory-gb", type=float, default=KV_MEMORY_GB,
-                   help="K/V cache budget, reuse pool included (default: %(default)s)")
-    p.add_argument("--reuse-memory-mb", type=float, default=REUSE_MEMORY_MB,
-                   help="at most this much K/V of finished conversations is kept for reuse, LRU "
-                        "(default: %(default)s)")
+                   help="the KV pool: blocks of 16 tokens taken as sequences grow, full ones kept by "
+                        "content for later prompts until needed (default: %(default)s)")
+    p.add_argument("--prefix-cache-scope", choices=["global", "key"],
+                   help="share cached KV blocks among all requests, or only among those with the same "
+                        "API key (default: key when --api-key is set, else global)")
     p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
     p.set_defaults(func=cmd_serve)
 

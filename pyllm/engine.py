@@ -15,6 +15,7 @@ from .errors import PyllmError
 from .formats import QUANTIZE_CHOICES
 from .gguf_model import GGUFModel, is_gguf
 from .grammar import Grammars
+from .kv_blocks import PoolFull
 from .model import LlamaModel
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -88,35 +89,64 @@ class LLM:
         if n_prompt >= limit:
             raise PyllmError(f"prompt too long: {n_prompt} tokens, the context window is {limit}")
 
-    def new_sequence(self, prompt_ids, params: SamplingParams, cache=None, cached_tokens=0,
-                     constraint=None) -> Sequence:
+    def new_sequence(self, prompt_ids, params: SamplingParams, constraint=None, salt: str = "",
+                     capacity: int | None = None) -> Sequence:
+        """A sequence whose cache starts with the blocks of its prompt that the pool already holds
+        (shared with whoever computed them; `salt` keeps apart those who must not share)."""
         self._check_fits(len(prompt_ids))
-        cache = cache or self.model.new_cache(len(prompt_ids) + params.max_tokens)
-        return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached_tokens, constraint)
+        cache = self.model.new_cache(capacity or len(prompt_ids) + params.max_tokens, salt)
+        cached = cache.match_prefix(prompt_ids)
+        return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached, constraint)
 
     # ---- the step loop ------------------------------------------------------------------
     def step(self, sequences, prefill_chunk=PREFILL_CHUNK):
         """One batched forward over the unfinished sequences -> [(sequence, new text)].
         A sequence still prefilling feeds at most `prefill_chunk` prompt tokens (a server keeps
-        this small so running streams are not stalled by a long prompt)."""
-        running = [s for s in sequences if not s.finished]
-        batch = [(s.cache, s.pending_prompt[:prefill_chunk] or [s.last_token]) for s in running]
-        prompt_done = [len(s.pending_prompt) <= prefill_chunk for s in running]
+        this small so running streams are not stalled by a long prompt). Sequences come in
+        admission order: when the KV pool runs out, the latest give their blocks back (reserve)."""
+        running, ended = self.reserve([s for s in sequences if not s.finished], prefill_chunk)
+        batch = [(s.cache, s.pending_ids[:prefill_chunk]) for s in running]
+        sample_now = [len(s.pending_ids) <= prefill_chunk for s in running]
         starts = [s.cache.length for s in running]
         scoring = any(s.wants_prompt_logits for s in running)
-        logits = self.model.forward(batch, all_logits=scoring)
+        logits = self.model.forward(batch, all_logits=scoring) if batch else []
         if scoring:  # every position's logits: each sequence's rows, its last row the one it samples from
             ends = np.cumsum([len(ids) for _, ids in batch])
             for seq, start, rows in zip(running, starts, np.split(logits, ends[:-1])):
                 if seq.wants_prompt_logits:
                     seq.record_prompt_logits(rows, start)
             logits = logits[ends - 1]
-        events = []
-        for seq, row, sample_now in zip(running, logits, prompt_done):
-            if sample_now:
-                siblings = seq.spawn_choices(self.model.new_cache) if seq.extra_choices else []
+        events = [(s, s.cut_short()) for s in ended]
+        for seq, row, now in zip(running, logits, sample_now):
+            if now:
+                siblings = seq.spawn_choices() if seq.extra_choices else []
                 events += [(s, s.add_token_from(row)) for s in [seq, *siblings]]
         return events
+
+    @staticmethod
+    def reserve(sequences, prefill_chunk):
+        """-> (the sequences that got KV blocks for this step's tokens, in order; those that ended
+        for lack of them). When the pool runs out, the latest sequence holding blocks gives them
+        back (preempt) and waits for a later step; one that cannot grow even alone ends ('length')."""
+        ready, ended = [], []
+        for i, seq in enumerate(sequences):
+            seq.resume()
+            while True:
+                try:
+                    seq.cache.reserve(len(seq.pending_ids[:prefill_chunk]))
+                    ready.append(seq)
+                    break
+                except PoolFull:
+                    later = [s for s in sequences[i + 1:] if s.cache.blocks]
+                    if later:
+                        later[-1].preempt()
+                    elif ready:  # the earlier sequences hold the pool: wait for them
+                        seq.preempt()
+                        break
+                    else:
+                        ended.append(seq)
+                        break
+        return ready, ended
 
     def run(self, sequences):
         """Step until every sequence finishes, yielding (sequence, new text) as tokens arrive."""
@@ -159,6 +189,7 @@ class LLM:
         cache = self.model.new_cache(len(ids))
         rows = [self.model.forward([(cache, ids[i:i + PREFILL_CHUNK])], all_logits=True)
                 for i in range(0, len(ids), PREFILL_CHUNK)]
+        cache.release()
         return np.concatenate(rows)
 
     def chat_session(self, system: str | None = None, **kwargs):

@@ -11,7 +11,7 @@ from .sampling import SamplingParams
 @dataclass
 class Usage:
     prompt_tokens: int
-    cached_tokens: int          # prompt tokens reused from the pool, not prefilled
+    cached_tokens: int          # prompt tokens whose K/V blocks were cached, not prefilled
     completion_tokens: int
     ttft_s: float | None        # arrival to first token
     tpot_s: float | None        # mean time per output token after the first
@@ -36,7 +36,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[Update], None]
-    reuse: bool = False                # look up and keep the KV cache by token prefix
+    salt: str = ""                     # KV blocks are shared only among jobs with the same salt
     n: int = 1                         # choices, each sampled from its own seed stream
     constraint: object = None          # a grammar.Constraint for every choice's output, or None
     arrived: float = field(default_factory=time.perf_counter)

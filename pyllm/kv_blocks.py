@@ -49,6 +49,7 @@ class BlockPool:
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, held by no one
         self.lookups = self.hits = 0          # full prompt blocks looked up, and found
         self.copies = 0                       # blocks copied (a partial block shared at a fork)
+        self.preemptions = 0                  # sequences that gave their blocks back to let others run
 
     @property
     def block_bytes(self) -> int:
@@ -57,7 +58,7 @@ class BlockPool:
     def stats(self) -> dict:
         used = sum(1 for r in self.refs if r)
         return {"blocks": self.n_blocks, "blocks_used": used, "blocks_cached": len(self.lru),
-                "blocks_free": len(self.free), "prefix_lookups": self.lookups, "prefix_hits": self.hits}
+                "blocks_free": len(self.free), "prefix_lookups": self.lookups, "prefix_hits": self.hits, "preemptions": self.preemptions}
 
     def available(self) -> int:
         """Blocks a sequence could take now (free, or cached and evictable)."""

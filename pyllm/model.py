@@ -7,6 +7,7 @@ tokens. Linear layers run on all new tokens concatenated; attention runs per seq
 import numpy as np
 
 from .backends.base import BLOCK_TOKENS, Step
+from .errors import PyllmError
 from .kv_blocks import BlockPool
 from .kv_cache import KVCache
 
@@ -32,6 +33,13 @@ class LlamaModel:
             block_bytes = BLOCK_TOKENS * kv_bytes_per_token(self.config, itemsize)
             self.pool = BlockPool(self.backend, self.config, max(1, self.kv_memory_bytes // block_bytes))
         return self.pool
+
+    def resize_kv_pool(self, kv_memory_bytes: int) -> BlockPool:
+        """A fresh pool of that size (no cache may hold blocks of the old one) -> the pool."""
+        if self.pool is not None and self.pool.stats()["blocks_used"]:
+            raise PyllmError("the KV pool cannot be resized while caches hold its blocks")
+        self.pool, self.kv_memory_bytes = None, kv_memory_bytes
+        return self.kv_pool()
 
     def new_cache(self, capacity: int | None = None, salt: str = "") -> KVCache:
         """An empty cache of up to `capacity` tokens (default: the context window) in the pool."""

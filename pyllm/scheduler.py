@@ -3,15 +3,15 @@
 Iteration-level scheduling: each step is one LLM.step over all decoding sequences plus as many
 prefilling ones as the per-step prefill budget allows (prompts are prefilled in chunks), so a long
 prompt never stalls running streams for long. Waiting jobs are admitted, first come first served,
-while a batch slot is free and their worst-case KV memory (prompt + max_tokens) fits the budget;
-finished and cancelled sequences leave the batch at once and their KV memory is freed.
+while a batch slot is free and the model's KV pool has blocks for their first prompt chunk:
+sequences take blocks as they grow (kv_blocks.py), nothing is reserved for max_tokens. When the
+pool runs out mid-step, the latest admitted sequences give their blocks back and recompute later
+(LLM.reserve). Finished and cancelled sequences leave the batch at once; their full blocks stay
+cached by content, so a later prompt with the same prefix (the next turn of a conversation, a
+shared system prompt) starts from them; `salt` keeps tenants from sharing.
 
-Conversation reuse: a job marked `reuse` starts from a copy of the pooled KV cache (prefix_pool)
-that shares the longest token prefix with its prompt, and when it ends normally its own cache
-replaces the entries it extends; an aborted turn leaves the conversation as it was.
-
-A job with n > 1 choices prefills its prompt once; the other choices then start from copies of
-its K/V (Sequence.spawn_choices) and run as sequences of their own. KV memory is reserved for all n.
+A job with n > 1 choices prefills its prompt once; the other choices then share its blocks
+(Sequence.spawn_choices) and run as sequences of their own.
 
 No HTTP here: results go to each job's `sink` callback, called on the engine thread.
 """
@@ -24,7 +24,7 @@ import time
 
 from .errors import PyllmError
 from .jobs import Job, Update, Usage
-from .prefix_pool import PrefixPool
+from .backends.base import BLOCK_TOKENS
 
 log = logging.getLogger("pyllm.scheduler")
 # prompt tokens prefilled per step: small enough that running streams keep flowing past a long
@@ -33,9 +33,6 @@ log = logging.getLogger("pyllm.scheduler")
 PREFILL_BUDGET = 256
 # serving defaults, shared by `pyllm serve`, make_server and Scheduler
 MAX_RUNNING, MAX_QUEUE, KV_MEMORY_GB = 32, 256, 4.0
-# finished conversations kept for reuse: ~700 tokens of SmolLM2 K/V; all of it stays resident, so
-# it is what a server's RSS grows by under load (here ~5% of its idle RSS)
-REUSE_MEMORY_MB = 32.0
 
 
 def return_freed_memory():
@@ -51,23 +48,12 @@ class QueueFull(Exception):
     """No room to wait: the queue is full or the scheduler is shutting down."""
 
 
-def kv_bytes_per_token(llm) -> int:
-    """Bytes of K and V one token occupies in every layer."""
-    cfg = llm.config
-    itemsize = llm.model.new_cache(1).k.itemsize
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-
 class Scheduler:
     def __init__(self, llm, max_running=MAX_RUNNING, max_queue=MAX_QUEUE, kv_budget_bytes=int(KV_MEMORY_GB * 2**30),
-                 prefill_budget=PREFILL_BUDGET, reuse_budget_bytes=int(REUSE_MEMORY_MB * 2**20)):
+                 prefill_budget=PREFILL_BUDGET):
         self.llm = llm
-        self.context = llm.config.max_position_embeddings
-        self.max_running, self.max_queue = max_running, max_queue
-        self.kv_budget_bytes, self.prefill_budget = kv_budget_bytes, prefill_budget
-        self.reuse_budget_bytes = reuse_budget_bytes  # idle conversations kept for reuse, at most
-        self.bytes_per_token = kv_bytes_per_token(llm)
-        self.pool = PrefixPool(self.bytes_per_token)
+        self.max_running, self.max_queue, self.prefill_budget = max_running, max_queue, prefill_budget
+        self.pool = llm.model.resize_kv_pool(kv_budget_bytes)
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []      # admission order; touched by the engine thread only
         self._cond = threading.Condition()
@@ -78,15 +64,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="pyllm-engine", daemon=True)
 
     # ---- the asyncio side -----------------------------------------------------------------
-    def capacity(self, job: Job) -> int:
-        """Tokens of KV cache a job may fill: prompt + max_tokens, for each of its choices."""
-        return min(len(job.prompt_ids) + job.params.max_tokens, self.context) * job.n
-
     def submit(self, job: Job):
-        need = self.capacity(job) * self.bytes_per_token
-        if need > self.kv_budget_bytes:
-            raise PyllmError(f"prompt + max_tokens need {need / 2**20:.1f} MiB of KV cache, more than the "
-                             f"server's budget of {self.kv_budget_bytes / 2**20:.1f} MiB; lower max_tokens")
+        need = -(-(len(job.prompt_ids) + 1) // BLOCK_TOKENS)  # the prompt and a first token
+        if need > self.pool.n_blocks:
+            raise PyllmError(f"the prompt needs {need * self.pool.block_bytes / 2**20:.1f} MiB of KV cache, more than "
+                             f"the server's {self.pool.n_blocks * self.pool.block_bytes / 2**20:.1f} MiB")
         with self._cond:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")
@@ -125,10 +107,8 @@ class Scheduler:
         running = list(self._running)
         return {
             "running": len(running), "waiting": len(self._waiting),
-            "kv_bytes_used": sum(s.cache.length for j in running for s in list(j.sequences)) * self.bytes_per_token,
-            "kv_bytes_reserved": sum(self.capacity(j) for j in running) * self.bytes_per_token,
-            "kv_bytes_pooled": self.pool.bytes, "kv_budget_bytes": self.kv_budget_bytes,
-            "pooled_conversations": len(self.pool.entries),
+            "running_sequences": sum(1 for j in running for s in list(j.sequences) if not s.finished),
+            **self.pool.stats(), "block_bytes": self.pool.block_bytes,
             "batch_sizes": dict(self.batch_sizes), **self.counters,
         }
 
@@ -168,20 +148,14 @@ class Scheduler:
     def _take_admissible(self) -> list[Job]:
         """Waiting jobs that fit now, in order: first come first served, so a big job is not
         overtaken forever."""
-        taken = []
+        taken, blocks = [], self.pool.available()
         while self._waiting and len(self._running) + len(taken) < self.max_running:
-            need = sum(self.capacity(j) for j in [*taken, self._waiting[0]]) * self.bytes_per_token
-            if not self._make_room(need):
+            first_chunk = min(len(self._waiting[0].prompt_ids), self.prefill_budget)
+            blocks -= -(-first_chunk // BLOCK_TOKENS)
+            if blocks < 0 and (self._running or taken):  # alone, a job always goes (it may preempt no one)
                 break
             taken.append(self._waiting.popleft())
         return taken
-
-    def _make_room(self, need: int) -> bool:
-        reserved = sum(self.capacity(j) for j in self._running) * self.bytes_per_token
-        while reserved + self.pool.bytes + need > self.kv_budget_bytes:
-            if not self.pool.evict_lru():
-                return False
-        return True
 
     def _begin(self, job: Job):
         try:
@@ -190,16 +164,11 @@ class Scheduler:
             self._emit(job, Update(finish_reason="error", error=str(exc), final=True))
 
     def _start_sequence(self, job: Job):
-        entry, reused = self.pool.match(job.prompt_ids) if job.reuse else (None, 0)
-        cache = self.llm.model.new_cache(self.capacity(job) // job.n)
-        if reused:  # a copy: the entry stays for others until this job's longer conversation replaces it
-            cache.copy_prefix_from(entry.cache, reused)
-        sequence = self.llm.new_sequence(job.prompt_ids, job.params, cache=cache, cached_tokens=reused,
-                                         constraint=job.constraint)
+        sequence = self.llm.new_sequence(job.prompt_ids, job.params, constraint=job.constraint, salt=job.salt)
         sequence.extra_choices = job.n - 1
         job.sequences = [sequence]
         self.counters["prompt_tokens"] += len(job.prompt_ids)
-        self.counters["cached_tokens"] += reused
+        self.counters["cached_tokens"] += sequence.cached_tokens
         self._running.append(job)
 
     def _pick_batch(self) -> list:
@@ -208,7 +177,8 @@ class Scheduler:
         batch, budget = [], self.prefill_budget
         for job in self._running:
             running = [s for s in job.sequences if not s.finished]
-            chunk = min(len(job.first.pending_prompt), self.prefill_budget)
+            pending = max((len(s.pending_ids) for s in running), default=0)  # 1 while decoding
+            chunk = min(pending, self.prefill_budget) if pending > 1 else 0
             if chunk > budget:
                 continue
             batch += running
@@ -257,7 +227,6 @@ class Scheduler:
         done = job.choices_done == len(job.sequences) and not job.first.extra_choices
         usage = self._usage(job) if done else None
         if done:
-            self._keep_conversation(job)
             self._release(job)
         self._emit(job, self._update(seq, text, finish_reason=seq.finish_reason, usage=usage, final=done))
 
@@ -268,23 +237,13 @@ class Scheduler:
                      first - job.arrived if first else None,
                      (now - first) / (n_first - 1) if first and n_first > 1 else None)
 
-    def _keep_conversation(self, job: Job):
-        """Pool a finished chat's first choice for the next turn to reuse."""
-        seq = job.first
-        if job.reuse and seq.finish_reason in ("stop", "length") and seq.cache.length:
-            # pooled at its true size: the cache was allocated for prompt + max_tokens
-            kept = self.llm.model.new_cache(seq.cache.length)
-            kept.copy_prefix_from(seq.cache, seq.cache.length)
-            self.pool.put(seq.cached_ids, kept)
-            while self.pool.bytes > self.reuse_budget_bytes and self.pool.evict_lru():
-                pass
-
     def _release(self, job: Job):
         for seq in job.sequences:
             if not seq.finished:
                 seq.abort()
+            seq.cache.release()  # full blocks stay cached by content for later prompts
         self._running.remove(job)
-        job.sequences = []  # frees the KV caches unless the pool kept one
+        job.sequences = []
 
     def _emit(self, job: Job, update: Update):
         try:

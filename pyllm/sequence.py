@@ -30,20 +30,39 @@ class Sequence:
         self.finish_reason = None  # "stop" | "length" | "abort"
         self.cached_tokens = cached_tokens  # prompt tokens found in the cache, not prefilled
         self.first_token_at = None
+        self.preempted = False  # its blocks were given back; resume() before it runs again
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @property
-    def pending_prompt(self) -> list[int]:
-        """Prompt tokens not yet in the cache."""
-        return self.prompt_ids[self.cache.length:] if self.cache.length < len(self.prompt_ids) else []
+    def pending_ids(self) -> list[int]:
+        """Tokens to feed before the next token is sampled: the prompt's rest while prefilling, the
+        last sampled token while decoding, or everything again after preemption."""
+        return (self.prompt_ids + self.output_ids)[self.cache.length:]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cache.length < len(self.prompt_ids)
 
     @property
     def cached_ids(self) -> list[int]:
         """The tokens whose K/V the cache holds, in order (the last sampled token is not fed yet)."""
-        return (self.prompt_ids + self.output_ids)[:self.cache.length]
+        return self.cache.tokens
+
+    def preempt(self):
+        """Give every KV block back (the pool ran out); the tokens so far stay, and a later step
+        recomputes them, starting from whatever prefix of them the pool still caches."""
+        self.cache.release()
+        self.cache.pool.preemptions += 1
+        self.preempted = True
+
+    def resume(self):
+        """Before a preempted sequence runs again: take back its cached prefix."""
+        if self.preempted:
+            self.cache.match_prefix(self.prompt_ids + self.output_ids)
+            self.preempted = False
 
     @property
     def last_token(self) -> int:
@@ -61,13 +80,12 @@ class Sequence:
             if position < len(self.prompt_ids):
                 self.prompt_logprobs.append(token_logprob(row, self.prompt_ids[position], self.params.prompt_logprobs))
 
-    def spawn_choices(self, new_cache) -> list["Sequence"]:
-        """The other choices of an n > 1 request, once this one's prompt is prefilled: each starts
-        from one copy of the prompt's K/V, with its own seed stream and grammar state."""
+    def spawn_choices(self) -> list["Sequence"]:
+        """The other choices of an n > 1 request, once this one's prompt is prefilled: each shares
+        the prompt's K/V blocks, with its own seed stream and grammar state."""
         spawned = []
         for choice in range(self.choice + 1, self.choice + 1 + self.extra_choices):
-            cache = new_cache(self.cache.capacity)
-            cache.copy_prefix_from(self.cache, self.cache.length)
+            cache = self.cache.fork()
             constraint = self.constraint.copy() if self.constraint is not None else None
             sibling = Sequence(self.prompt_ids, self.params, cache, self.tokenizer, self.eos_ids, self.cached_tokens,
                                constraint, choice)
@@ -122,6 +140,11 @@ class Sequence:
             pending, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         self.text += pending
         return pending
+
+    def cut_short(self) -> str:
+        """End with finish reason 'length' now (no KV room is left to grow) -> the text held back."""
+        self.finish_reason = "length"
+        return self._release(self.detokenizer.flush(), final=True)
 
     def abort(self):
         self.finish_reason = "abort"

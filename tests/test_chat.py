@@ -1,5 +1,6 @@
-"""ChatSession: chat templates against transformers, prefix reuse across turns (checked against a
-cold run of the same history), interrupted answers, a full context window, /reset."""
+"""ChatSession: chat templates against transformers, prefix reuse across turns through the KV
+pool's cached blocks (checked against a cold run of the same history, on an emptied pool),
+interrupted answers, a full context window, /reset."""
 
 import json
 
@@ -8,7 +9,8 @@ import pytest
 import pyllm
 from conftest import interrupt_on_swiglu_call, make_tiny_model, write_byte_tokenizer
 from pyllm import PyllmError, SamplingParams
-from pyllm.chat import ChatSession, common_prefix
+from pyllm.backends.base import BLOCK_TOKENS
+from pyllm.chat import ChatSession
 from pyllm.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -24,8 +26,14 @@ def run_turn(session, text, params=None):
     return "".join(session.send(text, params))
 
 
+def common_prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def cold(llm, system, messages, text, params=GREEDY):
-    """A fresh session handed the recorded history: what the next turn must equal."""
+    """A fresh session handed the recorded history, on an empty KV pool (nothing cached): what
+    the next turn must equal."""
+    llm.model.resize_kv_pool(llm.model.kv_memory_bytes)
     session = ChatSession(llm, system, params)
     session.messages = [dict(m) for m in messages]
     answer = run_turn(session, text)
@@ -96,12 +104,14 @@ def test_turn_two_prefills_only_new_tokens_and_matches_cold(tiny_llm, monkeypatc
     first_user = "Tell me something about the sea and the ships upon it, please."
     answer1 = run_turn(session, first_user)
     turn1 = session.last_sequence
-    assert session.cached_ids == turn1.prompt_ids + turn1.output_ids[:-1]  # the last token was never fed
+    fed1 = turn1.prompt_ids + turn1.output_ids[:-1]  # the last token was never fed
 
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first_user},
                {"role": "assistant", "content": answer1}]
     prompt2 = tiny_llm.tokenizer.encode_chat(history + [{"role": "user", "content": "Why?"}])
-    expected_prefill = len(prompt2) - common_prefix(session.cached_ids, prompt2)
+    shared = min(common_prefix(fed1, prompt2), len(prompt2) - 1)
+    cached = shared // BLOCK_TOKENS * BLOCK_TOKENS  # the full blocks of what both hold
+    expected_prefill = len(prompt2) - cached
     fed = []  # tokens fed per forward step
     forward = tiny_llm.model.forward
 
@@ -114,7 +124,7 @@ def test_turn_two_prefills_only_new_tokens_and_matches_cold(tiny_llm, monkeypatc
     assert session.dropped_turns == 0 and session.last_sequence.prompt_ids == prompt2
     assert fed[0] == expected_prefill                       # the prefill step
     assert fed[1:] == [1] * (len(session.last_sequence.output_ids) - 1)  # then one token per step
-    assert common_prefix(session.cached_ids, prompt2) >= len(turn1.prompt_ids)
+    assert session.last_sequence.cached_tokens == cached >= len(turn1.prompt_ids) - BLOCK_TOKENS
     assert expected_prefill <= len(prompt2) // 2
     monkeypatch.undo()
     assert (answer2, session.last_sequence.output_ids) == cold(tiny_llm, SYSTEM, history[1:], "Why?")
@@ -150,8 +160,7 @@ def test_ctrl_c_inside_a_forward_keeps_the_session_consistent(tiny_llm, monkeypa
     monkeypatch.undo()
     seq = session.last_sequence
     assert seq.finish_reason == "abort" and len(seq.output_ids) == 2
-    assert session.cache.length == len(seq.prompt_ids) + 1
-    assert session.cached_ids == (seq.prompt_ids + seq.output_ids)[:session.cache.length]
+    assert seq.cache.length == 0 and tiny_llm.model.pool.stats()["blocks_used"] == 0  # every block given back
     assert_next_turn_matches_cold(session, "Go on.")
 
 
@@ -201,8 +210,8 @@ def test_answer_cut_by_the_window_then_next_turn(small_llm):
     session = ChatSession(small_llm, None, SamplingParams(max_tokens=20, ignore_eos=True))
     run_turn(session, "12345678")  # 58 prompt tokens: room for 6 fed tokens in a window of 64
     seq = session.last_sequence
-    assert seq.finish_reason == "length" and session.cache.length == 64
-    assert len(seq.output_ids) == 64 - len(seq.prompt_ids) + 1
+    assert seq.finish_reason == "length"
+    assert len(seq.output_ids) == 64 - len(seq.prompt_ids) + 1  # 64 fed, and the last one sampled
     run_turn(session, "hi")
     assert session.dropped_turns == 1
 
@@ -215,7 +224,7 @@ def test_reset_starts_over(tiny_llm):
     answer = session.send("And 8?")
     next(answer)
     session.reset()  # also ends the answer in flight
-    assert session.messages == [] and session.cached_ids == [] and session.cache.length == 0
+    assert session.messages == [] and tiny_llm.model.pool.stats()["blocks_used"] == 0
     assert (run_turn(session, "Hello."), session.last_sequence.output_ids) == cold(tiny_llm, SYSTEM, [], "Hello.")
 
 
@@ -229,5 +238,5 @@ def test_smollm2_second_turn_matches_cold(smollm2_dir):
     prompt1 = session.last_sequence.prompt_ids
     assert_next_turn_matches_cold(session, "And of Italy?", params)
     turn2 = session.last_sequence
-    assert turn2.cached_tokens >= len(prompt1)
+    assert turn2.cached_tokens >= len(prompt1) // BLOCK_TOKENS * BLOCK_TOKENS  # its full blocks
     assert len(turn2.prompt_ids) - turn2.cached_tokens < len(turn2.prompt_ids) // 2

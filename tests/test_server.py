@@ -1,5 +1,5 @@
 """pyllm serve: the openai client, SSE framing, every error status, conversation reuse, 64 concurrent
-clients, disconnects, graceful shutdown, batched == one-at-a-time, the KV budget. The server runs
+clients, disconnects, graceful shutdown, batched == one-at-a-time, a KV pool smaller than the load. The server runs
 in-process (uvicorn in a thread on a pre-bound loopback socket) or, for signals, as a subprocess."""
 
 import asyncio
@@ -22,7 +22,7 @@ import pyllm
 import pyllm.scheduler
 from conftest import REPO, make_tiny_model
 from pyllm import SamplingParams
-from pyllm.chat import common_prefix
+from pyllm.backends.base import BLOCK_TOKENS
 from pyllm.server.app import make_server
 from pyllm.server.protocol import ALL_FIELDS
 
@@ -30,6 +30,15 @@ MODEL = "tiny-chat"
 CONTEXT = 32768  # long streams (~0.3 ms a token) outlast the test's actions
 LONG = CONTEXT - 100
 HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+def common_prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def full_blocks(n: int) -> int:
+    """Tokens of the whole KV blocks in the first n."""
+    return n // BLOCK_TOKENS * BLOCK_TOKENS
 
 
 @contextlib.contextmanager
@@ -272,15 +281,15 @@ def test_conversation_reuse_matches_cold_run(base, llm):
     history = opening + [{"role": "assistant", "content": first.choices[0].message.content},
                          {"role": "user", "content": "Tell me more."}]
     second = c.chat.completions.create(model=MODEL, messages=history, **sampling)
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= full_blocks(first.usage.prompt_tokens)
     cold = llm.generate(llm.tokenizer.encode_chat(history), SamplingParams(**sampling))
     assert second.choices[0].message.content == cold.text
     assert second.usage.completion_tokens == len(cold.token_ids)
-    # another conversation reuses only the tokens it shares with what is pooled: the template's opening
-    other = [{"role": "user", "content": "Zebra?"}]
+    # another conversation reuses only the whole blocks it shares with what is cached
+    other = [{"role": "user", "content": "Zebra? " * 8}]
     shared = common_prefix(llm.tokenizer.encode_chat(other), llm.tokenizer.encode_chat(history))
     reply = c.chat.completions.create(model=MODEL, messages=other, max_tokens=2)
-    assert 0 < reply.usage.prompt_tokens_details.cached_tokens <= shared
+    assert reply.usage.prompt_tokens_details.cached_tokens == full_blocks(shared)
 
 
 def test_smollm2_chat_and_reuse(smollm2_dir):
@@ -295,7 +304,7 @@ def test_smollm2_chat_and_reuse(smollm2_dir):
         chunks = list(c.chat.completions.create(model=smollm2_dir.name, messages=messages, max_tokens=16,
                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= full_blocks(answer.usage.prompt_tokens)
         assert text == llm.generate(llm.tokenizer.encode_chat(messages), max_tokens=16).text
 
         prompts = ["The tallest mountain is", "def add(a, b):", "Roses are red,", "In 1492,"]
@@ -426,21 +435,23 @@ def _healthy(url) -> bool:
         return False
 
 
-# ---- the KV memory budget ----------------------------------------------------------------------
+# ---- a KV pool smaller than the load ------------------------------------------------------------
 
-def test_kv_budget_bounds_running_sequences_and_pool(llm):
-    per_token = pyllm.scheduler.kv_bytes_per_token(llm)
-    budget_gb = 2.5 * 100 * per_token / 2**30  # room for two sequences of 100 tokens, not three
-    with serving(llm, kv_memory_gb=budget_gb) as (url, server):
-        texts = run_concurrently(url, [{"prompt": f"P{i}:", "max_tokens": 96, "ignore_eos": True, "temperature": 0}
-                                       for i in range(5)])
-        assert len(texts) == 5 and all(texts)
-        assert max(server.scheduler.batch_sizes) == 2
-        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1000}, timeout=10)
+def test_small_kv_pool_preempts_and_loses_nothing(llm):
+    """Five 100-token streams on a pool of ~2.5 of them: all run in one batch (nothing is reserved
+    for max_tokens), the latest give their blocks back when the pool runs out and recompute later,
+    and every answer equals its run alone."""
+    block_bytes = llm.model.kv_pool().block_bytes
+    blocks = int(2.5 * 100 / BLOCK_TOKENS)
+    bodies = [{"prompt": f"P{i}:", "max_tokens": 96, "ignore_eos": True, "temperature": 0} for i in range(5)]
+    alone = [llm.generate(b["prompt"], max_tokens=96, ignore_eos=True).text for b in bodies]
+    with serving(llm, kv_memory_gb=blocks * block_bytes / 2**30) as (url, server):
+        assert server.scheduler.pool.n_blocks == blocks
+        assert run_concurrently(url, bodies) == alone
+        assert max(server.scheduler.batch_sizes) == 5
+        stats = server.scheduler.stats()
+        assert stats["blocks_used"] == 0 and stats["blocks_cached"] + stats["blocks_free"] == blocks
+        assert stats["preemptions"] > 0
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x" * (blocks * BLOCK_TOKENS), "max_tokens": 1},
+                       timeout=10)
         assert r.status_code == 400 and "MiB" in r.json()["error"]["message"]
-        for i in range(6):  # conversations pile up in the pool; LRU keeps it within the budget
-            client(url).chat.completions.create(model=MODEL, max_tokens=8,
-                                                messages=[{"role": "user", "content": f"Chat {i}" * 5}])
-            stats = server.scheduler.stats()
-            assert stats["kv_bytes_pooled"] + stats["kv_bytes_reserved"] <= stats["kv_budget_bytes"]
-        assert 0 < stats["pooled_conversations"] < 6

@@ -7,6 +7,7 @@ On shutdown the scheduler first ends streams in flight (after a grace period) so
 """
 
 import asyncio
+import hashlib
 import hmac
 import json
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
 from ..jobs import Job
-from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, REUSE_MEMORY_MB, Scheduler
+from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, Scheduler
 from .body import read_json
 from .errors import RequestError
 from .job_stream import JobStream
@@ -48,8 +49,17 @@ def error_json(status: int, message: str, type="invalid_request_error", headers=
     return JSONResponse(RequestError(message, status, type=type).body(), status, headers=headers)
 
 
+PREFIX_CACHE_SCOPES = ("global", "key")
+
+
 def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = None,
-               cors_origin: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               cors_origin: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               prefix_cache_scope: str | None = None) -> FastAPI:
+    """prefix_cache_scope: "key" (the default with an API key): requests share KV blocks only with
+    requests of the same key, so no one can time another tenant's prompts; "global": all share."""
+    scope = prefix_cache_scope or ("key" if api_key else "global")
+    if scope not in PREFIX_CACHE_SCOPES:
+        raise PyllmError(f"unknown prefix cache scope {scope!r}; choose from: {', '.join(PREFIX_CACHE_SCOPES)}")
     metrics = Metrics()
     context, vocab_size, tokenizer = llm.config.max_position_embeddings, llm.config.vocab_size, llm.tokenizer
 
@@ -87,6 +97,12 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise RequestError("missing or invalid API key (send Authorization: Bearer KEY)", 401,
                                code="invalid_api_key")
+
+    def cache_salt(request: Request, salt: str) -> str:
+        """What a request's KV blocks are keyed with beside their tokens: its cache_salt, and under
+        the "key" scope the API key it came with."""
+        key = request.headers.get("authorization", "") if scope == "key" else ""
+        return f"{hashlib.sha256(key.encode()).hexdigest() if key else ''}:{salt}"
 
     def check_model(name):
         if name is not None and name != model_id:
@@ -128,7 +144,8 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
         constraint = await constraint_for(req)
         echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False), ids)
                   for p, ids in zip(req.prompts, prompts)] if req.echo else None
-        stream = JobStream(scheduler, [Job(ids, p, None, reuse=chat, n=req.n, constraint=constraint)
+        salt = cache_salt(request, req.cache_salt)
+        stream = JobStream(scheduler, [Job(ids, p, None, salt=salt, n=req.n, constraint=constraint)
                                        for ids, p in zip(prompts, params)])
         shaper = Shaper(chat, model_id, req.include_usage,
                         LogprobsShaper(tokenizer, llm.grammars) if req.logprobs is not None else None,
@@ -250,10 +267,9 @@ class Server(uvicorn.Server):
 
 
 def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=MAX_RUNNING,
-                max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, reuse_memory_mb=REUSE_MEMORY_MB, cors_origin=None,
+                max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, prefix_cache_scope=None, cors_origin=None,
                 log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
-    scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30),
-                          reuse_budget_bytes=int(reuse_memory_mb * 2**20))
-    app = create_app(llm, scheduler, model_id, api_key, cors_origin, max_body_bytes)
+    scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30))
+    app = create_app(llm, scheduler, model_id, api_key, cors_origin, max_body_bytes, prefix_cache_scope)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s + 5)
     return Server(config, scheduler, grace_s)

@@ -69,18 +69,24 @@ class Metrics:
 
 SCALARS = [
     ("pyllm_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", "prompt_tokens"),
-    ("pyllm_cached_prompt_tokens_total", "counter", "Prompt tokens reused from earlier conversations.",
+    ("pyllm_cached_prompt_tokens_total", "counter", "Prompt tokens whose KV blocks were cached.",
      "cached_tokens"),
     ("pyllm_generation_tokens_total", "counter", "Generated tokens.", "generated_tokens"),
     ("pyllm_engine_steps_total", "counter", "Batched forward steps.", "steps"),
-    ("pyllm_running_sequences", "gauge", "Sequences in the running batch.", "running"),
+    ("pyllm_running_requests", "gauge", "Requests in the running batch.", "running"),
+    ("pyllm_running_sequences", "gauge", "Sequences (choices) in the running batch.", "running_sequences"),
     ("pyllm_waiting_sequences", "gauge", "Requests waiting for admission.", "waiting"),
-    ("pyllm_kv_cache_used_bytes", "gauge", "K/V bytes holding tokens of running sequences.", "kv_bytes_used"),
-    ("pyllm_kv_cache_reserved_bytes", "gauge", "K/V bytes reserved for running sequences (prompt + max_tokens).",
-     "kv_bytes_reserved"),
-    ("pyllm_kv_cache_pooled_bytes", "gauge", "K/V bytes of idle conversations kept for reuse.", "kv_bytes_pooled"),
-    ("pyllm_kv_cache_budget_bytes", "gauge", "The K/V memory budget.", "kv_budget_bytes"),
-    ("pyllm_pooled_conversations", "gauge", "Idle conversations kept for reuse.", "pooled_conversations"),
+    ("pyllm_kv_blocks", "gauge", "Blocks of 16 tokens in the KV pool.", "blocks"),
+    ("pyllm_kv_blocks_used", "gauge", "KV blocks held by running sequences.", "blocks_used"),
+    ("pyllm_kv_blocks_cached", "gauge", "KV blocks held by no one, kept by content for later prompts.",
+     "blocks_cached"),
+    ("pyllm_kv_blocks_free", "gauge", "KV blocks holding nothing.", "blocks_free"),
+    ("pyllm_kv_block_bytes", "gauge", "Bytes of one KV block (K and V, every layer).", "block_bytes"),
+    ("pyllm_prefix_cache_queries_total", "counter", "Full prompt blocks looked up in the prefix cache.",
+     "prefix_lookups"),
+    ("pyllm_prefix_cache_hits_total", "counter", "Full prompt blocks found in the prefix cache.", "prefix_hits"),
+    ("pyllm_preemptions_total", "counter", "Sequences that gave their KV blocks back and recomputed later.",
+     "preemptions"),
 ]
 
 

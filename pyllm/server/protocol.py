@@ -18,7 +18,8 @@ MAX_N = 16                # choices per prompt
 MAX_CHOICES = 64          # choices per request: prompts x n
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "ignore_eos",
                    "presence_penalty", "frequency_penalty")
-COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "n", "logprobs", "logit_bias", *SAMPLING_FIELDS}
+COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "n", "logprobs", "logit_bias", "cache_salt",
+                 *SAMPLING_FIELDS}
 # fields that cannot change the generated text
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
                   "prompt_cache_retention", "parallel_tool_calls"}
@@ -50,6 +51,7 @@ class GenerationRequest:
     echo: bool = False                    # completions: the prompt (and its logprobs) comes first
     response_schema: dict | None = None   # a JSON schema the output must follow
     tool_choice: ToolChoice | None = None
+    cache_salt: str = ""                  # KV blocks are shared only among requests with the same salt (vLLM's)
 
     def sampling_params(self, n_prompt: int, context: int, vocab_size: int) -> SamplingParams:
         """The request's sampling once its prompt length is known; checks it fits the context."""
@@ -145,10 +147,13 @@ def _common(body: dict, chat: bool) -> GenerationRequest:
         raise RequestError("stop must be a string or a list of at most 4 strings", param="stop")
     if not isinstance(sampling.get("ignore_eos", False), bool):
         raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise RequestError("cache_salt must be a non-empty string", param="cache_salt")
     request = GenerationRequest(chat, model, max_tokens=max_tokens, sampling=sampling, stream=stream,
                                 include_usage=bool(options and options.get("include_usage")),
                                 n=_int_field(body, "n", 1, MAX_N) or 1, logprobs=_logprobs(body, chat),
-                                echo=_bool_field(body, "echo"))
+                                echo=_bool_field(body, "echo"), cache_salt=salt or "")
     try:  # validates every sampling field now, before the prompt is tokenized
         request.sampling_params(0, 1 << 62, 1 << 62)
     except PyllmError as exc:  # its messages start with the field's name
