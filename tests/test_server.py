@@ -161,7 +161,9 @@ def test_tokenize_health_metrics(base, llm):
     text = httpx.get(base + "/metrics", timeout=10).text
     for name in ("pyllm_requests_total", "pyllm_prompt_tokens_total", "pyllm_generation_tokens_total",
                  "pyllm_running_sequences", "pyllm_waiting_sequences", "pyllm_batch_size_bucket",
-                 "pyllm_time_to_first_token_seconds_bucket", "pyllm_time_per_output_token_seconds_bucket"):
+                 "pyllm_time_to_first_token_seconds_bucket", "pyllm_time_per_output_token_seconds_bucket",
+                 "pyllm_kv_blocks_used", "pyllm_kv_blocks_cached", "pyllm_kv_blocks_free",
+                 "pyllm_prefix_cache_hits_total", "pyllm_preemptions_total"):
         assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.MULTILINE), name
 
 
