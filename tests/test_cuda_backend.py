@@ -104,7 +104,7 @@ def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backen
 
 def test_decode_step_sends_ids_up_and_logits_down_only(tiny_model, backend, monkeypatch):
     llm = pyllm.LLM(str(tiny_model[0]), backend=backend, show_progress=False)
-    cache = llm.model.new_cache()
+    cache = llm.model.new_cache(64)  # sized, as generate sizes it (a growing one reallocates on the device)
     prefill(llm.model, cache, PROMPT)
     calls = []
     for name in ("upload", "upload_ids", "zeros", "to_host"):
