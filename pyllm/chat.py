@@ -30,7 +30,7 @@ class ChatSession:
         self.llm = llm
         self.system = system
         self.sampling = sampling or SamplingParams(max_tokens=CHAT_MAX_TOKENS)
-        self.cache = llm.model.new_cache()  # the whole context window; NumPy pages it in lazily
+        self.cache = llm.model.new_cache()  # the whole context window, allocated as it fills
         self.cached_ids: list[int] = []     # the tokens whose K/V the cache holds, in order
         self.messages: list[dict] = []
         self.dropped_turns = 0              # turns forgotten to make room, for the caller to report

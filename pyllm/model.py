@@ -17,7 +17,10 @@ class LlamaModel:
         self.weights = weights
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.backend, self.config, capacity or self.config.max_position_embeddings)
+        """A cache for `capacity` tokens, allocated at once; without one, the whole context
+        window, allocated as tokens arrive."""
+        window = self.config.max_position_embeddings
+        return KVCache(self.backend, self.config, capacity or window, grow=capacity is None)
 
     def forward(self, batch, all_logits=False):
         """batch: list of (KVCache, new token ids). Returns logits as host f32:
