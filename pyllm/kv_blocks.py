@@ -1,8 +1,10 @@
 """BlockPool: a model's KV memory as blocks of BLOCK_TOKENS tokens, shared by its sequences.
 
 Every layer's K and V of a block sit together: keys, values [blocks, layers, KV, BLOCK_TOKENS, D]
-on the backend's device (host NumPy pages are committed as they are first written). A sequence's
-KVCache holds a table of blocks and takes them as it grows; nothing is reserved up front.
+on the backend's device. The arrays start small and double as blocks are first needed, up to the
+pool's size (a GPU commits memory when it allocates, so a pool sized for a long context costs
+nothing until it fills). A sequence's KVCache holds a table of blocks and takes them as it grows;
+nothing is reserved up front.
 
 A full block is known by its content: key = hash(parent block's key, its tokens, salt), so one
 key stands for the whole prefix up to and including the block. Blocks are refcounted: a
@@ -20,6 +22,9 @@ from .backends.base import BLOCK_TOKENS
 from .errors import PyllmError
 
 
+FIRST_BLOCKS = 64  # blocks allocated when a pool is made; it doubles from there
+
+
 class PoolFull(PyllmError):
     """No free or cached block is left: a sequence must give its blocks back (preemption)."""
 
@@ -35,17 +40,17 @@ def block_key(parent: int | None, tokens, salt: str = "") -> int:
 
 
 class BlockPool:
-    def __init__(self, backend, config, n_blocks: int):
+    def __init__(self, backend, config, n_blocks: int, first_blocks: int = FIRST_BLOCKS):
         if n_blocks < 1:
             raise PyllmError(f"the KV pool needs at least one block of {BLOCK_TOKENS} tokens")
-        shape = (n_blocks, config.num_layers, config.num_kv_heads, BLOCK_TOKENS, config.head_dim)
-        self.keys = backend.zeros(shape)    # [blocks, layers, KV, BLOCK_TOKENS, D]
-        self.values = backend.zeros(shape)  # [blocks, layers, KV, BLOCK_TOKENS, D]
+        self.backend, self.block_shape = backend, (config.num_layers, config.num_kv_heads, BLOCK_TOKENS, config.head_dim)
+        self.keys = backend.zeros((min(first_blocks, n_blocks), *self.block_shape))  # [allocated, layers, KV, BLOCK_TOKENS, D]
+        self.values = backend.zeros(self.keys.shape)                                 # the same
         self.n_blocks = n_blocks
         self.refs = [0] * n_blocks            # holders of each block
         self.key_of = [None] * n_blocks       # content key of a full, cached block
         self.by_key: dict[int, int] = {}      # content key -> its block
-        self.free = list(range(n_blocks - 1, -1, -1))            # held by no one, no content kept
+        self.free = list(range(len(self.keys) - 1, -1, -1))      # allocated, held by no one, no content kept
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, held by no one
         self.lookups = self.hits = 0          # full prompt blocks looked up, and found
         self.copies = 0                       # blocks copied (a partial block shared at a fork)
@@ -55,18 +60,30 @@ class BlockPool:
     def block_bytes(self) -> int:
         return 2 * self.keys[0].size * self.keys.itemsize
 
+    def _grow(self) -> bool:
+        """Double the arrays (up to n_blocks), keeping every block's contents -> whether it grew."""
+        have = len(self.keys)
+        if have == self.n_blocks:
+            return False
+        more = min(have, self.n_blocks - have)
+        extra = self.backend.zeros((more, *self.block_shape))
+        self.keys = self.backend.xp.concatenate([self.keys, extra])
+        self.values = self.backend.xp.concatenate([self.values, extra])
+        self.free = list(range(have + more - 1, have - 1, -1)) + self.free
+        return True
+
     def stats(self) -> dict:
         used = sum(1 for r in self.refs if r)
         return {"blocks": self.n_blocks, "blocks_used": used, "blocks_cached": len(self.lru),
-                "blocks_free": len(self.free), "prefix_lookups": self.lookups, "prefix_hits": self.hits, "preemptions": self.preemptions}
+                "blocks_free": self.n_blocks - used - len(self.lru), "blocks_allocated": len(self.keys), "prefix_lookups": self.lookups, "prefix_hits": self.hits, "preemptions": self.preemptions}
 
     def available(self) -> int:
-        """Blocks a sequence could take now (free, or cached and evictable)."""
-        return len(self.free) + len(self.lru)
+        """Blocks a sequence could take now (free, not yet allocated, or cached and evictable)."""
+        return len(self.free) + len(self.lru) + self.n_blocks - len(self.keys)
 
     def allocate(self) -> int:
         """A block for new tokens, held once: a free one, else the least recently used cached one."""
-        if self.free:
+        if self.free or self._grow():
             block = self.free.pop()
         elif self.lru:
             block, _ = self.lru.popitem(last=False)

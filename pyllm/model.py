@@ -53,7 +53,7 @@ class LlamaModel:
         cfg, be, w = self.config, self.backend, self.weights
         lengths = [len(ids) for _, ids in batch]
         for (cache, _), n in zip(batch, lengths):
-            cache.check_room(n)
+            cache.reserve(n)  # every cache's blocks before any slot: taking them may grow the pool's arrays
         ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
         starts = np.concatenate([[0], np.cumsum(lengths)])
         x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]

@@ -6,8 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pyllm.backends.cuda_device import GpuLimits
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
+# GPUs cuda-emu is run as: compute capability, cudaDevAttrMaxSharedMemoryPerBlockOptin
+GPUS = {"T4": GpuLimits(75, 64 * 1024), "A100": GpuLimits(80, 163 * 1024), "H100": GpuLimits(90, 227 * 1024)}
 
 
 def write_byte_tokenizer(model_dir: Path):

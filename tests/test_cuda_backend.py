@@ -14,7 +14,8 @@ import pytest
 
 import pyllm
 from conftest import SHARED, TINY_VARIANTS, make_tiny_model, needs_shared
-from pyllm.backends.cuda_backend import CudaBackend, CupyDevice, EmuDevice
+from pyllm.backends.cuda_backend import CudaBackend
+from pyllm.backends.cuda_device import CupyDevice, EmuDevice
 from pyllm.errors import PyllmError
 from pyllm.model import decode, prefill
 
@@ -77,8 +78,8 @@ def test_ragged_batch_equals_one_at_a_time(tiny_model, backend):
     singles = [llm.generate(p, max_tokens=8, ignore_eos=True).token_ids for p in prompts]
     assert [o.token_ids for o in llm.generate(prompts, max_tokens=8, ignore_eos=True)] == singles
     batch_logits = llm.model.forward([(llm.model.new_cache(), p) for p in prompts])
-    for prompt, row in zip(prompts, batch_logits):
-        np.testing.assert_allclose(row, llm.score(prompt)[-1], atol=1e-5)
+    for prompt, row in zip(prompts, batch_logits):  # cuBLAS may order a batch's sums its own way
+        np.testing.assert_allclose(row, llm.score(prompt)[-1], atol=1e-5 if backend == "cuda-emu" else 1e-4)
 
 
 def decode_step_launches(model_dir, backend):
@@ -104,7 +105,7 @@ def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backen
 
 def test_decode_step_sends_ids_up_and_logits_down_only(tiny_model, backend, monkeypatch):
     llm = pyllm.LLM(str(tiny_model[0]), backend=backend, show_progress=False)
-    cache = llm.model.new_cache()
+    cache = llm.model.new_cache(64)  # sized, as generate sizes it (a growing one reallocates on the device)
     prefill(llm.model, cache, PROMPT)
     calls = []
     for name in ("upload", "upload_ids", "zeros", "to_host"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import GPUS
 from pyllm.backends.cuda_emu import CompileError, KernelFault, LaunchError, Module, RaceDetected
 from pyllm.backends.nvrtc import kernel_variants
 
@@ -22,8 +23,8 @@ POISON = -1  # what a lane reads from a lane that did not take part (all bits se
 
 
 @functools.lru_cache(maxsize=None)
-def module(path: Path, options=(), race_check=False) -> Module:
-    return Module(path=path, options=options, race_check=race_check)
+def module(path: Path, options=(), race_check=False, **limits) -> Module:
+    return Module(path=path, options=options, race_check=race_check, **limits)
 
 
 @np.errstate(all="ignore")
@@ -341,6 +342,22 @@ def test_static_plus_dynamic_shared_memory_limit_and_opt_in():
     kernel.max_dynamic_shared_size_bytes = 64 * 1024
     kernel(1, 256, (x, out, np.int32(n)), shared_mem=4 * n)
     np.testing.assert_array_equal(out, x[::-1] + 1)
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_opt_in_limit_is_the_emulated_gpus(gpu):
+    limit = GPUS[gpu].shared_optin_bytes
+    kernel = module(KERNELS / "big_shared.cu", optin_shared_limit=limit).get_function("big_shared")
+    room = limit - kernel.shared_size_bytes  # the most dynamic shared memory a block may opt in to
+    with pytest.raises(LaunchError, match=f"opt-in limit {limit}"):
+        kernel.max_dynamic_shared_size_bytes = room + 4
+    kernel.max_dynamic_shared_size_bytes = room
+    n = room // 4
+    x, out = RNG.standard_normal(n).astype(np.float32), np.zeros(n, np.float32)
+    kernel(1, 256, (x, out, np.int32(n)), shared_mem=room)
+    np.testing.assert_array_equal(out, x[::-1] + 1)
+    with pytest.raises(LaunchError, match="dynamic shared memory"):
+        kernel(1, 256, (x, out, np.int32(n)), shared_mem=room + 4)
 
 
 def test_arguments_must_match_parameter_types():

@@ -17,7 +17,8 @@ import pytest
 
 from pyllm.backends import reference as ops
 from pyllm.backends.base import Step
-from pyllm.backends.cuda_backend import CudaBackend, CupyDevice, EmuDevice
+from pyllm.backends.cuda_backend import CudaBackend
+from pyllm.backends.cuda_device import CupyDevice, EmuDevice
 from pyllm.backends.cuda_emu import Module, RaceDetected
 from pyllm.dtypes import convert
 from pyllm.errors import PyllmError
@@ -25,6 +26,9 @@ from pyllm.errors import PyllmError
 BROKEN = Path(__file__).resolve().parent / "broken_kernels"
 DTYPES = ("f32", "f16", "bf16")
 HALF_ULP = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}  # relative rounding error of one store
+# f32 arithmetic's share of the error: cuda-emu runs the kernels' own operation order; a GPU also
+# fuses multiply-adds (NVRTC), flushes subnormals (CuPy's -ftz=true) and orders cuBLAS's sums its way
+F32_SLACK = {"cuda-emu": 1e-5, "cuda": 1e-4}
 H, KV, D = 9, 3, 64  # SmolLM2-135M's attention: 9 query heads share 3 key/value heads
 rng = np.random.default_rng(0)
 
@@ -67,9 +71,9 @@ def put(be, x32):
 def check(be, out, expected, roundings=1):
     """Equal up to `roundings` roundings to the storage dtype, plus f32 slack. The final rounding
     errs relative to each value, earlier ones relative to intermediates: bounded by the largest value."""
-    half_ulp, largest = HALF_ULP[be.dtype], np.abs(expected).max()
-    np.testing.assert_allclose(be.to_host(out), expected, rtol=half_ulp + 1e-5,
-                               atol=((roundings - 1) * half_ulp + 1e-5) * largest)
+    half_ulp, largest, slack = HALF_ULP[be.dtype], np.abs(expected).max(), F32_SLACK[be.name]
+    np.testing.assert_allclose(be.to_host(out), expected, rtol=half_ulp + slack,
+                               atol=((roundings - 1) * half_ulp + slack) * largest)
 
 
 # ---- row kernels -------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """NVRTC compile gate: every kernels/*.cu file, in every declared dtype variant
 (see pyllm.backends.nvrtc for the ``// variants:`` convention), plus the
-emulator's test kernels, must compile for sm_80 and sm_90.
+emulator's test kernels, must compile as the CUDA backend compiles them under
+CuPy (local headers expanded, CuPy's own options) for sm_75, sm_80, sm_86,
+sm_89 and sm_90, and for sm_100 and sm_120 where this NVRTC knows them.
 
 Each case builds PTX for compute_XX and a CUBIN for sm_XX (the latter runs
 ptxas, which checks register and shared-memory limits). Without libnvrtc the
@@ -14,12 +16,25 @@ from pathlib import Path
 import pytest
 
 from pyllm.backends import nvrtc
+from pyllm.backends.kernel_source import expand_local_includes
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "kernels").glob("*.cu")) + sorted(
     (ROOT / "tests" / "emu_kernels").glob("*.cu")
 )
-ARCHS = ("sm_80", "sm_90")
+REQUIRED_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")  # T4, A100, A10/3090, L4/4090, H100
+NEWER_ARCHS = ("sm_100", "sm_120")  # B200, RTX 50: where this NVRTC compiles for them
+
+
+def _archs() -> tuple[str, ...]:
+    try:
+        known = nvrtc.supported_archs()
+    except nvrtc.NvrtcUnavailable:
+        known = []
+    return REQUIRED_ARCHS + tuple(a for a in NEWER_ARCHS if int(a[3:]) in known)
+
+
+ARCHS = _archs()
 
 
 def _cases():
@@ -49,8 +64,8 @@ def test_cases_are_not_vacuous():
 @pytest.mark.usefixtures("nvrtc_available")
 @pytest.mark.parametrize("path, variant, arch", list(_cases()))
 def test_kernel_compiles(path, variant, arch):
-    source = path.read_text(encoding="utf-8")
-    options = [f"-I{path.parent}", *variant]  # quoted includes resolve beside the file, as in the backend
+    source = expand_local_includes(path)  # what the backend hands CuPy
+    options = list(variant)
     ptx = nvrtc.compile_ptx(source, path.name, options, arch)
     entries = nvrtc.ptx_entries(ptx)
     assert entries, f"{path.name} defines no __global__ function"
@@ -94,3 +109,53 @@ def test_kernel_variants_convention():
         ("-DT=double",),
     ]
     assert nvrtc.kernel_variants('extern "C" __global__ void k() {}\n') == [()]
+
+
+def test_gate_covers_every_gpu_generation_the_backend_meets():
+    assert ARCHS[: len(REQUIRED_ARCHS)] == REQUIRED_ARCHS
+    assert {arch for _, _, arch in (c.values for c in _cases())} == set(ARCHS)
+
+
+@pytest.mark.usefixtures("nvrtc_available")
+def test_gate_compiles_with_the_options_cupy_adds():
+    """CuPy adds -ftz=true (flush-to-zero) and --device-as-default-execution-space to every
+    RawModule: the PTX flushes subnormals, and a helper without __device__ compiles."""
+    source = (
+        "float twice_plus_one(float v) { return 2.0f * v + 1.0f; }\n"
+        'extern "C" __global__ void k(float* x) { x[threadIdx.x] = twice_plus_one(x[threadIdx.x]); }\n'
+    )
+    ptx = nvrtc.compile_ptx(source, "k.cu", [], "sm_80")
+    assert "fma.rn.ftz.f32" in ptx  # NVRTC also contracts the multiply-add into one FMA
+
+
+@pytest.mark.usefixtures("nvrtc_available")
+def test_an_error_in_a_header_names_the_header(tmp_path):
+    for path in (ROOT / "kernels").glob("*.cu*"):
+        (tmp_path / path.name).write_text(path.read_text())
+    header = tmp_path / "common.cuh"
+    lines = header.read_text().splitlines()
+    broken_line = next(i for i, line in enumerate(lines, 1) if "struct SumOp" in line)
+    lines[broken_line - 1] = "struct SumOp = {"
+    header.write_text("\n".join(lines))
+    with pytest.raises(nvrtc.NvrtcCompileError) as info:
+        nvrtc.compile_ptx(expand_local_includes(tmp_path / "rms_norm.cu"), "rms_norm.cu",
+                          ["-DSCALAR_T=float"], "sm_80")
+    assert f"common.cuh({broken_line}): error" in str(info.value)
+
+
+def test_runtime_headers_are_used_only_with_the_nvrtc_of_their_release(tmp_path, monkeypatch):
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / "cuda_fp16.h").write_text("")
+    (include / "cuda_runtime_api.h").write_text("#define CUDART_VERSION 12040\n")
+    monkeypatch.setattr(nvrtc, "_nvidia_dirs", lambda package: [tmp_path])
+    assert nvrtc.header_version(include) == (12, 4)
+    assert nvrtc.cuda_include_dir((12, 4)) == str(include)
+    assert nvrtc.cuda_include_dir((12, 9)) is None  # newer headers, older NVRTC
+    assert nvrtc.cuda_include_dir((13, 0)) is None  # CUDA 12 headers would hide CUDA 13's
+
+
+@pytest.mark.usefixtures("nvrtc_available")
+def test_installed_runtime_headers_match_the_installed_nvrtc():
+    """The test extra pins nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 of one release."""
+    assert nvrtc.cuda_include_dir(nvrtc.version()) is not None

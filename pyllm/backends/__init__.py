@@ -66,6 +66,7 @@ def make_backend(name: str, config, dtype: str | None = None):
         from .reference import ReferenceBackend
         return ReferenceBackend(config)
     if name in ("cuda", "cuda-emu"):
-        from .cuda_backend import CudaBackend, CupyDevice, EmuDevice
+        from .cuda_backend import CudaBackend
+        from .cuda_device import CupyDevice, EmuDevice
         return CudaBackend(config, dtype, CupyDevice() if name == "cuda" else EmuDevice())
     raise PyllmError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")

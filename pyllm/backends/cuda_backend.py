@@ -1,18 +1,18 @@
 """The CUDA backend: hand-written kernels (kernels/*.cu) plus cuBLAS, on a GPU or on the CPU.
 
-`CudaBackend` holds all of the logic and runs unchanged on two devices, which supply only what
-differs: the array module, the matmul, and the kernel compiler/launcher.
-
-* `CupyDevice` ("cuda"): CuPy arrays, cuBLAS gemmEx with f32 compute, cupy.RawModule (NVRTC).
-* `EmuDevice` ("cuda-emu"): NumPy arrays, NumPy matmul in f32 rounded once to the storage dtype
-  (what cuBLAS does with f32 compute), and the cuda_emu executor, which runs the same .cu files on
-  the CPU with CUDA semantics. Slow, but it proves the kernels without a GPU.
+`CudaBackend` holds all of the logic and runs unchanged on the two devices of cuda_device.py
+(CuPy on a GPU, cuda-emu on the CPU), which supply only what differs: the array module, the
+matmul, the kernel compiler/launcher and the GPU's limits.
 
 Arrays are kept in the storage dtype: float32, float16, or bf16 as uint16 bits (NumPy and CuPy
 have no bfloat16; kernels see __nv_bfloat16, cuBLAS sees CUDA_R_16BF). Every kernel computes in
-f32. Weights are uploaded once, the KV cache lives on the device, and a decode step sends up
-token ids and brings back logits rows. `launches` counts kernel launches and cuBLAS calls.
+f32. Every kernel family is compiled when the backend starts, so a kernel that does not compile
+stops it with one line. Weights are uploaded once, the KV cache lives on the device, and a decode
+step sends up token ids and brings back logits rows. `launches` counts kernel launches and cuBLAS
+calls; a launch over an empty grid is skipped (CuPy would run one block of it).
 """
+
+import re
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from ..errors import PyllmError
 from . import kernels_dir, nvrtc
 from ..weights import QuantizedMatrix
 from .base import Step
+from .cuda_device import check_dtype_on
+from .kernel_source import expand_local_includes
 from .reference import rope_tables
 
 SCALAR_TYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}  # SCALAR_T per dtype
@@ -28,8 +30,8 @@ ROW_THREADS = 256        # rms_norm, gather, softmax: one block per row
 SWIGLU_THREADS = 256     # one thread per output
 ROPE_THREADS = 128       # one block per token
 ATTENTION_THREADS = 128  # one block per (token, query head)
-CUDA_DATA_TYPES = {"f32": 0, "f16": 2, "bf16": 14}  # cudaDataType_t: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
-CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t: f32 accumulation for every storage dtype
+DEFAULT_SHARED_BYTES = 48 * 1024  # a block's static + dynamic shared memory without opting in
+_ERROR_LINE = re.compile(r"^.*\berror\b.*$", re.M)
 
 
 def attention_shared_bytes(head_dim: int, kv_len: int, threads: int = ATTENTION_THREADS) -> int:
@@ -38,89 +40,21 @@ def attention_shared_bytes(head_dim: int, kv_len: int, threads: int = ATTENTION_
     return 4 * (head_dim + kv_len + n_slices * head_dim)
 
 
-class CupyDevice:
-    """A real GPU through CuPy."""
-
-    name = "cuda"
-
-    def __init__(self):
-        try:
-            import cupy
-        except ImportError:
-            raise PyllmError("--backend cuda needs CuPy, which is not installed "
-                             "(pip install cupy-cuda12x)") from None
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-        except cupy.cuda.runtime.CUDARuntimeError as exc:
-            missing = "no CUDA GPU found" if "NoDevice" in str(exc) else "no working CUDA driver"
-            raise PyllmError(f"--backend cuda: {missing} ({exc})") from None
-        if count == 0:
-            raise PyllmError("--backend cuda: CuPy finds no CUDA GPU")
-        self.xp = cupy
-
-    def compile(self, source: str, options: tuple):
-        include = nvrtc.cuda_include_dir()  # cuda_fp16.h for NVRTC, if CuPy's toolkit lacks it
-        return self.xp.RawModule(code=source, options=options + ((f"-I{include}",) if include else ()))
-
-    def launch(self, kernel, grid, block, args, shared_mem):
-        kernel(grid, block, args, shared_mem=shared_mem)
-
-    def gemm(self, a, b, c, alpha: float, beta: float, dtype: str):
-        """c = alpha * a @ b.T + beta * c; a [M, K], b [N, K], c [M, N], rows contiguous.
-
-        cuBLAS is column-major, where our row-major c [M, N] reads as c^T [N, M]. So it is asked
-        for c^T = b a^T: first operand b transposed (OP_T), second operand a as stored (OP_N)."""
-        from cupy.cuda import cublas, device
-        (m, k), n, kind = a.shape, b.shape[0], CUDA_DATA_TYPES[dtype]
-        scalars = np.array([alpha, beta], np.float32)  # host pointers, f32 as the compute type wants
-        cublas.gemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k,
-                      scalars.ctypes.data, b.data.ptr, kind, _row_stride(b),
-                      a.data.ptr, kind, _row_stride(a), scalars[1:].ctypes.data,
-                      c.data.ptr, kind, _row_stride(c), CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-
-    def to_numpy(self, x) -> np.ndarray:
-        return x.get()
+def attention_max_keys(head_dim: int, static_bytes: int, optin_bytes: int, threads: int = ATTENTION_THREADS) -> int:
+    """The longest kv_len whose attention_shared_bytes fit a block beside its static shared memory."""
+    return (optin_bytes - static_bytes) // 4 - attention_shared_bytes(head_dim, 0, threads) // 4
 
 
-class EmuDevice:
-    """The CPU: NumPy arrays stand in for device memory, cuda_emu runs the kernels."""
-
-    name = "cuda-emu"
-    xp = np
-
-    def compile(self, source: str, options: tuple):
-        from .cuda_emu import Module
-        return Module(code=source, options=options)
-
-    def launch(self, kernel, grid, block, args, shared_mem):
-        kernel(grid, block, tuple(_flat_alias(a) for a in args), shared_mem=shared_mem)
-
-    def gemm(self, a, b, c, alpha: float, beta: float, dtype: str):
-        """c = alpha * a @ b.T + beta * c in f32, rounded once to the storage dtype, like cuBLAS."""
-        product = convert(a, dtype, "f32") @ convert(b, dtype, "f32").T
-        if alpha != 1.0:
-            product *= np.float32(alpha)
-        if beta != 0.0:
-            product += np.float32(beta) * convert(c, dtype, "f32")
-        c[...] = convert(product, "f32", dtype)
-
-    def to_numpy(self, x) -> np.ndarray:
-        return x
+def shared_memory_opt_in(static_bytes: int, dynamic_bytes: int, optin_bytes: int) -> int | None:
+    """The max_dynamic_shared_size_bytes to set before such a launch: None within the default
+    48 KiB, past it the device's whole opt-in range, so that setting it once serves every launch."""
+    return optin_bytes - static_bytes if static_bytes + dynamic_bytes > DEFAULT_SHARED_BYTES else None
 
 
-def _row_stride(x) -> int:
-    if x.strides[-1] != x.itemsize:
-        raise ValueError("cuBLAS needs matrices whose rows are contiguous")
-    return x.strides[0] // x.itemsize
-
-
-def _flat_alias(x):
-    """A strided NumPy view as the C-contiguous 1-D array starting at its first element, so the
-    executor accepts it: like a GPU kernel, the kernel gets a bare pointer and its own strides."""
-    if not isinstance(x, np.ndarray) or x.flags.c_contiguous:
-        return x
-    extent = sum((n - 1) * s for n, s in zip(x.shape, x.strides)) // x.itemsize + 1
-    return np.lib.stride_tricks.as_strided(x, shape=(extent,), strides=(x.itemsize,))
+def first_error_line(log: str) -> str:
+    """The compiler's first line naming an error (else the log's first line), for a one-line message."""
+    match = _ERROR_LINE.search(log)
+    return (match.group(0) if match else log.strip().partition("\n")[0]).strip()
 
 
 class CudaBackend:
@@ -130,25 +64,33 @@ class CudaBackend:
         self.device, self.name, self.xp = device, device.name, device.xp
         self.dtype = dtype or config.dtype
         self.storage = storage_dtype(self.dtype)
+        check_dtype_on(self.dtype, device.limits)
         cos, sin = rope_tables(config.rope_theta, config.head_dim, config.max_position_embeddings)
         self.cos, self.sin = self.xp.asarray(cos), self.xp.asarray(sin)  # [positions, D/2] f32
         self.launches = 0
-        self._modules, self._functions = {}, {}
+        self._modules = {path.stem: self._compile(path) for path in sorted(kernels_dir().glob("*.cu"))}
+        self._functions = {}
+        self._attention_opted_in = False
 
     # ---- kernels ------------------------------------------------------------------------
+    def _compile(self, path):
+        """kernels/<family>.cu for this dtype, its local headers expanded into the source."""
+        scalar = f"-DSCALAR_T={SCALAR_TYPES[self.dtype]}"
+        variant = next(v for v in nvrtc.kernel_variants(path) if scalar in v)
+        try:
+            return self.device.compile(expand_local_includes(path), (*nvrtc.DEFAULT_OPTIONS, *variant))
+        except self.device.compile_error as exc:
+            raise PyllmError(f"the {self.name} backend cannot compile kernels/{path.name} for {self.dtype}: "
+                             f"{first_error_line(str(exc))}") from None
+
     def _function(self, family: str, name: str):
-        """Kernel `name` of kernels/<family>.cu for this dtype, compiled on first use."""
-        if family not in self._modules:
-            path = kernels_dir() / f"{family}.cu"
-            scalar = f"-DSCALAR_T={SCALAR_TYPES[self.dtype]}"
-            variant = next(v for v in nvrtc.kernel_variants(path) if scalar in v)
-            options = (*nvrtc.DEFAULT_OPTIONS, *variant, f"-I{path.parent}")
-            self._modules[family] = self.device.compile(path.read_text(encoding="utf-8"), options)
         if (family, name) not in self._functions:
             self._functions[family, name] = self._modules[family].get_function(name)
         return self._functions[family, name]
 
     def _launch(self, family, name, grid, block, args, shared_mem=0):
+        if 0 in grid:  # nothing to compute; CuPy would launch one block of a zero-sized grid
+            return
         self.launches += 1
         self.device.launch(self._function(family, name), grid, block, args, shared_mem)
 
@@ -157,7 +99,7 @@ class CudaBackend:
         self.device.gemm(a, b, c, alpha, beta, self.dtype)
 
     def _empty(self, shape):
-        return self.xp.empty(shape, self.storage)
+        return self.device.empty(shape, self.dtype)
 
     # ---- operators (shapes as in base.Backend) --------------------------------------------
     def gather(self, table, ids):
@@ -243,13 +185,24 @@ class CudaBackend:
             raise ValueError("attention needs k and v with contiguous rows and equal strides")
         out = self._empty(q.shape)
         shared = attention_shared_bytes(dim, kv_len)
-        kernel = self._function("attention", "attention")
-        if shared > kernel.max_dynamic_shared_size_bytes:  # long contexts opt in beyond 48 KiB
-            kernel.max_dynamic_shared_size_bytes = shared
+        self._opt_in_to_shared_memory(self._function("attention", "attention"), dim, kv_len, shared)
         self._launch("attention", "attention", (n_tokens, n_heads), (ATTENTION_THREADS,),
                      (q, k, v, out, np.int32(n_kv), np.int32(dim), np.int32(kv_len),
                       np.int64(k.strides[0] // k.itemsize), np.int32(offset)), shared)
         return out
+
+    def _opt_in_to_shared_memory(self, kernel, head_dim: int, kv_len: int, shared: int):
+        """attention.cu holds all kv_len scores in shared memory: past 48 KiB a block must opt in,
+        up to the GPU's limit (sm_90: 57.8k tokens at head_dim 128, sm_80: 41.4k, sm_75: 16k)."""
+        static, optin = kernel.shared_size_bytes, self.device.limits.shared_optin_bytes
+        longest = attention_max_keys(head_dim, static, optin)
+        if kv_len > longest:
+            raise PyllmError(f"attention over {kv_len} tokens needs more shared memory than this GPU's "
+                             f"{optin // 1024} KiB a block: at head_dim {head_dim} it holds at most {longest}")
+        opt_in = shared_memory_opt_in(static, shared, optin)
+        if opt_in is not None and not self._attention_opted_in:
+            kernel.max_dynamic_shared_size_bytes = opt_in
+            self._attention_opted_in = True
 
     # ---- memory -------------------------------------------------------------------------
     def upload(self, host_array):

@@ -4,8 +4,15 @@ NVRTC is called directly through ctypes. The library comes from the pip
 package ``nvidia-cuda-nvrtc-cu12`` (``nvidia/cuda_nvrtc/lib/libnvrtc.so.12``
 in site-packages); ``cuda_fp16.h``/``cuda_bf16.h`` are not built into NVRTC
 12 and come from ``nvidia-cuda-runtime-cu12`` (``nvidia/cuda_runtime/include``),
-which is passed with ``-I``. ``PYLLM_NVRTC_LIBRARY`` may name the library
-file explicitly; otherwise a system ``libnvrtc`` is the last resort.
+which is passed with ``-I`` when its version is the NVRTC's own (headers of
+another CUDA release are a known cause of compile failures).
+``PYLLM_NVRTC_LIBRARY`` may name the library file explicitly; otherwise a
+system ``libnvrtc`` is the last resort.
+
+Every compile here is the one ``cupy.RawModule`` makes for the CUDA backend:
+the backend's options (``DEFAULT_OPTIONS``, the variant, the headers), then
+what CuPy adds to every kernel (``CUPY_ADDED_OPTIONS``: flush-to-zero, device
+code by default) and the architecture.
 
     ptx = compile_ptx(source, "rms_norm.cu", ["-DSCALAR_T=__half"], "sm_80")
 
@@ -44,6 +51,8 @@ from pathlib import Path
 NVRTC_PIP_PACKAGE = "nvidia-cuda-nvrtc-cu12"
 CUDA_HEADERS_PIP_PACKAGE = "nvidia-cuda-runtime-cu12"
 DEFAULT_OPTIONS = ("--std=c++17",)
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")  # cupy/cuda/compiler.py
+_CUDART_VERSION = re.compile(r"^#define\s+CUDART_VERSION\s+(\d+)", re.M)
 _VARIANTS_LINE = re.compile(r"^\s*//\s*variants:(.*)$")
 
 
@@ -122,6 +131,8 @@ def load() -> ctypes.CDLL:
         "nvrtcGetPTX": [p, ctypes.c_char_p],
         "nvrtcGetCUBINSize": [p, ctypes.POINTER(c_size)],
         "nvrtcGetCUBIN": [p, ctypes.c_char_p],
+        "nvrtcGetNumSupportedArchs": [ctypes.POINTER(c_int)],
+        "nvrtcGetSupportedArchs": [ctypes.POINTER(c_int)],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -137,11 +148,32 @@ def version() -> tuple[int, int]:
     return major.value, minor.value
 
 
-def cuda_include_dir() -> str | None:
-    """Directory holding cuda_fp16.h and friends, from nvidia-cuda-runtime-cu12."""
+def supported_archs() -> list[int]:
+    """The architectures this NVRTC compiles for, as numbers (75, 80, ..., 120)."""
+    lib, count = load(), ctypes.c_int()
+    _check(lib, lib.nvrtcGetNumSupportedArchs(ctypes.byref(count)), "nvrtcGetNumSupportedArchs")
+    archs = (ctypes.c_int * count.value)()
+    _check(lib, lib.nvrtcGetSupportedArchs(archs), "nvrtcGetSupportedArchs")
+    return list(archs)
+
+
+def header_version(include_dir) -> tuple[int, int] | None:
+    """(major, minor) of the CUDA headers in include_dir, from cuda_runtime_api.h's CUDART_VERSION."""
+    header = Path(include_dir) / "cuda_runtime_api.h"
+    match = _CUDART_VERSION.search(header.read_text(errors="replace")) if header.is_file() else None
+    if match is None:
+        return None
+    number = int(match.group(1))  # 1000 * major + 10 * minor
+    return number // 1000, number % 1000 // 10
+
+
+def cuda_include_dir(nvrtc_version: tuple[int, int]) -> str | None:
+    """Directory holding cuda_fp16.h and friends from nvidia-cuda-runtime-cu12, if those headers
+    are of the CUDA release (major.minor) of the NVRTC that compiles with them; None if not."""
     for d in _nvidia_dirs("cuda_runtime"):
-        if (d / "include" / "cuda_fp16.h").is_file():
-            return str(d / "include")
+        include = d / "include"
+        if (include / "cuda_fp16.h").is_file() and header_version(include) == tuple(nvrtc_version):
+            return str(include)
     return None
 
 
@@ -159,12 +191,13 @@ def _check(lib, status: int, what: str) -> None:
 
 def _compile(source: str, name: str, options, target: str, want_cubin: bool) -> bytes:
     lib = load()
-    include = cuda_include_dir()
+    include = cuda_include_dir(version())
     opts = [
         *DEFAULT_OPTIONS,
-        f"--gpu-architecture={target}",
-        *([f"-I{include}"] if include else []),
         *options,
+        *([f"-I{include}"] if include else []),
+        *CUPY_ADDED_OPTIONS,
+        f"--gpu-architecture={target}",
     ]
     prog = ctypes.c_void_p()
     _check(

@@ -78,7 +78,8 @@ def time_per_call(cupy, run, repeats: int = 20) -> float:
 
 def kernel_bandwidth(backend: str = "cuda", dtype: str = "f16", rows: int = 4096) -> dict:
     """Measure every kernel: {"device", "peak_gb_s", "dtype", "kernels": [{name, shape, bytes, us, gb_s}]}."""
-    from pyllm.backends.cuda_backend import CudaBackend, CupyDevice
+    from pyllm.backends.cuda_backend import CudaBackend
+    from pyllm.backends.cuda_device import CupyDevice
     if backend != "cuda":
         raise SystemExit(f"kernel_bench measures GPU speed; --backend {backend} has no meaningful timings "
                          "(cuda-emu runs the kernels on the CPU). Use --backend cuda on a GPU.")

@@ -5,18 +5,8 @@ returns a ``Kernel`` called as ``kernel(grid, block, args, shared_mem=0)``,
 like ``cupy.RawModule``/``cupy.RawKernel``. NumPy arrays stand in for device
 arrays: they are passed by pointer and written in place.
 
-Arguments follow CuPy's rules and are checked against the kernel's real
-parameter types (which the compiled module reports):
-
-* ``np.ndarray`` (C-contiguous) or ``None`` for pointer parameters; the dtype
-  must fit the pointee: float32 for ``float*``, float16 or uint16 bits for
-  ``__half*``, uint16 bits (or ml_dtypes bfloat16) for ``__nv_bfloat16*``,
-  any dtype for ``void*``/``char*``; struct pointees (``float4*``) take any
-  dtype whose itemsize divides the struct size.
-* NumPy scalars by value, e.g. ``np.int32`` for ``int``, ``np.float32`` for
-  ``float``. Python scalars are converted the way CuPy converts them (int ->
-  int64, float -> float64), so a Python int for an ``int`` parameter is
-  rejected: on a GPU CuPy would pass 8 bytes where the kernel reads 4.
+Arguments follow CuPy's rules, checked against the kernel's real parameter
+types (params.py).
 """
 
 from __future__ import annotations
@@ -24,54 +14,22 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
 from .build import DYN_SHARED_MAX, build_library
 from .errors import KernelFault, LaunchError, RaceDetected
+from .params import Param, array_fits, as_numpy_scalar, example_dtype, scalar_fits
 
 MAX_THREADS_PER_BLOCK = 1024
 MAX_BLOCK_DIM = (1024, 1024, 64)
 MAX_GRID_DIM = (2**31 - 1, 65535, 65535)
 DEFAULT_SHARED_LIMIT = 48 * 1024  # per block, without the opt-in attribute
-OPTIN_SHARED_LIMIT = DYN_SHARED_MAX  # sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
+OPTIN_SHARED_LIMIT = DYN_SHARED_MAX  # sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin, the largest
 
 _REVERSE, _FORCE_UCONTEXT = 1, 2
-_KIND_NAMES = {
-    "f": "float",
-    "i": "int",
-    "u": "uint",
-    "?": "bool",
-    "h": "__half",
-    "b": "__nv_bfloat16",
-    "v": "void",
-    "o": "struct",
-}
 _LIB_LOCKS: dict[str, threading.Lock] = {}
 _LIB_LOCKS_GUARD = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Param:
-    """One kernel parameter as the compiled module describes it."""
-
-    pointer: bool
-    const: bool
-    kind: str  # see _KIND_NAMES
-    size: int  # bytes of the value, or of the pointee for pointers
-
-    @classmethod
-    def parse(cls, code: str) -> "Param":
-        return cls(code[0] == "p", code[1] == "c", code[2], int(code[3:]))
-
-    def __str__(self) -> str:
-        base = _KIND_NAMES[self.kind]
-        if self.kind in "fiu":
-            base += str(8 * self.size)
-        elif self.kind == "o":
-            base += f" of {self.size} bytes"
-        return f"{'const ' if self.const else ''}{base}*" if self.pointer else base
 
 
 def _dims(value, what: str) -> tuple[int, int, int]:
@@ -79,48 +37,6 @@ def _dims(value, what: str) -> tuple[int, int, int]:
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
         raise LaunchError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
     return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
-
-
-def _as_numpy_scalar(value):
-    """CuPy's conversion of Python scalars (cupy/cuda/function.pyx, _pointer)."""
-    if isinstance(value, np.generic):
-        return value
-    if isinstance(value, int):  # bool too, as in CuPy
-        return np.int64(value)
-    if isinstance(value, float):
-        return np.float64(value)
-    if isinstance(value, complex):
-        return np.complex128(value)
-    raise LaunchError(f"unsupported kernel argument type {type(value).__name__}")
-
-
-def _is_bits16(dt: np.dtype) -> bool:
-    return dt.kind in "iu" and dt.itemsize == 2
-
-
-def _array_fits(p: Param, dt: np.dtype) -> bool:
-    if p.kind == "v" or (p.kind in "iu" and p.size == 1):
-        return True
-    if p.kind == "o":
-        return p.size % dt.itemsize == 0
-    if p.kind == "h":
-        return dt == np.float16 or _is_bits16(dt)
-    if p.kind == "b":
-        return dt.name == "bfloat16" or _is_bits16(dt)
-    if p.kind == "?":
-        return dt.itemsize == 1
-    same_family = dt.kind == "f" if p.kind == "f" else dt.kind in "iu"
-    return same_family and dt.itemsize == p.size
-
-
-def _scalar_fits(p: Param, dt: np.dtype) -> bool:
-    if dt.itemsize != p.size:
-        return False
-    if p.kind == "o":
-        return True
-    if p.kind in "hb":
-        return _array_fits(p, dt)
-    return {"f": dt.kind == "f", "?": dt.kind == "b"}.get(p.kind, dt.kind in "iu")
 
 
 def _lib_lock(path: str) -> threading.Lock:
@@ -139,7 +55,9 @@ class Module:
     is accepted for compatibility and ignored (template kernels are not
     supported). ``race_check`` (default: env ``PYLLM_CUDA_EMU_RACE_CHECK=1``)
     runs every launch under two schedules and raises ``RaceDetected`` if the
-    results differ.
+    results differ. ``optin_shared_limit`` is the emulated GPU's
+    cudaDevAttrMaxSharedMemoryPerBlockOptin (default sm_90's), the most
+    shared memory a block may opt in to.
     """
 
     def __init__(
@@ -150,9 +68,13 @@ class Module:
         name_expressions=None,
         *,
         race_check: bool | None = None,
+        optin_shared_limit: int = OPTIN_SHARED_LIMIT,
     ):
         if (code is None) == (path is None):
             raise ValueError("give exactly one of code= and path=")
+        if not DEFAULT_SHARED_LIMIT <= optin_shared_limit <= OPTIN_SHARED_LIMIT:
+            raise ValueError(f"optin_shared_limit must lie in [{DEFAULT_SHARED_LIMIT}, {OPTIN_SHARED_LIMIT}]")
+        self.optin_shared_limit = optin_shared_limit
         if code is None:
             with open(path, encoding="utf-8") as f:
                 code = f.read()
@@ -222,10 +144,11 @@ class Kernel:
 
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value: int) -> None:
-        if not 0 <= value <= OPTIN_SHARED_LIMIT - self.shared_size_bytes:
+        limit = self.module.optin_shared_limit
+        if not 0 <= value <= limit - self.shared_size_bytes:
             raise LaunchError(
                 f"{self.name}: max_dynamic_shared_size_bytes={value} exceeds the "
-                f"opt-in limit {OPTIN_SHARED_LIMIT} minus {self.shared_size_bytes} static"
+                f"opt-in limit {limit} minus {self.shared_size_bytes} static"
             )
         self._max_dynamic = int(value)
 
@@ -243,7 +166,10 @@ class Kernel:
     def _check_config(self, grid, block, shared_mem: int) -> None:
         where = f"kernel {self.name!r}: invalid launch:"
         if min(grid + block) < 1:
-            raise LaunchError(f"{where} zero-sized grid {grid} or block {block}")
+            raise LaunchError(
+                f"{where} zero-sized grid {grid} or block {block} (CuPy would launch one block: "
+                "skip empty launches)"
+            )
         threads = block[0] * block[1] * block[2]
         if threads > MAX_THREADS_PER_BLOCK:
             raise LaunchError(f"{where} {threads} threads per block (max {MAX_THREADS_PER_BLOCK})")
@@ -297,7 +223,7 @@ class Kernel:
             raise self._bad_arg(i, p, f"{type(arg).__name__}; pointers take NumPy arrays or None")
         if not arg.flags.c_contiguous:
             raise self._bad_arg(i, p, "a non-contiguous array; pass np.ascontiguousarray(...)")
-        if not _array_fits(p, arg.dtype):
+        if not array_fits(p, arg.dtype):
             raise self._bad_arg(i, p, f"an array of dtype {arg.dtype}")
         arrays.append(arg)
         return ctypes.c_void_p(arg.ctypes.data)
@@ -305,8 +231,8 @@ class Kernel:
     def _scalar_slot(self, i, arg, p: Param):
         if isinstance(arg, np.ndarray):
             raise self._bad_arg(i, p, "an array; pass a NumPy scalar for a by-value parameter")
-        value = _as_numpy_scalar(arg)
-        if not _scalar_fits(p, value.dtype):
+        value = as_numpy_scalar(arg)
+        if not scalar_fits(p, value.dtype):
             hint = (
                 " (CuPy passes Python ints as int64 and floats as float64)"
                 if not isinstance(arg, np.generic)
@@ -316,7 +242,7 @@ class Kernel:
                 i,
                 p,
                 f"{type(arg).__name__} -> {value.dtype}{hint}; "
-                f"pass e.g. np.{np.dtype(_example_dtype(p)).name}(...)",
+                f"pass e.g. np.{np.dtype(example_dtype(p)).name}(...)",
             )
         slot = (ctypes.c_uint64 * ((p.size + 7) // 8))()  # 8-byte aligned storage
         ctypes.memmove(slot, value.tobytes(), p.size)
@@ -360,11 +286,3 @@ class Kernel:
                 "only) differ between ascending and descending thread/block order: the kernel "
                 "depends on scheduling (missing __syncthreads/__syncwarp, or racing global writes)"
             )
-
-
-def _example_dtype(p: Param) -> str:
-    if p.kind == "f":
-        return {4: "float32", 8: "float64"}.get(p.size, "float32")
-    if p.kind in "iu":
-        return f"{'int' if p.kind == 'i' else 'uint'}{8 * p.size}"
-    return {"h": "float16", "b": "uint16", "?": "bool"}.get(p.kind, "uint8")
