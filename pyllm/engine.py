@@ -121,16 +121,26 @@ class LLM:
             if now:
                 siblings = seq.spawn_choices() if seq.extra_choices else []
                 events += [(s, s.add_token_from(row)) for s in [seq, *siblings]]
+        for seq, _ in events:
+            if seq.finished:  # its full blocks stay cached by content for later prompts
+                seq.cache.release()
         return events
 
     @staticmethod
     def reserve(sequences, prefill_chunk):
         """-> (the sequences that got KV blocks for this step's tokens, in order; those that ended
-        for lack of them). When the pool runs out, the latest sequence holding blocks gives them
-        back (preempt) and waits for a later step; one that cannot grow even alone ends ('length')."""
-        ready, ended = [], []
+        for lack of them). Each first takes what the pool caches of its tokens; a prompt whose next
+        block an earlier prompt of this step computes waits a step and then takes that block, so a
+        shared prefix is prefilled once. When the pool runs out, the latest sequence holding
+        blocks gives them back (preempt) and waits for a later step; one that cannot grow even
+        alone ends ('length')."""
+        ready, ended, computing = [], [], set()
         for i, seq in enumerate(sequences):
-            seq.resume()
+            seq.take_cached_blocks()
+            key = seq.cache.next_key(seq.prompt_ids) if seq.prefilling else None
+            if key is not None and key in computing:
+                continue
+            computing.add(key)
             while True:
                 try:
                     seq.cache.reserve(len(seq.pending_ids[:prefill_chunk]))
@@ -140,7 +150,7 @@ class LLM:
                     later = [s for s in sequences[i + 1:] if s.cache.blocks]
                     if later:
                         later[-1].preempt()
-                    elif ready:  # the earlier sequences hold the pool: wait for them
+                    elif any(s.cache.blocks for s in sequences[:i]):  # earlier ones hold the pool: wait for them
                         seq.preempt()
                         break
                     else:

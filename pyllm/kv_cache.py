@@ -31,20 +31,30 @@ class KVCache:
                              f"the context window of {self.capacity} tokens")
 
     def match_prefix(self, ids) -> int:
-        """Start this (empty) cache with the cached full blocks that ids begin with (at least one
-        token of ids is left to compute, for its logits) -> tokens matched."""
-        assert not self.blocks, "match_prefix starts an empty cache"
-        parent = None
-        for start in range(0, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):  # blocks inside ids[:-1]
-            key = block_key(parent, ids[start:start + BLOCK_TOKENS], self.salt)
+        """Extend a cache that holds only whole blocks of ids' start with the cached full blocks
+        that follow in ids (at least one token of ids is left to compute, for its logits) -> the
+        tokens it holds now."""
+        if self.length % BLOCK_TOKENS or self.length != len(self.keys) * BLOCK_TOKENS:
+            return self.length
+        for start in range(self.length, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):  # blocks inside ids[:-1]
+            key = self.next_key(ids)
             block = self.pool.lookup(key)
             if block is None:
                 break
+            for unused in self.blocks[len(self.keys):]:  # reserved for tokens now found computed
+                self.pool.release(unused)
+            del self.blocks[len(self.keys):]
             self.blocks.append(block)
             self.keys.append(key)
             self.tokens += ids[start:start + BLOCK_TOKENS]
-            parent = key
         return self.length
+
+    def next_key(self, ids) -> int | None:
+        """The content key of the block that ids' next tokens would fill, or None where the cache
+        ends inside a block or fewer than a block of ids is left."""
+        if self.length % BLOCK_TOKENS or len(ids) - self.length < BLOCK_TOKENS:
+            return None
+        return block_key(self.keys[-1] if self.keys else None, ids[self.length:self.length + BLOCK_TOKENS], self.salt)
 
     def reserve(self, n_new: int):
         """Blocks for n_new more tokens, and the last partial block made this cache's own; PoolFull

@@ -168,7 +168,6 @@ class Scheduler:
         sequence.extra_choices = job.n - 1
         job.sequences = [sequence]
         self.counters["prompt_tokens"] += len(job.prompt_ids)
-        self.counters["cached_tokens"] += sequence.cached_tokens
         self._running.append(job)
 
     def _pick_batch(self) -> list:
@@ -227,6 +226,7 @@ class Scheduler:
         done = job.choices_done == len(job.sequences) and not job.first.extra_choices
         usage = self._usage(job) if done else None
         if done:
+            self.counters["cached_tokens"] += job.first.cached_tokens
             self._release(job)
         self._emit(job, self._update(seq, text, finish_reason=seq.finish_reason, usage=usage, final=done))
 

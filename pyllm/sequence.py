@@ -46,11 +46,6 @@ class Sequence:
     def prefilling(self) -> bool:
         return self.cache.length < len(self.prompt_ids)
 
-    @property
-    def cached_ids(self) -> list[int]:
-        """The tokens whose K/V the cache holds, in order (the last sampled token is not fed yet)."""
-        return self.cache.tokens
-
     def preempt(self):
         """Give every KV block back (the pool ran out); the tokens so far stay, and a later step
         recomputes them, starting from whatever prefix of them the pool still caches."""
@@ -58,11 +53,15 @@ class Sequence:
         self.cache.pool.preemptions += 1
         self.preempted = True
 
-    def resume(self):
-        """Before a preempted sequence runs again: take back its cached prefix."""
+    def take_cached_blocks(self):
+        """Before a step: a preempted sequence takes back what the pool still caches of its tokens;
+        one still prefilling takes the prompt blocks others have computed since it started."""
         if self.preempted:
             self.cache.match_prefix(self.prompt_ids + self.output_ids)
             self.preempted = False
+        elif self.prefilling:
+            before = self.cache.length
+            self.cached_tokens += self.cache.match_prefix(self.prompt_ids) - before
 
     @property
     def last_token(self) -> int:
