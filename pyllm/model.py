@@ -14,11 +14,6 @@ from .kv_cache import KVCache
 KV_MEMORY_GB = 4.0  # the KV pool of a model by default (host pages are committed as tokens arrive)
 
 
-def kv_bytes_per_token(config, itemsize: int) -> int:
-    """Bytes of K and V one token occupies in every layer."""
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
-
-
 class LlamaModel:
     def __init__(self, config, backend, weights, kv_memory_bytes: int | None = None):
         self.config = config
@@ -29,9 +24,9 @@ class LlamaModel:
 
     def kv_pool(self) -> BlockPool:
         if self.pool is None:
-            itemsize = self.backend.zeros((1,)).itemsize
-            block_bytes = BLOCK_TOKENS * kv_bytes_per_token(self.config, itemsize)
-            self.pool = BlockPool(self.backend, self.config, max(1, self.kv_memory_bytes // block_bytes))
+            cfg, itemsize = self.config, self.backend.zeros((1,)).itemsize
+            block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * BLOCK_TOKENS * cfg.head_dim * itemsize  # K and V
+            self.pool = BlockPool(self.backend, cfg, max(1, self.kv_memory_bytes // block_bytes))
         return self.pool
 
     def resize_kv_pool(self, kv_memory_bytes: int) -> BlockPool:

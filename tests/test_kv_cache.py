@@ -67,3 +67,19 @@ def test_released_blocks_stay_cached_until_the_pool_needs_them(llm):
     decode(llm.model, [other], [5])  # 61 tokens: still 4 blocks
     with pytest.raises(PoolFull):
         prefill(llm.model, other, [5] * 8)  # 69 would need a fifth
+
+
+def test_the_reference_reads_a_shuffled_block_table_as_the_contiguous_cache():
+    """The oracle's own gather (reference.cached): blocks in any order, a partial last block."""
+    from pyllm.backends.base import CacheSlot
+    from pyllm.backends.reference import cached
+    rng = np.random.default_rng(0)
+    layers, n_kv, dim, rows = 2, 3, 8, 37
+    contiguous = rng.standard_normal((layers, n_kv, 48, dim)).astype(np.float32)  # [layers, KV, positions, D]
+    table = np.array([5, 0, 3], np.int32)
+    pool = np.zeros((6, layers, n_kv, BLOCK_TOKENS, dim), np.float32)
+    for i, block in enumerate(table):
+        pool[block] = contiguous[:, :, i * BLOCK_TOKENS:(i + 1) * BLOCK_TOKENS]
+    slot = CacheSlot(pool, pool, table, rows, 1)
+    for layer in range(layers):
+        np.testing.assert_array_equal(cached(pool, slot, layer), contiguous[layer, :, :rows])

@@ -35,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_running: int) -> subprocess.Popen:
+def start_server(model: str | None, port: int, max_running: int, options=()) -> subprocess.Popen:
     command = [sys.executable, "-m", "pyllm", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-running", str(max_running)] + (["--model", model] if model else [])
+               "--max-running", str(max_running), *options] + (["--model", model] if model else [])
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300  # a first run may pull and convert the default model
     while time.monotonic() < deadline and proc.poll() is None:
