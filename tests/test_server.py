@@ -294,6 +294,20 @@ def test_conversation_reuse_matches_cold_run(base, llm):
     assert reply.usage.prompt_tokens_details.cached_tokens == full_blocks(shared)
 
 
+def test_cache_salt_keeps_requests_from_sharing_blocks(base):
+    def cached(**extra):
+        body = {"messages": [{"role": "user", "content": "A salted question, long enough for blocks. " * 3}],
+                "max_tokens": 1, **extra}
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-b") == 0  # the same prompt, another salt: nothing shared
+    assert cached(cache_salt="tenant-a") > 0 and cached() == 0
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "cache_salt": 7}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
 def test_smollm2_chat_and_reuse(smollm2_dir):
     llm = pyllm.LLM(str(smollm2_dir), show_progress=False)
     with serving(llm, smollm2_dir.name) as (url, _):
