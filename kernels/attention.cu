@@ -9,8 +9,11 @@
 // one query head. Dynamic shared memory, in floats (mirrored by attention_shared_bytes in
 // pyllm/backends/cuda_backend.py): q [D] | scores [kv_len] | partial sums [n_slices * D],
 // with n_slices = max(1, blockDim.x / D).
-// Memory: q, out [T, H, D] contiguous; k, v [KV, kv_len, D] with contiguous rows but heads
-// kv_head_stride elements apart, since they are views into the cache [KV, capacity, D].
+// Memory: q, out [T, H, D] contiguous (out may be one sequence's rows of a step's output). Keys and
+// values are the model's KV pools [blocks, layers, KV, BLOCK_TOKENS, D] (common.cuh), read at
+// `layer` block by block through the sequence's table (int32, ceil(kv_len / BLOCK_TOKENS) entries
+// or more): key j is row j % BLOCK_TOKENS of block table[j / BLOCK_TOKENS], whose rows of one head
+// are contiguous [BLOCK_TOKENS, D]. Blocks may sit anywhere in the pool and be shared.
 // Numerics: all f32. q is staged pre-scaled by 1/sqrt(D); each thread scores whole keys (a D-long
 // dot product, so scoring needs no reduction); the softmax subtracts the row maximum
 // (common.cuh: warp shuffles plus shared memory); the weighted sum of V accumulates in f32 and
@@ -19,16 +22,15 @@
 #include <cuda_fp16.h>
 #include "common.cuh"
 
-extern "C" __global__ void attention(const SCALAR_T* __restrict__ q, const SCALAR_T* __restrict__ k,
-                                     const SCALAR_T* __restrict__ v, SCALAR_T* __restrict__ out, int n_kv,
-                                     int head_dim, int kv_len, long long kv_head_stride, int offset) {
+extern "C" __global__ void attention(const SCALAR_T* __restrict__ q, const SCALAR_T* __restrict__ k_pool,
+                                     const SCALAR_T* __restrict__ v_pool, const int* __restrict__ table,
+                                     SCALAR_T* __restrict__ out, int n_kv, int head_dim, int layers, int layer,
+                                     int kv_len, int offset) {
   extern __shared__ float shared[];
   __shared__ float scratch[32];
   const int token = blockIdx.x, head = blockIdx.y, n_heads = gridDim.y;
   const long long row = ((long long)token * n_heads + head) * head_dim;  // of q and out
-  const int kv_head = head / (n_heads / n_kv);
-  const SCALAR_T* keys = k + kv_head * kv_head_stride;
-  const SCALAR_T* values = v + kv_head * kv_head_stride;
+  const PoolHead cache = pool_head(table, layers, layer, n_kv, head / (n_heads / n_kv), head_dim);
   const int n_keys = min(kv_len, offset + token + 1);  // causal: keys 0 .. offset + token
   float* q_scaled = shared;                  // [D]
   float* scores = shared + head_dim;         // [kv_len]; probabilities after the softmax
@@ -39,9 +41,10 @@ extern "C" __global__ void attention(const SCALAR_T* __restrict__ q, const SCALA
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_scaled[d] = static_cast<float>(q[row + d]) * scale;
   __syncthreads();
 
-  // 2. Scores: thread i takes keys i, i + 128, ...; each a full dot product in f32.
+  // 2. Scores: thread i takes keys i, i + 128, ... (row i % 16 of the blocks at table[i / 16],
+  //    table[i / 16 + 8], ...); each a full dot product in f32.
   for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
-    const SCALAR_T* key = keys + (long long)j * head_dim;
+    const SCALAR_T* key = k_pool + cache.row(j);
     float dot = 0.0f;
     for (int d = 0; d < head_dim; ++d) dot += q_scaled[d] * static_cast<float>(key[d]);
     scores[j] = dot;
@@ -61,7 +64,7 @@ extern "C" __global__ void attention(const SCALAR_T* __restrict__ q, const SCALA
     for (int d = threadIdx.x % head_dim; d < head_dim; d += blockDim.x) {  // d loops only if D > 128
       float acc = 0.0f;
       for (int j = slice; j < n_keys; j += n_slices)
-        acc += scores[j] * static_cast<float>(values[(long long)j * head_dim + d]);
+        acc += scores[j] * static_cast<float>(v_pool[cache.row(j) + d]);
       partial[slice * head_dim + d] = acc;
     }
   }

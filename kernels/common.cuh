@@ -1,4 +1,4 @@
-// common.cuh -- block-wide reductions and the row softmax shared by the kernels.
+// common.cuh -- block-wide reductions, the row softmax, and KV-pool addressing shared by the kernels.
 //
 // A reduction runs in two rounds of warp shuffles: every warp folds its 32 values with
 // __shfl_xor_sync (after which every lane holds the warp's result), lane 0 of each warp parks
@@ -61,4 +61,28 @@ __device__ void softmax_row(T* row, int n_visible, int n_cols, float* scratch) {
   const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
   for (int j = threadIdx.x; j < n_cols; j += blockDim.x)
     row[j] = static_cast<T>(j < n_visible ? expf(static_cast<float>(row[j]) - row_max) * inv_total : 0.0f);
+}
+
+// The KV pool (pyllm/kv_blocks.py): keys, values [blocks, layers, KV, BLOCK_TOKENS, D] each, so one
+// layer's rows of one KV head in a block are contiguous [BLOCK_TOKENS, D]. A sequence's token at
+// position p sits in block table[p / BLOCK_TOKENS], row p % BLOCK_TOKENS; its table lists the
+// sequence's blocks in token order, in any order of block ids, and blocks may be shared.
+constexpr int BLOCK_TOKENS = 16;  // pyllm/backends/base.py's BLOCK_TOKENS (tests/test_kernels.py checks)
+
+// Where one layer's rows of one KV head sit in the pool, through a sequence's table: row(p) is
+// the offset in elements, from the pool's start, of the row of position p.
+struct PoolHead {
+  const int* table;
+  long long block_stride;  // layers * KV * BLOCK_TOKENS * D: from one block to the next
+  long long head_start;    // (layer * KV + kv_head) * BLOCK_TOKENS * D: this head's rows in a block
+  int head_dim;
+  __device__ __forceinline__ long long row(int p) const {
+    return table[p / BLOCK_TOKENS] * block_stride + head_start + (long long)(p % BLOCK_TOKENS) * head_dim;
+  }
+};
+
+__device__ __forceinline__ PoolHead pool_head(const int* table, int layers, int layer, int n_kv, int kv_head,
+                                              int head_dim) {
+  const long long rows = (long long)BLOCK_TOKENS * head_dim;  // one head's [BLOCK_TOKENS, D] in a block
+  return {table, layers * n_kv * rows, (layer * n_kv + kv_head) * rows, head_dim};
 }

@@ -3,11 +3,12 @@
 // and element i + D/2 form a pair, rotated by the angle of (position, i):
 //   (a, b) -> (a cos - b sin, b cos + a sin).
 // cos and sin come from the f32 tables [max_positions, D/2] the NumPy backend builds
-// (numpy_backend.rope_tables), so both backends rotate by exactly the same numbers.
+// (pyllm/backends/reference.py: rope_tables), so both backends rotate by exactly the same numbers.
 // Numerics (both kernels): inputs widened to f32, each output rounded to SCALAR_T once; no
 // reductions, so no shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "common.cuh"
 
 // Rotates pair `i` of one head: reads src[i], src[i + half], adds bias (if any), writes dst.
 __device__ __forceinline__ void rotate_pair(const SCALAR_T* src, const SCALAR_T* bias, SCALAR_T* dst, int i,
@@ -39,17 +40,19 @@ extern "C" __global__ void rope(const SCALAR_T* __restrict__ x, const long long*
   }
 }
 
-// qkv_rope_cache: a decode step's whole q/k/v epilogue in one launch. One sequence's fused
+// qkv_rope_cache: a step's whole q/k/v epilogue for one sequence in one launch. Its fused
 // projection qkv [T, (H + 2 KV) * D] (heads: H of q, then KV of k, then KV of v), plus bias if
-// given -> q [T, H, D] with rope; k with rope and v are written straight into one layer of its KV
-// cache [KV, capacity, D] at rows start .. start + T - 1 (token t sits at position start + t).
+// given -> q [T, H, D] with rope; k with rope and v are written straight into the KV pools
+// [blocks, layers, KV, BLOCK_TOKENS, D] (common.cuh) at `layer`, token t at position start + t
+// through the sequence's block table (int32): row p % BLOCK_TOKENS of block table[p / BLOCK_TOKENS].
 // Launch: grid = T, block = 128 threads; one block handles one token, thread i its pairs
 // i, i + 128, ... of the token's (H + 2 KV) * D/2.
 extern "C" __global__ void qkv_rope_cache(const SCALAR_T* __restrict__ qkv, const SCALAR_T* __restrict__ bias,
                                           const float* __restrict__ cos_table,
                                           const float* __restrict__ sin_table, SCALAR_T* __restrict__ q,
-                                          SCALAR_T* __restrict__ k_cache, SCALAR_T* __restrict__ v_cache,
-                                          int n_heads, int n_kv, int head_dim, int start, int capacity) {
+                                          SCALAR_T* __restrict__ k_pool, SCALAR_T* __restrict__ v_pool,
+                                          const int* __restrict__ table, int n_heads, int n_kv, int head_dim,
+                                          int layers, int layer, int start) {
   const int half = head_dim / 2, token = blockIdx.x, position = start + token;
   const long long angle_row = (long long)position * half;
   const SCALAR_T* row = qkv + (long long)token * (n_heads + 2 * n_kv) * head_dim;
@@ -60,12 +63,12 @@ extern "C" __global__ void qkv_rope_cache(const SCALAR_T* __restrict__ qkv, cons
     const float cos_a = cos_table[angle_row + i], sin_a = sin_table[angle_row + i];
     if (head < n_heads) {
       rotate_pair(src, src_bias, q + ((long long)token * n_heads + head) * head_dim, i, half, cos_a, sin_a);
-    } else if (head < n_heads + n_kv) {
-      const long long cache_row = ((long long)(head - n_heads) * capacity + position) * head_dim;
-      rotate_pair(src, src_bias, k_cache + cache_row, i, half, cos_a, sin_a);
-    } else {  // v is stored unrotated: a rotation by angle 0 (cos 1, sin 0) is the identity
-      const long long cache_row = ((long long)(head - n_heads - n_kv) * capacity + position) * head_dim;
-      rotate_pair(src, src_bias, v_cache + cache_row, i, half, 1.0f, 0.0f);
+    } else {  // k with rope; v stored unrotated: a rotation by angle 0 (cos 1, sin 0) is the identity
+      const bool is_k = head < n_heads + n_kv;
+      const int kv_head = head - n_heads - (is_k ? 0 : n_kv);
+      const long long cache_row = pool_head(table, layers, layer, n_kv, kv_head, head_dim).row(position);
+      rotate_pair(src, src_bias, (is_k ? k_pool : v_pool) + cache_row, i, half, is_k ? cos_a : 1.0f,
+                  is_k ? sin_a : 0.0f);
     }
   }
 }

@@ -3,8 +3,8 @@
 Runs through cuda-emu (the kernels executed on the CPU with CUDA semantics) and, where there is a
 GPU, through CuPy (skipped otherwise): f32 logits within 1e-4 with identical greedy tokens, f16
 and bf16 logits within 2% of the logit range, at most 10 launches per decoder layer in a decode
-step, only ids up and logits down per step, and on the story model (../shared) teacher-forced
-argmax agreement of f16 and bf16 with f32.
+step, only ids and the block tables up and logits down per step, and on the story model
+(../shared) teacher-forced argmax agreement of f16 and bf16 with f32.
 """
 
 from types import SimpleNamespace
@@ -103,16 +103,22 @@ def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backen
     assert counts[2] - 2 * per_layer == 3  # embedding gather, final rms_norm, lm_head gemm
 
 
-def test_decode_step_sends_ids_up_and_logits_down_only(tiny_model, backend, monkeypatch):
+def test_decode_step_sends_ids_and_block_tables_up_and_logits_down_only(tiny_model, backend, monkeypatch):
+    """The one upload beyond the ids is the step's block tables (int32, all sequences' together),
+    made at the first layer and reused by every layer after it: the model has two."""
     llm = pyllm.LLM(str(tiny_model[0]), backend=backend, show_progress=False)
-    cache = llm.model.new_cache(64)  # sized, as generate sizes it (a growing one reallocates on the device)
-    prefill(llm.model, cache, PROMPT)
+    caches = [llm.model.new_cache() for _ in range(2)]
+    for cache in caches:  # the pool's first blocks hold both: no growth on the device in the step
+        prefill(llm.model, cache, PROMPT)
     calls = []
     for name in ("upload", "upload_ids", "zeros", "to_host"):
         original = getattr(llm.backend, name)
-        monkeypatch.setattr(llm.backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    logits = decode(llm.model, [cache], [5])
-    assert calls == ["upload_ids", "to_host"] and logits.shape == (1, llm.config.vocab_size)
+        monkeypatch.setattr(llm.backend, name, lambda *a, _f=original, _n=name: calls.append((_n, *a)) or _f(*a))
+    logits = decode(llm.model, caches, [5, 6])
+    assert [call[0] for call in calls] == ["upload_ids", "upload", "to_host"]
+    tables = calls[1][1]
+    assert tables.dtype == np.int32 and list(tables) == caches[0].blocks + caches[1].blocks
+    assert logits.shape == (2, llm.config.vocab_size) and llm.config.num_layers == 2
 
 
 def test_dtype_defaults_to_the_checkpoint_dtype(tmp_path):

@@ -2,21 +2,25 @@
 
 Each runs through the CUDA backend on the cuda-emu executor (CPU, CUDA semantics) and, where
 there is a GPU, through CuPy (skipped otherwise), in f32, f16 and bf16, on shapes with tails and
-several warps and blocks (hidden 576 and 100, head_dim 64, GQA 9/3, KV lengths 1, 37 and 300).
+several warps and blocks (hidden 576 and 100, head_dim 64, GQA 9/3). Attention and the fused
+KV write go through block tables into a pool of two layers, the second at work: ragged batches,
+blocks shared by several sequences, partial last blocks, shuffled block ids, KV lengths 1, 15,
+16, 17, 37 and 300.
 16-bit inputs are rounded first and the NumPy operator runs on the rounded values, so what may
 differ is the output's own rounding: half a unit in its last place, plus f32 slack.
 A deliberately broken rms_norm (tests/broken_kernels) must fail under the executor.
 """
 
 import functools
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from pyllm.backends import reference as ops
-from pyllm.backends.base import Step
+from pyllm.backends import kernels_dir, reference as ops
+from pyllm.backends.base import BLOCK_TOKENS, Step
 from pyllm.backends.cuda_backend import CudaBackend
 from pyllm.backends.cuda_device import CupyDevice, EmuDevice
 from pyllm.backends.cuda_emu import Module, RaceDetected
@@ -30,6 +34,7 @@ HALF_ULP = {"f32": 0.0, "f16": 2.0**-11, "bf16": 2.0**-8}  # relative rounding e
 # fuses multiply-adds (NVRTC), flushes subnormals (CuPy's -ftz=true) and orders cuBLAS's sums its way
 F32_SLACK = {"cuda-emu": 1e-5, "cuda": 1e-4}
 H, KV, D = 9, 3, 64  # SmolLM2-135M's attention: 9 query heads share 3 key/value heads
+LAYERS, LAYER = 2, 1  # the pool holds two layers' K/V; a step's kernels work on the second
 rng = np.random.default_rng(0)
 
 
@@ -118,6 +123,43 @@ def test_softmax_fully_masked_row_gives_zeros(device):
     np.testing.assert_allclose(out, ops.softmax_causal(values, -1), atol=1e-6)
 
 
+# ---- the KV pool: a step's sequences and their block tables -------------------------------
+def test_the_kernels_block_tokens_are_the_pools():
+    header = (kernels_dir() / "common.cuh").read_text()
+    assert re.search(r"constexpr int BLOCK_TOKENS = (\d+);", header).group(1) == str(BLOCK_TOKENS)
+
+
+def block_tables(rows, shares=None, spare=3):
+    """Tables for sequences of `rows` tokens (cached + new) over one pool with `spare` blocks no
+    one holds, block ids shuffled; shares {i: (j, n)}: sequence i's first n blocks are sequence
+    j's -> (tables, blocks in the pool)."""
+    counts = [-(-r // BLOCK_TOKENS) for r in rows]
+    ids = iter(rng.permutation(sum(counts) + spare).astype(np.int32))
+    tables = [np.array([next(ids) for _ in range(count)], np.int32) for count in counts]
+    for i, (j, n) in (shares or {}).items():
+        tables[i][:n] = tables[j][:n]
+    return tables, sum(counts) + spare
+
+
+def pool_step(keys, values, tables, rows, new):
+    """The Step of sequences with those tables, rows (cached + new) and new tokens over one pool."""
+    return Step([(keys, values, table, r, n) for table, r, n in zip(tables, rows, new)],
+                [int(s) for s in np.cumsum([0, *new])])
+
+
+def put_pools(be, n_blocks, n_kv=KV, layers=LAYERS):
+    """Random keys and values pools [blocks, layers, KV, BLOCK_TOKENS, D], as put() gives them."""
+    shape = (n_blocks, layers, n_kv, BLOCK_TOKENS, D)
+    return put(be, randn(*shape)), put(be, randn(*shape))
+
+
+# rows (cached + new), new tokens, shared blocks {i: (j, n)} per sequence. The ragged batch holds
+# every KV length; its sequences 3 and 4 read blocks of sequence 5 (a shared prompt) and write
+# their own; the forks decode over the same two full blocks, each into its own partial third.
+RAGGED = ([1, 15, 16, 17, 37, 300], [1, 15, 1, 1, 5, 4], {3: (5, 1), 4: (5, 2)})
+FORKS = ([40, 40, 40], [1, 1, 1], {1: (0, 2), 2: (0, 2)})
+
+
 # ---- rope and the fused KV-cache write ---------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("theta, head_dim", [(10000.0, 64), (500000.0, 24)])
@@ -131,39 +173,52 @@ def test_rope(device, dtype, theta, head_dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("n_new, start", [(1, 36), (37, 0), (5, 300)])
-def test_qkv_rope_cache(device, dtype, with_bias, n_new, start):
+@pytest.mark.parametrize("rows, new, shares", [([37], [1], None), ([37], [37], None), ([305], [5], None),
+                                               RAGGED, FORKS], ids=["decode", "prefill", "chunk", "ragged", "forks"])
+def test_qkv_rope_cache_through_block_tables(device, dtype, with_bias, rows, new, shares):
     be, reference = backend(device, dtype), ops.ReferenceBackend(config())
-    qkv, qkv_values = put(be, randn(n_new, (H + 2 * KV) * D))
+    tables, n_blocks = block_tables(rows, shares)
+    qkv, qkv_values = put(be, randn(sum(new), (H + 2 * KV) * D))
     bias, bias_values = put(be, randn((H + 2 * KV) * D)) if with_bias else (None, None)
-    (k_cache, k_values), (v_cache, v_values) = put(be, randn(KV, 320, D)), put(be, randn(KV, 320, D))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks)
     q_expected = reference.qkv_rope_cache(qkv_values, bias_values,
-                                          Step([(k_values[None], v_values[None], start + n_new, n_new)], [0, n_new]), 0)
-    q = be.qkv_rope_cache(qkv, bias, Step([(k_cache[None], v_cache[None], start + n_new, n_new)], [0, n_new]), 0)
-    check(be, q, q_expected)
-    check(be, k_cache, k_values)  # rows outside start .. start + n_new - 1 are untouched
-    check(be, v_cache, v_values)
+                                          pool_step(key_values, value_values, tables, rows, new), LAYER)
+    check(be, be.qkv_rope_cache(qkv, bias, pool_step(keys, values, tables, rows, new), LAYER), q_expected)
+    check(be, keys, key_values)  # every other row, block and layer untouched
+    check(be, values, value_values)
 
 
 # ---- attention ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (1, 37), (1, 300), (37, 37), (5, 300)])
-def test_attention_over_cache_views(device, dtype, q_len, kv_len):
-    """Decode (q_len 1) and prefill; k, v are views into a cache with room for 320 tokens."""
+@pytest.mark.parametrize("rows, new, shares", [([1], [1], None), ([17], [1], None), ([300], [1], None),
+                                               ([37], [37], None), ([300], [5], None), RAGGED, FORKS],
+                         ids=["decode-1", "decode-17", "decode-300", "prefill-37", "chunk-300", "ragged", "forks"])
+def test_step_attention_through_block_tables(device, dtype, rows, new, shares):
+    """Decode (1 new token), prefill and a prompt's last chunk, alone and as ragged batches."""
     be = backend(device, dtype)
-    q, q_values = put(be, randn(q_len, H, D))
-    (k_cache, k_values), (v_cache, v_values) = put(be, randn(KV, 320, D)), put(be, randn(KV, 320, D))
-    offset = kv_len - q_len
-    out = be.attention(q, k_cache[:, :kv_len], v_cache[:, :kv_len], offset)
-    check(be, out, ops.attention(q_values, k_values[:, :kv_len], v_values[:, :kv_len], offset))
+    tables, n_blocks = block_tables(rows, shares)
+    q, q_values = put(be, randn(sum(new), H, D))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks)
+    out = be.step_attention(q, pool_step(keys, values, tables, rows, new), LAYER)
+    check(be, out, ops.step_attention(q_values, pool_step(key_values, value_values, tables, rows, new), LAYER))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_attention_over_contiguous_keys_is_the_block_kernel_over_a_copy(device, dtype):
+    be = backend(device, dtype)
+    q, q_values = put(be, randn(5, H, D))
+    (k, k_values), (v, v_values) = put(be, randn(KV, 37, D)), put(be, randn(KV, 37, D))
+    check(be, be.attention(q, k, v, 32), ops.attention(q_values, k_values, v_values, 32))
 
 
 def test_attention_long_context_opts_into_more_shared_memory(device):
     be = backend(device, "f32")
-    kv_len = 12_500  # its scores need more than the default 48 KiB of shared memory
+    rows = [12_500]  # its scores need more than the default 48 KiB of shared memory
+    tables, n_blocks = block_tables(rows)
     q, q_values = put(be, randn(1, 2, D))
-    (k, k_values), (v, v_values) = put(be, randn(1, kv_len, D)), put(be, randn(1, kv_len, D))
-    check(be, be.attention(q, k, v, kv_len - 1), ops.attention(q_values, k_values, v_values, kv_len - 1))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks, n_kv=1, layers=1)
+    out = be.step_attention(q, pool_step(keys, values, tables, rows, [1]), 0)
+    check(be, out, ops.step_attention(q_values, pool_step(key_values, value_values, tables, rows, [1]), 0))
 
 
 # ---- matmul (cuBLAS on a GPU, NumPy f32 rounded like cuBLAS on the emulator) ---------------
@@ -194,24 +249,6 @@ def test_rms_norm_without_its_barrier_fails_under_the_executor():
         checked.get_function("rms_norm")((4,), (256,), args)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_qkv_rope_cache_batch_of_sequences(device, dtype):
-    """A ragged batch: each sequence's rows go to its own cache, each with its own capacity."""
-    be, reference = backend(device, dtype), ops.ReferenceBackend(config())
-    qkv, qkv_values = put(be, randn(1 + 4 + 2, (H + 2 * KV) * D))
-    caches = [(put(be, randn(KV, capacity, D)), put(be, randn(KV, capacity, D))) for capacity in (9, 300, 40)]
-    starts, counts = (8, 290, 0), (1, 4, 2)
-    rows = list(np.cumsum([0, *counts]))
-    q_expected = reference.qkv_rope_cache(qkv_values, None, Step([(k[1][None], v[1][None], start + n, n) for (k, v), start, n
-                                                                  in zip(caches, starts, counts)], rows), 0)
-    q = be.qkv_rope_cache(qkv, None, Step([(k[0][None], v[0][None], start + n, n)
-                                           for (k, v), start, n in zip(caches, starts, counts)], rows), 0)
-    check(be, q, q_expected)
-    for k, v in caches:
-        check(be, k[0], k[1])
-        check(be, v[0], v[1])
-
-
 def test_real_kernels_pass_the_race_check(monkeypatch):
     """Every launch runs twice, threads and blocks in opposite orders; results must not differ."""
     monkeypatch.setenv("PYLLM_CUDA_EMU_RACE_CHECK", "1")
@@ -220,10 +257,13 @@ def test_real_kernels_pass_the_race_check(monkeypatch):
     check(be, be.rms_norm(x, w, 1e-5), ops.rms_norm(xv, wv, 1e-5))
     scores, values = put(be, randn(H, 5, 37))
     check(be, be.softmax_causal(scores, 32), ops.softmax_causal(values, 32))
-    qkv, qkv_values = put(be, randn(2, (H + 2 * KV) * D))
-    (k, k_values), (v, v_values) = put(be, randn(KV, 37, D)), put(be, randn(KV, 37, D))
-    q = be.qkv_rope_cache(qkv, None, Step([(k[None], v[None], 37, 2)], [0, 2]), 0)
-    reference = ops.ReferenceBackend(config())
-    check(be, q, reference.qkv_rope_cache(qkv_values, None, Step([(k_values[None], v_values[None], 37, 2)], [0, 2]), 0))
-    stored = [be.to_host(a) for a in (q, k, v)]  # attention reads the rounded q, k, v
-    check(be, be.attention(q, k, v, 35), ops.attention(*stored, 35))
+    rows, new, shares = [37, 20], [2, 3], {1: (0, 1)}  # the second reads the first one's first block
+    tables, n_blocks = block_tables(rows, shares)
+    qkv, qkv_values = put(be, randn(sum(new), (H + 2 * KV) * D))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks)
+    step = pool_step(keys, values, tables, rows, new)
+    q = be.qkv_rope_cache(qkv, None, step, LAYER)
+    reference_step = pool_step(key_values, value_values, tables, rows, new)
+    check(be, q, ops.ReferenceBackend(config()).qkv_rope_cache(qkv_values, None, reference_step, LAYER))
+    stored = pool_step(be.to_host(keys), be.to_host(values), tables, rows, new)  # attention reads the rounded q, k, v
+    check(be, be.step_attention(q, step, LAYER), ops.step_attention(be.to_host(q), stored, LAYER))

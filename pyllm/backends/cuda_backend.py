@@ -7,12 +7,14 @@ matmul, the kernel compiler/launcher and the GPU's limits.
 Arrays are kept in the storage dtype: float32, float16, or bf16 as uint16 bits (NumPy and CuPy
 have no bfloat16; kernels see __nv_bfloat16, cuBLAS sees CUDA_R_16BF). Every kernel computes in
 f32. Every kernel family is compiled when the backend starts, so a kernel that does not compile
-stops it with one line. Weights are uploaded once, the KV cache lives on the device, and a decode
-step sends up token ids and brings back logits rows. `launches` counts kernel launches and cuBLAS
+stops it with one line. Weights are uploaded once, the KV pool lives on the device, and a decode
+step sends up token ids and its sequences' block tables (one small int32 upload, shared by every
+layer) and brings back logits rows. `launches` counts kernel launches and cuBLAS
 calls; a launch over an empty grid is skipped (CuPy would run one block of it).
 """
 
 import re
+import weakref
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from ..dtypes import convert, storage_dtype
 from ..errors import PyllmError
 from . import kernels_dir, nvrtc
 from ..weights import QuantizedMatrix
-from .base import Step
+from .base import BLOCK_TOKENS, Step
 from .cuda_device import check_dtype_on
 from .kernel_source import expand_local_includes
 from .reference import rope_tables
@@ -71,6 +73,7 @@ class CudaBackend:
         self._modules = {path.stem: self._compile(path) for path in sorted(kernels_dir().glob("*.cu"))}
         self._functions = {}
         self._attention_opted_in = False
+        self._step_tables = None  # (weakref to the Step, its slots' device tables), see _tables
 
     # ---- kernels ------------------------------------------------------------------------
     def _compile(self, path):
@@ -126,16 +129,17 @@ class CudaBackend:
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):
         """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; one launch per
-        sequence writes its q rows and its rope(k), v cache rows (each cache has its own capacity)."""
-        n_kv, dim = step.slots[0].keys.shape[1], step.slots[0].keys.shape[3]
+        sequence writes its q rows and its rope(k), v rows into the pools through its block table."""
+        pool = step.slots[0].keys  # [blocks, layers, KV, BLOCK_TOKENS, D]
+        layers, n_kv, dim = pool.shape[1], pool.shape[2], pool.shape[4]
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
-        for slot, row in zip(step.slots, step.starts):
+        for slot, row, table in zip(step.slots, step.starts, self._tables(step)):
             n = slot.n_new
             self._launch("rope", "qkv_rope_cache", (int(n),), (ROPE_THREADS,),
-                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], slot.keys[layer],
-                          slot.values[layer], np.int32(n_heads), np.int32(n_kv), np.int32(dim),
-                          np.int32(slot.rows - n), np.int32(slot.keys.shape[2])))
+                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], slot.keys, slot.values,
+                          table, np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(layers),
+                          np.int32(layer), np.int32(slot.rows - n)))
         return q
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
@@ -171,25 +175,51 @@ class CudaBackend:
         return scores
 
     def step_attention(self, q, step: Step, layer):
-        """q [T, H, D] -> [T, H, D]: one attention launch per sequence over its cache."""
-        outs = [self.attention(q[row:row + slot.n_new], slot.keys[layer, :, :slot.rows],
-                               slot.values[layer, :, :slot.rows], slot.rows - slot.n_new)
-                for slot, row in zip(step.slots, step.starts)]
-        return outs[0] if len(outs) == 1 else self.xp.concatenate(outs)
+        """q [T, H, D] -> [T, H, D]: one attention launch per sequence, over its blocks of the pools."""
+        q = self.xp.ascontiguousarray(q)
+        out = self._empty(q.shape)
+        for slot, row, table in zip(step.slots, step.starts, self._tables(step)):
+            rows = slice(row, row + slot.n_new)
+            self._attend(q[rows], slot.keys, slot.values, table, layer, slot.rows, slot.rows - slot.n_new, out[rows])
+        return out
 
     def attention(self, q, k, v, offset):
-        """q [T, H, D], k, v [KV, L, D] (views into the cache: rows contiguous, heads strided) -> [T, H, D]."""
+        """q [T, H, D], k, v [KV, L, D] (one sequence's, outside any pool) -> [T, H, D]: the same
+        kernel over a one-layer pool that holds k and v in blocks 0, 1, ... (a copy; for tests)."""
+        n_kv, kv_len, dim = k.shape
+        n_blocks = -(-kv_len // BLOCK_TOKENS)
+
+        def pool(x):  # [KV, L, D] -> [n_blocks, 1, KV, BLOCK_TOKENS, D], rows past L zero
+            padded = self.xp.zeros((n_kv, n_blocks * BLOCK_TOKENS, dim), x.dtype)
+            padded[:, :kv_len] = x
+            return self.xp.ascontiguousarray(padded.reshape(n_kv, n_blocks, 1, BLOCK_TOKENS, dim)
+                                             .transpose(1, 2, 0, 3, 4))
+
         q = self.xp.ascontiguousarray(q)
-        (n_tokens, n_heads, dim), (n_kv, kv_len, _) = q.shape, k.shape
-        if k.strides != v.strides or k.strides[1:] != (dim * k.itemsize, k.itemsize):
-            raise ValueError("attention needs k and v with contiguous rows and equal strides")
         out = self._empty(q.shape)
+        self._attend(q, pool(k), pool(v), self.upload(np.arange(n_blocks, dtype=np.int32)), 0, kv_len, offset, out)
+        return out
+
+    def _attend(self, q, k_pool, v_pool, table, layer, kv_len, offset, out):
+        """kernels/attention.cu: q [T, H, D] over positions 0 .. kv_len - 1 of the pools
+        [blocks, layers, KV, BLOCK_TOKENS, D] at `layer`, through table (device int32) -> out [T, H, D]
+        (contiguous, written in place); query 0 sits at position offset."""
+        (n_tokens, n_heads, dim), (layers, n_kv) = q.shape, k_pool.shape[1:3]
         shared = attention_shared_bytes(dim, kv_len)
         self._opt_in_to_shared_memory(self._function("attention", "attention"), dim, kv_len, shared)
         self._launch("attention", "attention", (n_tokens, n_heads), (ATTENTION_THREADS,),
-                     (q, k, v, out, np.int32(n_kv), np.int32(dim), np.int32(kv_len),
-                      np.int64(k.strides[0] // k.itemsize), np.int32(offset)), shared)
-        return out
+                     (q, k_pool, v_pool, table, out, np.int32(n_kv), np.int32(dim), np.int32(layers),
+                      np.int32(layer), np.int32(kv_len), np.int32(offset)), shared)
+
+    def _tables(self, step: Step) -> list:
+        """The step's block tables on the device, one view per slot: all uploaded together at its
+        first layer (one transfer) and reused by every layer after it."""
+        if self._step_tables is None or self._step_tables[0]() is not step:
+            tables = [np.asarray(slot.table, np.int32) for slot in step.slots]
+            device = self.upload(np.concatenate(tables))
+            ends = np.cumsum([len(t) for t in tables])
+            self._step_tables = weakref.ref(step), [device[end - len(t):end] for t, end in zip(tables, ends)]
+        return self._step_tables[1]
 
     def _opt_in_to_shared_memory(self, kernel, head_dim: int, kv_len: int, shared: int):
         """attention.cu holds all kv_len scores in shared memory: past 48 KiB a block must opt in,
@@ -206,7 +236,8 @@ class CudaBackend:
 
     # ---- memory -------------------------------------------------------------------------
     def upload(self, host_array):
-        """Host array, already in the storage dtype (weights.load_weights) -> device array."""
+        """Host array (a weight already in the storage dtype, see weights.load_weights, or a step's
+        int32 block tables) -> device array."""
         for part in host_array if isinstance(host_array, tuple) else (host_array,):
             if isinstance(part, QuantizedMatrix):
                 raise PyllmError(f"the {self.name} backend does not compute on {part.format.name} weights yet; "
