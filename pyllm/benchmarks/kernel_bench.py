@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pyllm.backends.base import Step
+from pyllm.backends.base import BLOCK_TOKENS, Step
 
 WIDTH = 8192
 ATTENTION = dict(heads=32, kv_heads=8, head_dim=128)  # a Llama-3-8B layer: 32 query heads share 8 KV heads
@@ -44,8 +44,12 @@ def cases(be, rows: int, width: int = WIDTH):
     scores = rand(1, rows, width)  # softmax works in place: its own copy keeps x as it was
     ids, positions = be.upload_ids(rng.integers(0, rows, rows)), be.upload_ids(np.arange(rows))
     qkv_heads = width // dim  # x read as rows of a fused q|k|v projection: 48 + 2 x 8 heads of 128
-    rows_cache = be.zeros((1, kv_heads, rows, dim)), be.zeros((1, kv_heads, rows, dim))  # [layers, KV, rows, D]
-    q_one, k_cache, v_cache = rand(1, heads, dim), rand(kv_heads, width, dim), rand(kv_heads, width, dim)
+    rows_blocks, width_blocks = -(-rows // BLOCK_TOKENS), -(-width // BLOCK_TOKENS)
+    rows_pool = [be.zeros((rows_blocks, 1, kv_heads, BLOCK_TOKENS, dim)) for _ in "kv"]  # [blocks, layers, KV, 16, D]
+    rows_step = Step([(*rows_pool, np.arange(rows_blocks, dtype=np.int32), rows, rows)], [0, rows])
+    width_pool = [rand(width_blocks, 1, kv_heads, BLOCK_TOKENS, dim) for _ in "kv"]  # blocks in shuffled order
+    decode_step = Step([(*width_pool, rng.permutation(width_blocks).astype(np.int32), width, 1)], [0, 1])
+    q_one = rand(1, heads, dim)
     angles = rows * dim * 4  # the f32 cos and sin rows: rows x D/2 x 4 bytes x 2 tables
     return [
         ("rms_norm", f"{rows}x{width}", (2 * rows + 1) * width * item, lambda: be.rms_norm(x, weight, 1e-5)),
@@ -56,10 +60,10 @@ def cases(be, rows: int, width: int = WIDTH):
         ("rope", f"{rows}x{qkv_heads}x{dim}", 2 * rows * width * item + angles + 8 * rows,
          lambda: be.rope(x.reshape(rows, qkv_heads, dim), positions)),
         ("qkv_rope_cache", f"{rows}x({qkv_heads - 2 * kv_heads}+2x{kv_heads})x{dim}",
-         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, Step([(*rows_cache, rows, rows)], [0, rows]), 0)),
+         2 * rows * width * item + angles, lambda: be.qkv_rope_cache(x, None, rows_step, 0)),
         ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
-         (2 * kv_heads * width + 2 * heads) * dim * item,
-         lambda: be.attention(q_one, k_cache, v_cache, width - 1)),
+         (2 * kv_heads * width + 2 * heads) * dim * item + 4 * width_blocks,
+         lambda: be.step_attention(q_one, decode_step, 0)),
     ]
 
 
