@@ -95,7 +95,8 @@ class LLM:
         (shared with whoever computed them; `salt` keeps apart those who must not share)."""
         self._check_fits(len(prompt_ids))
         cache = self.model.new_cache(capacity or len(prompt_ids) + params.max_tokens, salt)
-        cached = cache.match_prefix(prompt_ids)
+        # a prompt scored token by token (prompt logprobs) computes every position: nothing cached
+        cached = cache.match_prefix(prompt_ids) if params.prompt_logprobs is None else 0
         return Sequence(prompt_ids, params, cache, self.tokenizer, self.eos_ids, cached, constraint)
 
     # ---- the step loop ------------------------------------------------------------------

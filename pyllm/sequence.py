@@ -57,9 +57,10 @@ class Sequence:
         """Before a step: a preempted sequence takes back what the pool still caches of its tokens;
         one still prefilling takes the prompt blocks others have computed since it started."""
         if self.preempted:
-            self.cache.match_prefix(self.prompt_ids + self.output_ids)
+            if not self.wants_prompt_logits:  # prompt positions still to score are computed again
+                self.cache.match_prefix(self.prompt_ids + self.output_ids)
             self.preempted = False
-        elif self.prefilling:
+        elif self.prefilling and self.params.prompt_logprobs is None:
             before = self.cache.length
             self.cached_tokens += self.cache.match_prefix(self.prompt_ids) - before
 

@@ -18,7 +18,7 @@ from transformers.models.llama import modeling_llama as hf
 
 from pyllm.backends import cpu_kernels
 from pyllm.backends import reference as ops
-from pyllm.backends.base import Step
+from pyllm.backends.base import BLOCK_TOKENS, CacheSlot, Step
 from pyllm.backends.cpu import CpuBackend
 
 rng = np.random.default_rng(0)
@@ -72,44 +72,46 @@ def test_rope_matches_hf_rotary_embedding(theta, head_dim):
 
 @pytest.mark.parametrize("head_dim,with_bias", [(64, False), (20, True)])
 def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim, with_bias):
-    """The backend's fused epilogue for a ragged batch (caches of different capacities) against
-    rope() above: q comes back roped, each sequence's roped k and its v land in its cache rows of
-    the given layer, and nothing else changes."""
-    n_heads, n_kv, counts, starts, capacities, layer = 6, 2, [3, 1, 40], [0, 7, 20], [8, 9, 64], 1
+    """The backend's fused epilogue for a ragged batch (block tables of 1, 1 and 4 blocks of a
+    pool, in shuffled order) against rope() above: q comes back roped, each sequence's roped k and
+    its v land in its positions' blocks and rows at the given layer, and nothing else changes."""
+    n_heads, n_kv, counts, starts, layer = 6, 2, [3, 1, 40], [0, 7, 20], 1
     backend = CpuBackend(SimpleNamespace(rope_theta=10000.0, head_dim=head_dim, max_position_embeddings=64))
     qkv = randn(sum(counts), (n_heads + 2 * n_kv) * head_dim)
     bias = randn(qkv.shape[1]) if with_bias else None
-    caches = [(np.zeros((2, n_kv, c, head_dim), np.float32), np.zeros((2, n_kv, c, head_dim), np.float32))
-              for c in capacities]  # [layers, KV, capacity, D]
-    step = Step([(k, v, start + n, n) for (k, v), start, n in zip(caches, starts, counts)],
-                list(np.cumsum([0] + counts)))
+    pool_keys, pool_values = (np.zeros((8, 2, n_kv, BLOCK_TOKENS, head_dim), np.float32)  # [blocks, layers, KV, 16, D]
+                              for _ in "kv")
+    tables = np.split(rng.permutation(8).astype(np.int32), [1, 2, 6])[:3]  # 1, 1 and 4 blocks, in any order
+    step = Step([CacheSlot(pool_keys, pool_values, table, start + n, n)
+                 for table, start, n in zip(tables, starts, counts)], list(np.cumsum([0] + counts)))
     q = backend.qkv_rope_cache(qkv, bias, step, layer)
     heads = (qkv if bias is None else qkv + bias).reshape(len(qkv), -1, head_dim)  # [T, H + 2 KV, D]
     positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
     np.testing.assert_allclose(q, ops.rope(heads[:, :n_heads], positions, backend.cos, backend.sin), atol=1e-6)
     keys = ops.rope(heads[:, n_heads:n_heads + n_kv], positions, backend.cos, backend.sin)
-    for (k_layers, v_layers), start, n, first in zip(caches, starts, counts, np.cumsum([0] + counts)):
-        k, v = k_layers[layer], v_layers[layer]
-        np.testing.assert_allclose(k[:, start:start + n], keys[first:first + n].transpose(1, 0, 2), atol=1e-6)
-        np.testing.assert_array_equal(v[:, start:start + n], heads[first:first + n, -n_kv:].transpose(1, 0, 2))
-        assert not k[:, :start].any() and not k[:, start + n:].any() and not v[:, start + n:].any()
-        assert not k_layers[0].any() and not v_layers[0].any()
+    for slot, start, n, first in zip(step.slots, starts, counts, np.cumsum([0] + counts)):
+        k, v = ops.cached(pool_keys, slot, layer), ops.cached(pool_values, slot, layer)  # [KV, rows, D]
+        np.testing.assert_allclose(k[:, start:], keys[first:first + n].transpose(1, 0, 2), atol=1e-6)
+        np.testing.assert_array_equal(v[:, start:], heads[first:first + n, -n_kv:].transpose(1, 0, 2))
+        blocks, rows = ops.cache_rows(slot, np.arange(start, start + n))
+        pool_keys[blocks, layer, :, rows] = pool_values[blocks, layer, :, rows] = 0
+    assert not pool_keys.any() and not pool_values.any()  # nothing else was written
 
 
 def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
-    """The C side trusts its shapes, so the wrapper checks them: rows vs new tokens, and room in the cache."""
+    """The C side trusts its shapes, so the wrapper checks them: rows vs new tokens, and room in the table."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
     cos = sin = np.zeros((64, 8), np.float32)
-    cache = np.zeros((1, 2, 8, 16), np.float32)  # [layers, KV, capacity, D]
+    pool, table = np.zeros((1, 1, 2, BLOCK_TOKENS, 16), np.float32), np.zeros(1, np.int32)  # one block of 1 layer
     qkv = randn(3, 8 * 16)  # 4 query heads, 2 KV heads of 16
     with pytest.raises(ValueError, match="qkv_rope"):
-        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 2, 2)], 0, cos, sin)  # 3 rows, 2 new tokens
+        cpu_kernels.qkv_rope(qkv, None, [CacheSlot(pool, pool, table, 2, 2)], 0, cos, sin)  # 3 rows, 2 new tokens
     with pytest.raises(ValueError, match="attention"):  # the step's caches are checked as attention's
-        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 9, 3)], 0, cos, sin)  # rows 6..8 of a cache of 8
+        cpu_kernels.qkv_rope(qkv, None, [CacheSlot(pool, pool, table, 17, 3)], 0, cos, sin)  # rows 14..16 in one block
     with pytest.raises(ValueError, match="qkv_rope"):
-        cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 8, 3)], 1, cos, sin)  # no such layer
-    assert cpu_kernels.qkv_rope(qkv, None, [(cache, cache, 8, 3)], 0, cos, sin).shape == (3, 4, 16)
+        cpu_kernels.qkv_rope(qkv, None, [CacheSlot(pool, pool, table, 8, 3)], 1, cos, sin)  # no such layer
+    assert cpu_kernels.qkv_rope(qkv, None, [CacheSlot(pool, pool, table, 8, 3)], 0, cos, sin).shape == (3, 4, 16)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (4, 300)])
@@ -222,38 +224,25 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
         busy.join()
 
 
-@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32), (2, 1, 80)])
-@pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [1, 37, 1, 16], [200, 2, 3, 1]])
-def test_attention_c_kernel_matches_per_sequence_attention(n_heads, n_kv, head_dim, new_tokens):
-    """kernels/cpu/attention.c: a step's sequences at once, each with its own new tokens (decode steps,
-    prompts, a mix; lengths not multiples of 16, tiles and key chunks with ragged ends), caches
-    of different lengths and capacities, against the NumPy attention above."""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
-    lengths, capacities, layers = [1, 37, 300, 16], [8, 40, 512, 16], 3
-    lengths = [max(length, n) for length, n in zip(lengths, new_tokens)]
-    capacities = [max(length, capacity) for length, capacity in zip(lengths, capacities)]
-    slots = [(randn(layers, n_kv, capacity, head_dim) * 3, randn(layers, n_kv, capacity, head_dim), length, n)
-             for length, capacity, n in zip(lengths, capacities, new_tokens)]
-    starts = np.cumsum([0] + new_tokens)
-    for layer in range(layers):
-        q = randn(starts[-1], n_heads, head_dim) * 3
-        expected = np.concatenate([ops.attention(q[start:start + n], k[layer, :, :length], v[layer, :, :length], length - n)
-                                   for (k, v, length, n), start in zip(slots, starts)])
-        # scores reach ~100 before scaling, where an f32 ulp is 8e-6: summation order shows
-        np.testing.assert_allclose(cpu_kernels.attention(q, slots, layer), expected, atol=3e-5, rtol=1e-5)
-
-
 def test_attention_kernel_refuses_caches_that_do_not_fit():
-    """The C side trusts its shapes, so the wrapper checks them."""
+    """The C side trusts its shapes and block ids, so the wrapper checks them."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
-    cache, q = randn(2, 2, 8, 16), randn(3, 4, 16)  # 2 layers, 2 KV heads, capacity 8; 4 query heads
-    assert cpu_kernels.attention(q, [(cache, cache, 5, 3)], 1).shape == q.shape
-    for slots, layer in [([(cache, cache, 9, 3)], 0),            # more rows than the cache holds
-                         ([(cache, cache, 5, 3)], 2),            # no such layer
-                         ([(cache, randn(2, 2, 9, 16), 5, 3)], 0),  # k and v differ
-                         ([(randn(2, 3, 8, 16),) * 2 + (5, 3)], 0)]:  # 4 query heads on 3 KV heads
+    pool, q = randn(4, 2, 2, BLOCK_TOKENS, 16), randn(3, 4, 16)  # 4 blocks, 2 layers, 2 KV heads; 4 query heads
+
+    def slot(table, rows, n_new, keys=pool, values=pool):
+        return CacheSlot(keys, values, np.array(table, np.int32), rows, n_new)
+    assert cpu_kernels.attention(q, [slot([3, 0], 20, 3)], 1).shape == q.shape
+    for slots, layer in [([slot([3], 17, 3)], 0),                               # more rows than its blocks hold
+                         ([slot([3], 2, 3)], 0),                                # more new tokens than rows
+                         ([slot([4], 5, 3)], 0), ([slot([-1], 5, 3)], 0),       # no such block
+                         ([slot([3], 5, 3)], 2),                                # no such layer
+                         ([slot([3], 5, 3, values=randn(5, 2, 2, BLOCK_TOKENS, 16))], 0),  # k and v differ
+                         ([slot([3], 5, 3, *(randn(4, 2, 3, BLOCK_TOKENS, 16),) * 2)], 0),  # 4 query heads on 3 KV
+                         ([slot([3], 5, 3, *(randn(2, 2, 8, 16),) * 2)], 0),    # not a pool of blocks
+                         ([slot([3], 5, 3, *(randn(4, 2, 2, 8, 16),) * 2)], 0),  # blocks of 8 tokens
+                         ([slot([3], 5, 3, *(pool.astype(np.float64),) * 2)], 0),  # f64
+                         ([slot([3], 5, 2), slot([1], 5, 1, keys=pool.copy())], 0)]:  # two pools in one step
         with pytest.raises(ValueError, match="attention"):
             cpu_kernels.attention(q, slots, layer)
 
@@ -267,8 +256,8 @@ def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
               "from pyllm.backends.cpu import CpuBackend\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
               "assert not cpu_kernels.available()\n"
-              "cache = np.ones((1, 1, 4, 16), np.float32)\n"
-              "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(cache, cache, 1, 1)], 0) is None\n"
+              "pool, table = np.ones((1, 1, 1, 16, 16), np.float32), np.zeros(1, np.int32)\n"
+              "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(pool, pool, table, 1, 1)], 0) is None\n"
               "assert cpu_kernels.rms_norm(a, a[0], 1e-5) is None and cpu_kernels.swiglu(a) is None\n"
               "assert (CpuBackend.matmul_transb(a, b) == 64).all()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **environment}

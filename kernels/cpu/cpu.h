@@ -2,7 +2,8 @@
 // pyllm/backends/cpu_kernels.py (host C compiler, -O3 -march=native) and called through ctypes:
 //   matmul.c     skinny_matmul (a decode step's few rows) and matmul (a prompt's many rows)
 //   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes)
-//   attention.c  attention (every sequence of a step over its KV cache)
+//   attention.c  attention (every sequence of a step over its KV cache, through its block table;
+//                attention_tiles.h: its register tiles)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
 //                quantize_activations, dequantize (quant_blocks.h: decoding the 32-weight
 //                formats); quant_k.c: the same for the K-quants
@@ -28,6 +29,13 @@ void pool_lock(void);  // one call at a time, whichever thread makes it
 void pool_unlock(void);
 void pool_run(void (*task)(int part));
 void pool_run_sized(void (*task)(int part), size_t bytes);  // the same, on the caller alone for a small call
+
+#define BLOCK_TOKENS 16  // tokens per block of a KV pool [blocks, layers, KV, BLOCK_TOKENS, D] (pyllm/backends/base.py)
+
+// where KV head g of `layer` in `block` starts in a KV pool: its BLOCK_TOKENS rows of D floats
+static inline size_t kv_block(int block, int layers, int layer, int KV, int g, int D) {
+  return (((size_t)block * layers + layer) * KV + g) * BLOCK_TOKENS * D;
+}
 
 static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
   // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two steps (Cody-Waite), and

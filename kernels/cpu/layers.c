@@ -53,11 +53,11 @@ void quant_matmul(int type, int M, int layers, const void *xq, int K, const uint
 void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int N, float *out, int accumulate);
 void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
 void swiglu(int T, int width, const float *gate_up, float *out);
-void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in, const float *bias, const float *cos,
-              const float *sin, float *const *k, float *const *v, const int *length, const int *capacity,
+void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
+              const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables, const int *length,
               const int *count, float *q);
-void attention(int S, int H, int KV, int D, float scale, int layer, const float *q, const float *const *k,
-               const float *const *v, const int *length, const int *capacity, const int *count, float *out);
+void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
+               const float *v, const int32_t *const *tables, const int *length, const int *count, float *out);
 
 // out [T, N] = x [T, K] @ m^T, or added into out when accumulate; scratch: [T, N] floats, xq: room
 // for x's int8 blocks in `layers` layers (quant.c)
@@ -105,19 +105,19 @@ static void apply_parts(const struct matrix *parts, int n_parts, int T, int laye
 }
 
 // x [T, hidden] advances through layers 0 .. L - 1 in place (scale: attention's, D^-0.5). S sequences own the T rows in order;
-// k, v, length, capacity, count: their caches as attention's. Scratch (f32): h [T, hidden],
+// k, v (the KV pool of L layers), tables, length, count: their caches as attention's. Scratch (f32): h [T, hidden],
 // qkv [T, (H + 2 KV) D], q [T, H D], a [T, H D], gate_up [T, 2 inter], act [T, inter], spare
 // [T, max N]; xq: quantize_activations' bytes for T rows of max(hidden, inter) in `activation_layers`.
 EXPORT void decoder_layers(int L, const struct layer *layers, int T, int activation_layers, int hidden, int inter, int H,
-                           int KV, int D, float eps, float scale, float *x, int S, const float *cos, const float *sin, float *const *k,
-                           float *const *v, const int *length, const int *capacity, const int *count, float *h,
+                           int KV, int D, float eps, float scale, float *x, int S, const float *cos, const float *sin, float *k,
+                           float *v, const int32_t *const *tables, const int *length, const int *count, float *h,
                            float *qkv, float *q, float *a, float *gate_up, float *act, float *spare, void *xq) {
   for (int l = 0; l < L; l++) {
     const struct layer *w = &layers[l];
     rms_norm(T, hidden, x, w->input_norm, eps, h);
     apply_parts(w->qkv, w->qkv_parts, T, activation_layers, h, hidden, qkv, spare, xq);
-    qkv_rope(S, H, KV, D, l, qkv, w->qkv_bias, cos, sin, k, v, length, capacity, count, q);
-    attention(S, H, KV, D, scale, l, q, (const float *const *)k, (const float *const *)v, length, capacity, count, a);
+    qkv_rope(S, H, KV, D, l, L, qkv, w->qkv_bias, cos, sin, k, v, tables, length, count, q);
+    attention(S, H, KV, D, scale, l, L, q, k, v, tables, length, count, a);
     apply(&w->o, T, activation_layers, a, H * D, x, 1, spare, xq);
     rms_norm(T, hidden, x, w->post_norm, eps, h);
     apply_parts(w->gate_up, w->gate_up_parts, T, activation_layers, h, hidden, gate_up, spare, xq);

@@ -85,25 +85,27 @@ EXPORT void swiglu(int T, int width, const float *gate_up, float *out) {
 
 static struct {  // the current qkv_rope call
   const float *qkv, *bias, *cos, *sin;
-  float *const *k, *const *v, *q;
-  const int *capacity, *sequence, *position;  // per row: its sequence, and its position = its cache row
-  int H, KV, D, layer;
+  float *k, *v, *q;  // k, v: the KV pool
+  const int32_t *const *tables;
+  const int *sequence, *position;  // per row: its sequence, and its position
+  int H, KV, D, layer, layers;
 } qkv;
 
 // qkv_rope: one token's fused projections qkv [(H + 2 KV) * D] (+ bias): rope (HF's rotate_half
 // layout: the first and second halves of a head are the pairs) on its H query heads -> q [H, D],
-// and on its KV key heads -> its row (its position) of the layer's k [KV, capacity, D]; its value
-// heads -> the same row of v. Its position also picks the row of the cos, sin tables [positions, D / 2].
+// and on its KV key heads -> k at the layer, in its position's block and row; its value heads ->
+// the same place in v. Its position also picks the row of the cos, sin tables [positions, D / 2].
 static void qkv_row(int t) {
-  const int D = qkv.D, half = D / 2, s = qkv.sequence[t];
-  const float *c = qkv.cos + (size_t)qkv.position[t] * half, *sn = qkv.sin + (size_t)qkv.position[t] * half;
+  const int D = qkv.D, half = D / 2, position = qkv.position[t];
+  const int block = qkv.tables[qkv.sequence[t]][position / BLOCK_TOKENS];
+  const float *c = qkv.cos + (size_t)position * half, *sn = qkv.sin + (size_t)position * half;
   const float *row = qkv.qkv + (size_t)t * (qkv.H + 2 * qkv.KV) * D;
   for (int h = 0; h < qkv.H + 2 * qkv.KV; h++) {
     const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
     const int g = h - qkv.H;  // past the query heads: key head g, then value head g - KV
     float *out = g < 0 ? qkv.q + ((size_t)t * qkv.H + h) * D
-                       : (g < qkv.KV ? qkv.k[s] : qkv.v[s])
-                             + (((size_t)qkv.layer * qkv.KV + g % qkv.KV) * qkv.capacity[s] + qkv.position[t]) * D;
+                       : (g < qkv.KV ? qkv.k : qkv.v) + kv_block(block, qkv.layers, qkv.layer, qkv.KV, g % qkv.KV, D)
+                             + (size_t)(position % BLOCK_TOKENS) * D;
     for (int i = 0; i < half; i += 16) {
       const __mmask16 m = lanes(half - i);
       __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
@@ -121,11 +123,11 @@ static void qkv_row(int t) {
 }
 
 // A step's rows: sequence s owns count[s] consecutive rows, the last of its length[s] tokens, and
-// writes layer `layer` of its caches k[s], v[s] [layers, KV, capacity[s], D] (the same arrays as
-// attention's). D % 2 == 0.
-EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in, const float *bias, const float *cos,
-                     const float *sin, float *const *k, float *const *v, const int *length, const int *capacity,
-                     const int *count, float *q) {
+// writes them at layer `layer` of the KV pool k, v [blocks, layers, KV, BLOCK_TOKENS, D] through
+// its block table tables[s], as attention reads them (writers of one call write distinct rows). D % 2 == 0.
+EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
+                     const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables,
+                     const int *length, const int *count, float *q) {
   int T = 0;
   for (int s = 0; s < S; s++) T += count[s];
   int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));  // sequences, then positions
@@ -134,8 +136,8 @@ EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, const float *qkv_in
     for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = length[s] - count[s] + i;
   pool_lock();
   qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
-  qkv.capacity = capacity, qkv.sequence = per_row, qkv.position = per_row + T;
-  qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer;
+  qkv.tables = tables, qkv.sequence = per_row, qkv.position = per_row + T;
+  qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer, qkv.layers = layers;
   for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D);
   pool_unlock();
   free(per_row);

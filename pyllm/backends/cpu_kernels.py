@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import PyllmError
 from ..progress import progress
 from . import CORES, build_cache_dir, kernels_dir
+from .base import BLOCK_TOKENS
 
 SOURCES = "cpu"  # kernels/cpu/: *.c built into one library, sharing cpu.h
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden"]
@@ -86,8 +87,8 @@ def _library():
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
     skinny.restype = matmul.restype = quant_gemm.restype = None
-    # L, layers, T, activation layers, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k, v, lengths,
-    # capacities, counts, h, qkv, q, a, gate_up, act, spare, xq
+    # L, layers, T, activation layers, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k pool, v pool,
+    # block tables, lengths, counts, h, qkv, q, a, gate_up, act, spare, xq
     layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
@@ -101,10 +102,10 @@ def _library():
                                    ctypes.c_void_p], None
     # T, width, gate_up, out
     glu.argtypes, glu.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], None
-    # S, H, KV, D, layer, qkv, bias, cos, sin, k pointers, v pointers, lengths, capacities, new-token counts, q
-    rope.argtypes, rope.restype = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10, None
-    # S, H, KV, D, scale, layer, q, k pointers, v pointers, lengths, capacities, new-token counts, out
-    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 7
+    # S, H, KV, D, layer, layers, qkv, bias, cos, sin, k pool, v pool, block tables, lengths, new-token counts, q
+    rope.argtypes, rope.restype = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 10, None
+    # S, H, KV, D, scale, layer, layers, q, k pool, v pool, block tables, lengths, new-token counts, out
+    attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
     start(CORES)
     return library
@@ -221,9 +222,9 @@ def swiglu(gate_up):
 
 def qkv_rope(qkv, bias, slots, layer, cos, sin):
     """A step's fused projections qkv [T, (H + 2 KV) * D] (+ bias [(H + 2 KV) * D]) -> q [T, H, D]
-    with rope, each sequence's rope(k) and v written into its cache at `layer`; slots, cos and sin
-    as NumpyBackend.qkv_rope_cache. None where the kernels are not available (or an array is not
-    contiguous f32)."""
+    with rope, each sequence's rope(k) and v written into its blocks at `layer`; slots (a step's
+    CacheSlots), cos and sin as reference.qkv_rope_cache. None where the kernels are not available
+    (or qkv, bias, cos or sin is not contiguous f32)."""
     library = _library()
     if library is None or qkv.ndim != 2 or not _contiguous_f32(qkv, cos, sin, *([] if bias is None else [bias])):
         return None
@@ -233,15 +234,13 @@ def qkv_rope(qkv, bias, slots, layer, cos, sin):
             or not 0 <= layer < layers or (bias is not None and bias.shape != (qkv.shape[1],))):
         raise ValueError(f"qkv_rope: qkv {qkv.shape} at layer {layer} does not fit caches of {layers} layers, "
                          f"{n_kv} KV heads of {head_dim} and {n_new} new tokens, or its bias")
-    if caches is None:
-        return None
     q = np.empty((qkv.shape[0], n_heads, head_dim), np.float32)  # [T, H, D]
-    library.qkv_rope(len(slots), n_heads, n_kv, head_dim, layer, _address(qkv),
+    library.qkv_rope(len(slots), n_heads, n_kv, head_dim, layer, layers, _address(qkv),
                      None if bias is None else _address(bias), _address(cos), _address(sin), *caches, _address(q))
     return q
 
 
-_last_step = threading.local()  # a step's slots in C form: all its layers use the same caches
+_last_step = threading.local()  # a step's slots in C form: all its layers use the same pool and tables
 
 
 def _pointers(arrays):
@@ -254,27 +253,40 @@ def _ints(values):
 
 def _step_caches(slots):
     """A step's caches in C form for qkv_rope and attention, checked (the C side trusts them) and
-    computed once per step:
-    (k pointers, v pointers, lengths, capacities, new-token counts) as C arrays, or None if a cache
-    is not a contiguous f32 array; and the shape [layers, KV, _, D] they share, and the new tokens."""
+    computed once per step: (k pool, v pool, block tables, lengths, new-token counts) as C
+    arguments; and the pool's [layers, KV, D] the slots share, and the new tokens."""
     if getattr(_last_step, "slots", None) is not slots:
-        layers, n_kv, _, head_dim = slots[0][0].shape
-        if any(k.shape != v.shape or k.shape[:2] != (layers, n_kv) or k.shape[3] != head_dim
-               or not 0 < n_new <= length <= k.shape[2] for k, v, length, n_new in slots):
-            raise ValueError(f"attention: caches {[k.shape for k, *_ in slots]} do not fit each other or their rows")
-        keys, values, lengths, counts = zip(*slots)
-        _last_step.slots = slots
-        _last_step.caches = (_pointers(keys), _pointers(values), _ints(lengths), _ints([k.shape[2] for k in keys]),
-                             _ints(counts)) if _contiguous_f32(*keys, *values) else None
-        _last_step.shape = (layers, n_kv, head_dim, sum(counts))
+        keys, values = slots[0][:2]
+        if (keys.ndim != 5 or keys.shape != values.shape or keys.shape[3] != BLOCK_TOKENS
+                or not _contiguous_f32(keys, values)):
+            raise ValueError(f"attention: the KV pool's keys {keys.shape} {keys.dtype} and values {values.shape} "
+                             f"{values.dtype} are not both contiguous f32 [blocks, layers, KV, {BLOCK_TOKENS}, D]")
+        tables, lengths, counts = [], [], []
+        for s, (k, v, table, rows, n_new) in enumerate(slots):
+            table = np.asarray(table)
+            if k is not keys or v is not values:
+                raise ValueError(f"attention: sequence {s} reads another KV pool than sequence 0")
+            if table.ndim != 1 or table.dtype.kind not in "iu" or not 0 < n_new <= rows <= BLOCK_TOKENS * len(table):
+                raise ValueError(f"attention: sequence {s}'s block table {table.shape} {table.dtype} does not hold "
+                                 f"its {rows} rows ({n_new} new) in blocks of {BLOCK_TOKENS}")
+            used = table[:-(-rows // BLOCK_TOKENS)]
+            if used.min() < 0 or used.max() >= len(keys):
+                raise ValueError(f"attention: sequence {s}'s block table names blocks outside the pool's {len(keys)}")
+            tables.append(np.ascontiguousarray(table, np.int32))
+            lengths.append(rows)
+            counts.append(n_new)
+        _last_step.slots, _last_step.tables = slots, tables  # the C form points into tables
+        _last_step.caches = (_address(keys), _address(values), _pointers(tables), _ints(lengths), _ints(counts))
+        _last_step.shape = (*keys.shape[1:3], keys.shape[4], sum(counts))
     return _last_step.caches, _last_step.shape
 
 
 def attention(q, slots, layer):
     """Every sequence's new tokens attend causally over its cache: q [T, H, D] (rope applied, the
-    sequences' rows in order); slots: per sequence (k_cache, v_cache [layers, KV, capacity, D],
-    rows to attend, new tokens among them), the same list for every layer of a step -> [T, H, D]
-    f32, or None where the kernel is not available (or D is not a multiple of 16)."""
+    sequences' rows in order); slots: per sequence a CacheSlot (the KV pool's keys and values
+    [blocks, layers, KV, BLOCK_TOKENS, D], its block table, rows to attend, new tokens among them),
+    the same list for every layer of a step -> [T, H, D] f32, or None where the kernel is not
+    available (or D is not a multiple of 16)."""
     library = _library()
     if library is None or q.shape[-1] % 16 or q.dtype != np.float32:
         return None
@@ -283,11 +295,10 @@ def attention(q, slots, layer):
     if n_tokens != n_new or n_heads % n_kv or q.shape[2] != head_dim or not 0 <= layer < layers:
         raise ValueError(f"attention: q {q.shape} at layer {layer} does not fit caches of {layers} layers, "
                          f"{n_kv} KV heads of {head_dim} and {n_new} new tokens")
-    if caches is None:
-        return None
     q = np.ascontiguousarray(q)
     out = np.empty_like(q)  # [T, H, D]
-    library.attention(len(slots), n_heads, n_kv, head_dim, head_dim ** -0.5, layer, _address(q), *caches, _address(out))
+    library.attention(len(slots), n_heads, n_kv, head_dim, head_dim ** -0.5, layer, layers, _address(q), *caches,
+                      _address(out))
     return out
 
 
@@ -349,7 +360,7 @@ def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
-    if caches is None or n_new != x.shape[0] or layers != len(table) or head_dim % 16:
+    if n_new != x.shape[0] or layers != len(table) or head_dim % 16:
         return None
     rows, hidden, inter = x.shape[0], config.hidden_size, config.intermediate_size
     n_heads = config.num_heads
