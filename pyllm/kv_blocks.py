@@ -75,7 +75,8 @@ class BlockPool:
     def stats(self) -> dict:
         used = sum(1 for r in self.refs if r)
         return {"blocks": self.n_blocks, "blocks_used": used, "blocks_cached": len(self.lru),
-                "blocks_free": self.n_blocks - used - len(self.lru), "blocks_allocated": len(self.keys), "prefix_lookups": self.lookups, "prefix_hits": self.hits, "preemptions": self.preemptions}
+                "blocks_free": self.n_blocks - used - len(self.lru), "blocks_allocated": len(self.keys),
+                "prefix_lookups": self.lookups, "prefix_hits": self.hits, "preemptions": self.preemptions}
 
     def available(self) -> int:
         """Blocks a sequence could take now (free, not yet allocated, or cached and evictable)."""

@@ -1,8 +1,8 @@
 """KVCache: one sequence's view of the model's BlockPool: its block table and the tokens it holds.
 
 Blocks are taken as the sequence grows (reserve), full ones are registered by content, and a
-block someone else also reads is copied before it is written (copy on write: only a partial
-block, at a fork or after truncation, ever needs it). Dropping the cache gives its blocks back.
+block someone else also reads is copied before it is written (copy on write: only the partial
+last block shared at a fork ever needs it). Dropping the cache gives its blocks back.
 """
 
 import numpy as np
@@ -54,7 +54,11 @@ class KVCache:
         ends inside a block or fewer than a block of ids is left."""
         if self.length % BLOCK_TOKENS or len(ids) - self.length < BLOCK_TOKENS:
             return None
-        return block_key(self.keys[-1] if self.keys else None, ids[self.length:self.length + BLOCK_TOKENS], self.salt)
+        return self._key_after(ids[self.length:self.length + BLOCK_TOKENS])
+
+    def _key_after(self, block_tokens) -> int:
+        """The key of a block of these tokens following the cache's full blocks."""
+        return block_key(self.keys[-1] if self.keys else None, block_tokens, self.salt)
 
     def reserve(self, n_new: int):
         """Blocks for n_new more tokens, and the last partial block made this cache's own; PoolFull
@@ -68,9 +72,8 @@ class KVCache:
             self.blocks.append(self.pool.allocate())
 
     def step_slot(self, n_new: int) -> CacheSlot:
-        """What a step with n_new tokens writes (their positions last) and reads, in every layer;
-        the tokens join in advance()."""
-        self.reserve(n_new)
+        """What a step with n_new tokens writes (their positions last) and reads, in every layer,
+        once reserve(n_new) has taken their blocks; the tokens join in advance()."""
         return CacheSlot(self.pool.keys, self.pool.values, np.asarray(self.blocks, np.int32), self.length + n_new, n_new)
 
     def advance(self, ids):
@@ -78,31 +81,25 @@ class KVCache:
         self.tokens += [int(t) for t in ids]
         while len(self.keys) < self.length // BLOCK_TOKENS:
             i = len(self.keys)
-            key = block_key(self.keys[-1] if self.keys else None, self.tokens[i * BLOCK_TOKENS:(i + 1) * BLOCK_TOKENS],
-                            self.salt)
+            key = self._key_after(self.tokens[i * BLOCK_TOKENS:(i + 1) * BLOCK_TOKENS])
             self.keys.append(key)
             self.pool.register(self.blocks[i], key)
 
-    def fork(self, capacity: int | None = None) -> "KVCache":
+    def fork(self) -> "KVCache":
         """A cache holding the same tokens, sharing every block (the partial last one is copied
         when either writes it)."""
-        other = KVCache(self.pool, capacity or self.capacity, self.salt)
+        other = KVCache(self.pool, self.capacity, self.salt)
         other.blocks = self.blocks[:-(-self.length // BLOCK_TOKENS)]  # the blocks its tokens fill
         for block in other.blocks:
             self.pool.hold(block)
         other.tokens, other.keys = list(self.tokens), list(self.keys)
         return other
 
-    def truncate(self, length: int):
-        """Forget tokens from `length` on; blocks past them go back to the pool."""
-        keep = -(-min(length, self.length) // BLOCK_TOKENS)
-        for block in self.blocks[keep:]:
-            self.pool.release(block)
-        del self.blocks[keep:], self.tokens[length:], self.keys[length // BLOCK_TOKENS:]
-
     def release(self):
         """Every block back to the pool: the cache is empty."""
-        self.truncate(0)
+        for block in self.blocks:
+            self.pool.release(block)
+        self.blocks, self.tokens, self.keys = [], [], []
 
     def __del__(self):  # a cache dropped without release() (or at exit) still gives its blocks back
         if getattr(self, "pool", None) is not None:

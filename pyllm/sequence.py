@@ -30,7 +30,7 @@ class Sequence:
         self.finish_reason = None  # "stop" | "length" | "abort"
         self.cached_tokens = cached_tokens  # prompt tokens found in the cache, not prefilled
         self.first_token_at = None
-        self.preempted = False  # its blocks were given back; resume() before it runs again
+        self.preempted = False  # its blocks were given back; take_cached_blocks() before it runs again
 
     @property
     def finished(self) -> bool:
