@@ -1,30 +1,17 @@
 """Shared fixtures: tiny random Llama-family models written by transformers, and a byte-level tokenizer."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyllm.backends.cuda_device import GpuLimits
+from pyllm.benchmarks.gpu_check import write_byte_tokenizer  # noqa: F401 (the tests' byte tokenizer)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
 # GPUs cuda-emu is run as: compute capability, cudaDevAttrMaxSharedMemoryPerBlockOptin
 GPUS = {"T4": GpuLimits(75, 64 * 1024), "A100": GpuLimits(80, 163 * 1024), "H100": GpuLimits(90, 227 * 1024)}
-
-
-def write_byte_tokenizer(model_dir: Path):
-    """A byte-level BPE tokenizer with no merges: ids 0-1 specials, 2..257 the 256 bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(byte_chars))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>"])
-    tok.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
 TINY_VARIANTS = {
