@@ -40,20 +40,22 @@ extern "C" __global__ void rope(const SCALAR_T* __restrict__ x, const long long*
   }
 }
 
-// qkv_rope_cache: a step's whole q/k/v epilogue for one sequence in one launch. Its fused
+// qkv_rope_cache: a step's whole q/k/v epilogue, every sequence's tokens in one launch. The fused
 // projection qkv [T, (H + 2 KV) * D] (heads: H of q, then KV of k, then KV of v), plus bias if
 // given -> q [T, H, D] with rope; k with rope and v are written straight into the KV pools
-// [blocks, layers, KV, BLOCK_TOKENS, D] (common.cuh) at `layer`, token t at position start + t
-// through the sequence's block table (int32): row p % BLOCK_TOKENS of block table[p / BLOCK_TOKENS].
+// [blocks, layers, KV, BLOCK_TOKENS, D] (common.cuh) at `layer`. Token t sits at position
+// tokens[2t] of its sequence, whose block table starts at tables[tokens[2t + 1]] (attention.cu's
+// layout): row p % BLOCK_TOKENS of block table[p / BLOCK_TOKENS].
 // Launch: grid = T, block = 128 threads; one block handles one token, thread i its pairs
 // i, i + 128, ... of the token's (H + 2 KV) * D/2.
 extern "C" __global__ void qkv_rope_cache(const SCALAR_T* __restrict__ qkv, const SCALAR_T* __restrict__ bias,
                                           const float* __restrict__ cos_table,
                                           const float* __restrict__ sin_table, SCALAR_T* __restrict__ q,
                                           SCALAR_T* __restrict__ k_pool, SCALAR_T* __restrict__ v_pool,
-                                          const int* __restrict__ table, int n_heads, int n_kv, int head_dim,
-                                          int layers, int layer, int start) {
-  const int half = head_dim / 2, token = blockIdx.x, position = start + token;
+                                          const int* __restrict__ tokens, const int* __restrict__ tables,
+                                          int n_heads, int n_kv, int head_dim, int layers, int layer) {
+  const int half = head_dim / 2, token = blockIdx.x, position = tokens[2 * token];
+  const int* table = tables + tokens[2 * token + 1];
   const long long angle_row = (long long)position * half;
   const SCALAR_T* row = qkv + (long long)token * (n_heads + 2 * n_kv) * head_dim;
   for (int p = threadIdx.x; p < (n_heads + 2 * n_kv) * half; p += blockDim.x) {

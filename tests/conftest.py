@@ -10,8 +10,9 @@ from pyllm.benchmarks.gpu_check import write_byte_tokenizer  # noqa: F401 (the t
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
-# GPUs cuda-emu is run as: compute capability, cudaDevAttrMaxSharedMemoryPerBlockOptin
-GPUS = {"T4": GpuLimits(75, 64 * 1024), "A100": GpuLimits(80, 163 * 1024), "H100": GpuLimits(90, 227 * 1024)}
+# GPUs cuda-emu is run as: compute capability, cudaDevAttrMaxSharedMemoryPerBlockOptin, multiprocessors
+GPUS = {"T4": GpuLimits(75, 64 * 1024, 40), "A100": GpuLimits(80, 163 * 1024, 108),
+        "H100": GpuLimits(90, 227 * 1024, 132)}
 
 
 TINY_VARIANTS = {

@@ -82,21 +82,24 @@ def test_ragged_batch_equals_one_at_a_time(tiny_model, backend):
         np.testing.assert_allclose(row, llm.score(prompt)[-1], atol=1e-5 if backend == "cuda-emu" else 1e-4)
 
 
-def decode_step_launches(model_dir, backend):
+def decode_step_launches(model_dir, backend, batch):
     llm = pyllm.LLM(str(model_dir), backend=backend, show_progress=False)
-    cache = llm.model.new_cache()
-    prefill(llm.model, cache, PROMPT)
+    caches = [llm.model.new_cache() for _ in range(batch)]
+    for i, cache in enumerate(caches):
+        prefill(llm.model, cache, PROMPT[i % 3:])
     before = llm.backend.launches
-    decode(llm.model, [cache], [5])
+    decode(llm.model, caches, [5] * batch)
     return llm.backend.launches - before
 
 
-def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backend):
-    """Two models that differ only in depth: the extra launches are the extra layers'."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backend, batch):
+    """Two models that differ only in depth: the extra launches are the extra layers', the same
+    for one sequence and for eight (rope and attention take the whole step in one launch each)."""
     counts = {}
     for layers in (2, 4):
         make_tiny_model(tmp_path / str(layers), num_hidden_layers=layers)
-        counts[layers] = decode_step_launches(tmp_path / str(layers), backend)
+        counts[layers] = decode_step_launches(tmp_path / str(layers), backend, batch)
     per_layer = (counts[4] - counts[2]) / 2
     assert per_layer == 9  # rms_norm, qkv gemm, rope+cache write, attention, o gemm (+ residual),
     #                        rms_norm, gate|up gemm, swiglu, down gemm (+ residual)
@@ -104,8 +107,9 @@ def test_at_most_10_launches_per_decoder_layer_in_a_decode_step(tmp_path, backen
 
 
 def test_decode_step_sends_ids_and_block_tables_up_and_logits_down_only(tiny_model, backend, monkeypatch):
-    """The one upload beyond the ids is the step's block tables (int32, all sequences' together),
-    made at the first layer and reused by every layer after it: the model has two."""
+    """The one upload beyond the ids is the step's tokens (position, where its table starts) and
+    block tables (int32, all sequences' together), made at the first layer and reused by every
+    layer after it: the model has two."""
     llm = pyllm.LLM(str(tiny_model[0]), backend=backend, show_progress=False)
     caches = [llm.model.new_cache() for _ in range(2)]
     for cache in caches:  # the pool's first blocks hold both: no growth on the device in the step
@@ -116,8 +120,10 @@ def test_decode_step_sends_ids_and_block_tables_up_and_logits_down_only(tiny_mod
         monkeypatch.setattr(llm.backend, name, lambda *a, _f=original, _n=name: calls.append((_n, *a)) or _f(*a))
     logits = decode(llm.model, caches, [5, 6])
     assert [call[0] for call in calls] == ["upload_ids", "upload", "to_host"]
-    tables = calls[1][1]
-    assert tables.dtype == np.int32 and list(tables) == caches[0].blocks + caches[1].blocks
+    upload = calls[1][1]
+    positions = len(PROMPT)  # each sequence's new token
+    assert upload.dtype == np.int32 and list(upload[:4]) == [positions, 0, positions, len(caches[0].blocks)]
+    assert list(upload[4:]) == caches[0].blocks + caches[1].blocks
     assert logits.shape == (2, llm.config.vocab_size) and llm.config.num_layers == 2
 
 

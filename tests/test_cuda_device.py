@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 import pyllm
 from conftest import GPUS, REPO
 from pyllm.backends import nvrtc, reference as ops
-from pyllm.backends.cuda_backend import CudaBackend, attention_max_keys, shared_memory_opt_in
+from pyllm.backends.cuda_backend import CudaBackend, attention_max_keys, attention_splits, shared_memory_opt_in
 from pyllm.backends.cuda_device import CUBLAS_MATH_MODE, CupyDevice, EmuDevice, GpuLimits
 from pyllm.backends.cuda_emu import LaunchError
 from pyllm.dtypes import convert
@@ -40,7 +40,7 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-# ---- shared memory: opt in past 48 KiB, stop with one line past the GPU's limit ------------------
+# ---- shared memory: opt in past 48 KiB, split the keys past the GPU's limit ---------------------
 def test_shared_memory_decisions():
     assert shared_memory_opt_in(128, 48 * 1024 - 128, 227 * 1024) is None  # exactly the default
     assert shared_memory_opt_in(128, 48 * 1024 - 124, 227 * 1024) == 227 * 1024 - 128  # the whole range
@@ -49,20 +49,20 @@ def test_shared_memory_decisions():
 
 
 @pytest.mark.parametrize("gpu", ["T4", "A100"])
-def test_attention_runs_to_the_gpus_limit_and_stops_past_it_in_one_line(gpu):
+def test_attention_fills_the_gpus_shared_memory_and_splits_the_keys_past_it(gpu):
     be = CudaBackend(config(), "f32", EmuDevice(GPUS[gpu]))
     kernel = be._function("attention", "attention")
     longest = attention_max_keys(D, kernel.shared_size_bytes, GPUS[gpu].shared_optin_bytes)
     q, k, v = randn(1, 1, D), randn(1, longest + 1, D), randn(1, longest + 1, D)
-    for kv_len in (12_300, longest):  # just past 48 KiB, then the whole opt-in range
-        out = be.attention(q, k[:, :kv_len], v[:, :kv_len], kv_len - 1)
+    for kv_len in (12_300, longest):  # just past 48 KiB, then the whole opt-in range: one block each
+        out = be.attention(q, k[:, :kv_len], v[:, :kv_len], kv_len - 1, splits=1)
         np.testing.assert_allclose(out, ops.attention(q, k[:, :kv_len], v[:, :kv_len], kv_len - 1), atol=1e-5)
     assert kernel.max_dynamic_shared_size_bytes == GPUS[gpu].shared_optin_bytes - kernel.shared_size_bytes
     with pytest.raises(LaunchError):  # the emulated GPU allows not a byte more
         kernel.max_dynamic_shared_size_bytes += 4
-    with pytest.raises(PyllmError) as info:
-        be.attention(q, k, v, longest)
-    assert "\n" not in str(info.value) and f"at most {longest}" in str(info.value)
+    assert attention_splits(longest + 1, 1 * 1, 1, longest) == 2  # past it the keys split in two, each fitting
+    out = be.attention(q, k, v, longest)
+    np.testing.assert_allclose(out, ops.attention(q, k, v, longest), atol=1e-5)
 
 
 # ---- building: headers expanded, every family at start, failures in one line -----------------
@@ -166,7 +166,8 @@ def fake_cupy(monkeypatch):
             if "broken" in self.code:
                 raise CompileException("kern.cu(2): error: expected an expression\n\n1 error detected")
 
-    gpu = SimpleNamespace(compute_capability="75", attributes={"MaxSharedMemoryPerBlockOptin": 65536})
+    gpu = SimpleNamespace(compute_capability="75", attributes={"MaxSharedMemoryPerBlockOptin": 65536,
+                                                                 "MultiProcessorCount": 40})
     cuda = SimpleNamespace(
         runtime=SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=RuntimeError),
         Device=lambda: gpu, compiler=SimpleNamespace(CompileException=CompileException),
@@ -181,7 +182,7 @@ def fake_cupy(monkeypatch):
 def test_cupy_device_keeps_reductions_in_f32_reads_limits_and_compiles_at_once(fake_cupy):
     device = CupyDevice()
     assert fake_cupy.calls == [("setMathMode", 7, CUBLAS_MATH_MODE)] and CUBLAS_MATH_MODE == 16
-    assert device.limits == GpuLimits(75, 65536)
+    assert device.limits == GpuLimits(75, 65536, 40)
     device.compile("ok", ("--std=c++17",))
     assert fake_cupy.calls[-1] == ("compile", ("--std=c++17", f"-I{nvrtc.cuda_include_dir((12, 9))}"))
     with pytest.raises(fake_cupy.CompileException):

@@ -21,7 +21,7 @@ import pytest
 
 from pyllm.backends import kernels_dir, reference as ops
 from pyllm.backends.base import BLOCK_TOKENS, Step
-from pyllm.backends.cuda_backend import CudaBackend
+from pyllm.backends.cuda_backend import CudaBackend, attention_splits
 from pyllm.backends.cuda_device import CupyDevice, EmuDevice
 from pyllm.backends.cuda_emu import Module, RaceDetected
 from pyllm.dtypes import convert
@@ -219,6 +219,45 @@ def test_attention_long_context_opts_into_more_shared_memory(device):
     (keys, key_values), (values, value_values) = put_pools(be, n_blocks, n_kv=1, layers=1)
     out = be.step_attention(q, pool_step(keys, values, tables, rows, [1]), 0)
     check(be, out, ops.step_attention(q_values, pool_step(key_values, value_values, tables, rows, [1]), 0))
+
+
+# ---- flash-decoding: a decode step's keys split across blocks, then merged ------------------
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("kv_len", [1, 37, 300, 5000])
+def test_split_keys_give_the_same_attention(device, dtype, kv_len):
+    """A ragged decode step split 1, 2, 3 and 7 ways: the longest sequence sets the chunk, so the
+    shorter ones' later splits hold none of their keys (kv_len 1: every split past the first)."""
+    be = backend(device, dtype)
+    rows, new = [kv_len, max(1, kv_len // 3), 1], [1, 1, 1]
+    tables, n_blocks = block_tables(rows)
+    q, q_values = put(be, randn(len(rows), H, D))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks)
+    expected = ops.step_attention(q_values, pool_step(key_values, value_values, tables, rows, new), LAYER)
+    for splits in (1, 2, 3, 7):
+        check(be, be.step_attention(q, pool_step(keys, values, tables, rows, new), LAYER, splits=splits), expected)
+
+
+def test_a_long_decode_splits_itself_to_fill_the_gpu(device):
+    """One sequence of 5,000 keys gives too few (token, head) blocks: the step splits its keys (a
+    second launch merges them) and still matches the reference."""
+    be = backend(device, "f32")
+    tables, n_blocks = block_tables([5000])
+    q, q_values = put(be, randn(1, H, D))
+    (keys, key_values), (values, value_values) = put_pools(be, n_blocks)
+    before = be.launches
+    out = be.step_attention(q, pool_step(keys, values, tables, [5000], [1]), LAYER)
+    assert be.launches - before == 2
+    check(be, out, ops.step_attention(q_values, pool_step(key_values, value_values, tables, [5000], [1]), LAYER))
+
+
+def test_attention_splits():
+    sm90 = 132
+    assert attention_splits(5000, 1 * 32, sm90, 57_824) == 9  # 2 x 132 blocks over 32 heads
+    assert attention_splits(5000, 1 * 4, sm90, 57_824) == 20  # capped by 256 keys a split
+    assert attention_splits(300, 4, sm90, 57_824) == 2 and attention_splits(37, 4, sm90, 57_824) == 1
+    assert attention_splits(5000, 8 * 32 + 8, sm90, 57_824) == 1  # a batch that fills the GPU alone
+    assert attention_splits(60_000, 512 * 32, sm90, 57_824) == 2  # a long prompt: just enough to fit
+    assert attention_splits(1, 0, sm90, 57_824) == 1
 
 
 # ---- matmul (cuBLAS on a GPU, NumPy f32 rounded like cuBLAS on the emulator) ---------------

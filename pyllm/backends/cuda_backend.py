@@ -36,15 +36,29 @@ DEFAULT_SHARED_BYTES = 48 * 1024  # a block's static + dynamic shared memory wit
 _ERROR_LINE = re.compile(r"^.*\berror\b.*$", re.M)
 
 
-def attention_shared_bytes(head_dim: int, kv_len: int, threads: int = ATTENTION_THREADS) -> int:
-    """Dynamic shared memory of kernels/attention.cu: q [D] | scores [kv_len] | partial sums."""
+MIN_SPLIT_KEYS = 256  # a split's fewest keys where splitting only fills the GPU: shorter, merging costs more
+
+
+def attention_shared_bytes(head_dim: int, chunk: int, threads: int = ATTENTION_THREADS) -> int:
+    """Dynamic shared memory of kernels/attention.cu: q [D] | scores [chunk] | partial sums."""
     n_slices = max(1, threads // head_dim)
-    return 4 * (head_dim + kv_len + n_slices * head_dim)
+    return 4 * (head_dim + chunk + n_slices * head_dim)
 
 
 def attention_max_keys(head_dim: int, static_bytes: int, optin_bytes: int, threads: int = ATTENTION_THREADS) -> int:
-    """The longest kv_len whose attention_shared_bytes fit a block beside its static shared memory."""
+    """The most keys one attention block can score: their attention_shared_bytes fit a block beside
+    its static shared memory."""
     return (optin_bytes - static_bytes) // 4 - attention_shared_bytes(head_dim, 0, threads) // 4
+
+
+def attention_splits(max_keys: int, pairs: int, multiprocessors: int, longest_chunk: int) -> int:
+    """How many blocks share each (token, head)'s keys (flash-decoding) in a step whose longest
+    sequence sees max_keys keys over `pairs` (token, head) pairs: enough that each block's scores fit
+    its shared memory (longest_chunk keys), and while the pairs alone give fewer than two blocks per
+    multiprocessor, more, of at least MIN_SPLIT_KEYS keys each, up to filling it."""
+    fit = -(-max_keys // longest_chunk)
+    fill = 1 if pairs == 0 or pairs >= 2 * multiprocessors else min(-(-2 * multiprocessors // pairs), -(-max_keys // MIN_SPLIT_KEYS))
+    return max(1, fit, fill)
 
 
 def shared_memory_opt_in(static_bytes: int, dynamic_bytes: int, optin_bytes: int) -> int | None:
@@ -73,7 +87,7 @@ class CudaBackend:
         self._modules = {path.stem: self._compile(path) for path in sorted(kernels_dir().glob("*.cu"))}
         self._functions = {}
         self._attention_opted_in = False
-        self._step_tables = None  # (weakref to the Step, its slots' device tables), see _tables
+        self._step_tables = None  # (weakref to the Step, its tokens and tables on the device), see _step_tokens
 
     # ---- kernels ------------------------------------------------------------------------
     def _compile(self, path):
@@ -128,18 +142,16 @@ class CudaBackend:
         return out
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):
-        """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; one launch per
-        sequence writes its q rows and its rope(k), v rows into the pools through its block table."""
+        """A step's qkv [T, (H + 2 KV) * D] (+ bias) -> q [T, H, D] with rope; one launch writes every
+        sequence's q rows and its rope(k), v rows into the pools through its block table."""
         pool = step.slots[0].keys  # [blocks, layers, KV, BLOCK_TOKENS, D]
         layers, n_kv, dim = pool.shape[1], pool.shape[2], pool.shape[4]
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
-        for slot, row, table in zip(step.slots, step.starts, self._tables(step)):
-            n = slot.n_new
-            self._launch("rope", "qkv_rope_cache", (int(n),), (ROPE_THREADS,),
-                         (qkv[row:row + n], bias, self.cos, self.sin, q[row:row + n], slot.keys, slot.values,
-                          table, np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(layers),
-                          np.int32(layer), np.int32(slot.rows - n)))
+        tokens, tables = self._step_tokens(step)
+        self._launch("rope", "qkv_rope_cache", (qkv.shape[0],), (ROPE_THREADS,),
+                     (qkv, bias, self.cos, self.sin, q, pool, step.slots[0].values, tokens, tables,
+                      np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(layers), np.int32(layer)))
         return q
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
@@ -174,19 +186,21 @@ class CudaBackend:
                      (scores, np.int32(q_len), np.int32(kv_len), np.int32(offset)))
         return scores
 
-    def step_attention(self, q, step: Step, layer):
-        """q [T, H, D] -> [T, H, D]: one attention launch per sequence, over its blocks of the pools."""
-        q = self.xp.ascontiguousarray(q)
-        out = self._empty(q.shape)
-        for slot, row, table in zip(step.slots, step.starts, self._tables(step)):
-            rows = slice(row, row + slot.n_new)
-            self._attend(q[rows], slot.keys, slot.values, table, layer, slot.rows, slot.rows - slot.n_new, out[rows])
-        return out
+    def step_attention(self, q, step: Step, layer, splits: int | None = None):
+        """q [T, H, D] -> [T, H, D]: every sequence's tokens over its blocks of the pools in one
+        launch (plus a merge where the keys are split: attention_splits, or `splits` if given)."""
+        tokens, tables = self._step_tokens(step)
+        max_keys = max(slot.rows for slot in step.slots)
+        return self._attend(self.xp.ascontiguousarray(q), step.slots[0].keys, step.slots[0].values, tokens, tables,
+                            layer, max_keys, splits)
 
-    def attention(self, q, k, v, offset):
-        """q [T, H, D], k, v [KV, L, D] (one sequence's, outside any pool) -> [T, H, D]: the same
-        kernel over a one-layer pool that holds k and v in blocks 0, 1, ... (a copy; for tests)."""
+    def attention(self, q, k, v, offset, splits: int | None = None):
+        """q [T, H, D] at positions offset .. offset + T - 1, k, v [KV, offset + T, D] (one sequence's,
+        outside any pool) -> [T, H, D]: the same kernel over a one-layer pool that holds k and v in
+        blocks 0, 1, ... (a copy; for tests)."""
         n_kv, kv_len, dim = k.shape
+        if kv_len != offset + q.shape[0]:
+            raise ValueError(f"{kv_len} keys for queries at positions {offset} .. {offset + q.shape[0] - 1}")
         n_blocks = -(-kv_len // BLOCK_TOKENS)
 
         def pool(x):  # [KV, L, D] -> [n_blocks, 1, KV, BLOCK_TOKENS, D], rows past L zero
@@ -195,41 +209,52 @@ class CudaBackend:
             return self.xp.ascontiguousarray(padded.reshape(n_kv, n_blocks, 1, BLOCK_TOKENS, dim)
                                              .transpose(1, 2, 0, 3, 4))
 
-        q = self.xp.ascontiguousarray(q)
+        tokens = np.stack([offset + np.arange(q.shape[0]), np.zeros(q.shape[0], np.int64)], axis=1)
+        tokens, tables = self.upload(tokens.astype(np.int32)), self.upload(np.arange(n_blocks, dtype=np.int32))
+        return self._attend(self.xp.ascontiguousarray(q), pool(k), pool(v), tokens, tables, 0, kv_len, splits)
+
+    def _attend(self, q, k_pool, v_pool, tokens, tables, layer, max_keys, splits):
+        """kernels/attention.cu: q [T, H, D], each token over its sequence's keys in the pools
+        [blocks, layers, KV, BLOCK_TOKENS, D] at `layer` (tokens, tables: as _step_tokens gives
+        them; max_keys: the most keys any token sees) -> out [T, H, D]."""
+        (n_tokens, n_heads, dim), (layers, n_kv) = q.shape, k_pool.shape[1:3]
         out = self._empty(q.shape)
-        self._attend(q, pool(k), pool(v), self.upload(np.arange(n_blocks, dtype=np.int32)), 0, kv_len, offset, out)
+        kernel = self._function("attention", "attention")
+        longest = attention_max_keys(dim, kernel.shared_size_bytes, self.device.limits.shared_optin_bytes)
+        splits = splits or attention_splits(max_keys, n_tokens * n_heads, self.device.limits.multiprocessors, longest)
+        chunk = -(-max_keys // splits)
+        shared = attention_shared_bytes(dim, chunk)
+        self._opt_in_to_shared_memory(kernel, shared)
+        partial = stats = None
+        if splits > 1:
+            partial = self.device.empty((splits, n_tokens, n_heads, dim), "f32")
+            stats = self.device.empty((splits, n_tokens, n_heads, 2), "f32")
+        self._launch("attention", "attention", (n_tokens, n_heads, splits), (ATTENTION_THREADS,),
+                     (q, k_pool, v_pool, tokens, tables, out, partial, stats, np.int32(n_kv), np.int32(dim),
+                      np.int32(layers), np.int32(layer), np.int32(chunk)), shared)
+        if splits > 1:
+            self._launch("attention", "attention_merge", (n_tokens, n_heads), (ATTENTION_THREADS,),
+                         (partial, stats, out, np.int32(dim), np.int32(splits)))
         return out
 
-    def _attend(self, q, k_pool, v_pool, table, layer, kv_len, offset, out):
-        """kernels/attention.cu: q [T, H, D] over positions 0 .. kv_len - 1 of the pools
-        [blocks, layers, KV, BLOCK_TOKENS, D] at `layer`, through table (device int32) -> out [T, H, D]
-        (contiguous, written in place); query 0 sits at position offset."""
-        (n_tokens, n_heads, dim), (layers, n_kv) = q.shape, k_pool.shape[1:3]
-        shared = attention_shared_bytes(dim, kv_len)
-        self._opt_in_to_shared_memory(self._function("attention", "attention"), dim, kv_len, shared)
-        self._launch("attention", "attention", (n_tokens, n_heads), (ATTENTION_THREADS,),
-                     (q, k_pool, v_pool, table, out, np.int32(n_kv), np.int32(dim), np.int32(layers),
-                      np.int32(layer), np.int32(kv_len), np.int32(offset)), shared)
-
-    def _tables(self, step: Step) -> list:
-        """The step's block tables on the device, one view per slot: all uploaded together at its
-        first layer (one transfer) and reused by every layer after it."""
+    def _step_tokens(self, step: Step) -> tuple:
+        """The step's tokens [T, 2] (position in its sequence, where its block table starts) and its
+        sequences' tables one after another (int32, attention.cu's layout) on the device: uploaded
+        together at its first layer (one transfer) and reused by every layer after it."""
         if self._step_tables is None or self._step_tables[0]() is not step:
             tables = [np.asarray(slot.table, np.int32) for slot in step.slots]
-            device = self.upload(np.concatenate(tables))
-            ends = np.cumsum([len(t) for t in tables])
-            self._step_tables = weakref.ref(step), [device[end - len(t):end] for t, end in zip(tables, ends)]
+            table_starts = np.cumsum([0] + [len(t) for t in tables])
+            tokens = np.concatenate([np.stack([np.arange(slot.rows - slot.n_new, slot.rows),
+                                               np.full(slot.n_new, start)], axis=1)
+                                     for slot, start in zip(step.slots, table_starts)]).astype(np.int32)
+            device = self.upload(np.concatenate([tokens.ravel(), *tables]))
+            self._step_tables = weakref.ref(step), (device[:tokens.size], device[tokens.size:])
         return self._step_tables[1]
 
-    def _opt_in_to_shared_memory(self, kernel, head_dim: int, kv_len: int, shared: int):
-        """attention.cu holds all kv_len scores in shared memory: past 48 KiB a block must opt in,
-        up to the GPU's limit (sm_90: 57.8k tokens at head_dim 128, sm_80: 41.4k, sm_75: 16k)."""
-        static, optin = kernel.shared_size_bytes, self.device.limits.shared_optin_bytes
-        longest = attention_max_keys(head_dim, static, optin)
-        if kv_len > longest:
-            raise PyllmError(f"attention over {kv_len} tokens needs more shared memory than this GPU's "
-                             f"{optin // 1024} KiB a block: at head_dim {head_dim} it holds at most {longest}")
-        opt_in = shared_memory_opt_in(static, shared, optin)
+    def _opt_in_to_shared_memory(self, kernel, shared: int):
+        """Past 48 KiB of shared memory a block must opt in: once, to the GPU's whole range (the
+        splits keep every block within it)."""
+        opt_in = shared_memory_opt_in(kernel.shared_size_bytes, shared, self.device.limits.shared_optin_bytes)
         if opt_in is not None and not self._attention_opted_in:
             kernel.max_dynamic_shared_size_bytes = opt_in
             self._attention_opted_in = True

@@ -24,14 +24,16 @@ CUBLAS_MATH_MODE = 0 | 16
 
 @dataclass(frozen=True)
 class GpuLimits:
-    """What the backend must know of a GPU: its compute capability (75 for 7.5) and the shared
-    memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin), in bytes."""
+    """What the backend must know of a GPU: its compute capability (75 for 7.5), the shared memory
+    one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin), in bytes, and its
+    multiprocessors (cudaDevAttrMultiProcessorCount: how many blocks it takes to keep it busy)."""
 
     compute_capability: int
     shared_optin_bytes: int
+    multiprocessors: int
 
 
-SM90_LIMITS = GpuLimits(90, 227 * 1024)  # H100 / H200: what cuda-emu models unless told otherwise
+SM90_LIMITS = GpuLimits(90, 227 * 1024, 132)  # H100 / H200: what cuda-emu models unless told otherwise
 
 
 def check_dtype_on(dtype: str, limits: GpuLimits):
@@ -83,7 +85,8 @@ class CupyDevice:
             raise PyllmError("--backend cuda: CuPy finds no CUDA GPU")
         self.xp = cupy
         gpu = cupy.cuda.Device()
-        self.limits = GpuLimits(int(gpu.compute_capability), gpu.attributes["MaxSharedMemoryPerBlockOptin"])
+        self.limits = GpuLimits(int(gpu.compute_capability), gpu.attributes["MaxSharedMemoryPerBlockOptin"],
+                                gpu.attributes["MultiProcessorCount"])
         self.compile_error = cupy.cuda.compiler.CompileException
         self.include_dir = nvrtc.cuda_include_dir(cupy.cuda.nvrtc.getVersion())  # None: CuPy's own headers
         cupy.cuda.cublas.setMathMode(cupy.cuda.device.get_cublas_handle(), CUBLAS_MATH_MODE)
