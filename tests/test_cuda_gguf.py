@@ -1,0 +1,80 @@
+"""Whole GGUF models in their own formats through the CUDA backend on cuda-emu, against the
+reference backend on the same file.
+
+The tiny random llamas of test_gguf_model.py: every block format (q4_0's embedding tied, so the
+vocabulary projection reads the quantized table), the Q4_K_M-like mix (q | k | v and gate | up in
+different formats) and float formats with q, k, v unfused. Over a text the reference samples: the
+prompt (dequantized strips through cuBLAS), and teacher-forced decode of one sequence and of five
+at once (the quantized GEMV), held to the CPU kernels' bounds (argmax agreement >= 99%,
+perplexity within 0.5%) and, since the kernels decode the weights to f32 exactly as the reference
+does, to its logits within 1e-4 of their range. Also: a quantized decode step launches as many
+kernels per layer as an f32 one, and the shipped SmolLM2 Q4_1 file greedy-decodes as the
+reference does.
+"""
+
+import numpy as np
+import pytest
+
+import pyllm
+from pyllm.benchmarks.quant_bench import decode_teacher_forced, perplexity
+from pyllm.model import decode, prefill
+from test_gguf import LAYERS
+from test_gguf_model import VARIANTS, write_tiny_gguf
+
+TEXT_TOKENS = 16  # decoded one sequence at a time; the batch of five decodes the first BATCH_TOKENS
+BATCH_TOKENS = 8
+# q | k | v in 3 parts and gate | up in 2 (Q4_K_M-like), gate | up in 2 (floats-unfused, whose 16-bit
+# q, k, v stack into one matrix on upload); every other variant 9, as test_cuda_backend.py's f32 count
+LAUNCHES_PER_LAYER = {"q4_k_m-like": 12, "floats-unfused": 10}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny_gguf(request, tmp_path_factory):
+    """(variant, the reference's LLM, cuda-emu's LLM in f32) on one tiny GGUF file."""
+    path = str(write_tiny_gguf(tmp_path_factory.mktemp(request.param), request.param))
+    return (request.param, pyllm.LLM(path, backend="reference", show_progress=False),
+            pyllm.LLM(path, backend="cuda-emu", dtype="f32", show_progress=False))
+
+
+def test_gguf_models_through_cuda_emu_match_the_reference(tiny_gguf):
+    _, reference, emu = tiny_gguf
+    prompt = [1, 5, 40]
+    sampled = reference.generate(prompt, max_tokens=TEXT_TOKENS - 3, temperature=1.0, seed=0, ignore_eos=True)
+    ids = prompt + sampled.token_ids
+    expected = reference.score(ids)  # [TEXT_TOKENS, vocab]
+    tolerance = 1e-4 * (expected.max() - expected.min())
+    np.testing.assert_allclose(emu.score(ids), expected, atol=tolerance, rtol=0)
+    for copies, n in ((1, TEXT_TOKENS), (5, BATCH_TOKENS)):
+        ours = decode_teacher_forced(emu, ids[:n], copies)
+        assert (ours.argmax(-1) == expected[:n].argmax(-1)).mean() >= 0.99, copies
+        assert abs(perplexity(ours, ids[:n]) / perplexity(expected[:n], ids[:n]) - 1) <= 0.005, copies
+        np.testing.assert_allclose(ours, expected[:n], atol=tolerance, rtol=0)
+
+
+def test_a_quantized_decode_step_launches_what_an_f32_one_does(tiny_gguf):
+    variant, _, emu = tiny_gguf
+    cache = emu.model.new_cache()
+    prefill(emu.model, cache, [1, 5, 40, 77])
+    before = emu.backend.launches
+    decode(emu.model, [cache], [9])
+    per_layer = LAUNCHES_PER_LAYER.get(variant, 9)
+    assert emu.backend.launches - before == 3 + LAYERS * per_layer  # + embedding lookup, final norm, vocab GEMV
+
+
+def test_smollm2_q4_1_through_cuda_emu_decodes_as_the_reference(smollm2_gguf):
+    """The shipped file (q4_1 layers, its tied embedding in q8_0): each of 3 greedy tokens is the
+    reference's argmax given the same text (or ties it within float error)."""
+    emu = pyllm.LLM(str(smollm2_gguf), backend="cuda-emu", show_progress=False)
+    weights = emu.model.weights
+    assert type(weights.embed).__name__ == "DeviceBlocks" and weights.lm_head is weights.embed
+    prompt = emu.encode_prompt("The capital of France is")
+    ours = emu.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True).token_ids
+    reference = pyllm.LLM(str(smollm2_gguf), backend="reference", show_progress=False)
+    logits = reference.score(prompt + ours)[len(prompt) - 1:-1]  # [3, vocab]: what predicts each token
+    assert np.all(logits[np.arange(3), ours] >= logits.max(-1) - 1e-4), (ours, logits.argmax(-1).tolist())
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    from pyllm.pull import fetch_gguf
+    return fetch_gguf()
