@@ -7,9 +7,9 @@ different formats) and float formats with q, k, v unfused. Over a text the refer
 prompt (dequantized strips through cuBLAS), and teacher-forced decode of one sequence and of five
 at once (the quantized GEMV), held to the CPU kernels' bounds (argmax agreement >= 99%,
 perplexity within 0.5%) and, since the kernels decode the weights to f32 exactly as the reference
-does, to its logits within 1e-4 of their range. Also: a quantized decode step launches as many
-kernels per layer as an f32 one, and the shipped SmolLM2 Q4_1 file greedy-decodes as the
-reference does.
+does, to its logits within 1e-4 of their range. Also: f16 and bf16 runs within 2% of the logit
+range, a quantized decode step launches as many kernels per layer as an f32 one, and the shipped
+SmolLM2 Q4_1 file greedy-decodes as the reference does.
 """
 
 import numpy as np
@@ -59,6 +59,18 @@ def test_a_quantized_decode_step_launches_what_an_f32_one_does(tiny_gguf):
     decode(emu.model, [cache], [9])
     per_layer = LAUNCHES_PER_LAYER.get(variant, 9)
     assert emu.backend.launches - before == 3 + LAYERS * per_layer  # + embedding lookup, final norm, vocab GEMV
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_16_bit_runs_within_2_percent_of_the_logit_range(tmp_path, dtype):
+    """The Q4_K_M-like mix in 16 bits (test_cuda_backend.py's bound): the prompt, then 4 decode steps."""
+    path = str(write_tiny_gguf(tmp_path, "q4_k_m-like"))
+    ids = [1, 5, 40, 77, 200, 290, 3, 9, 120, 260, 2, 17]
+    expected = pyllm.LLM(path, backend="reference", show_progress=False).score(ids)
+    emu = pyllm.LLM(path, backend="cuda-emu", dtype=dtype, show_progress=False)
+    for ours in (emu.score(ids), decode_teacher_forced(emu, ids[:4])):
+        spread = expected[:len(ours)].max(-1) - expected[:len(ours)].min(-1)  # [positions]
+        assert (np.abs(ours - expected[:len(ours)]).max(-1) <= 0.02 * spread).all()
 
 
 def test_smollm2_q4_1_through_cuda_emu_decodes_as_the_reference(smollm2_gguf):
