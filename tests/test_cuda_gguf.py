@@ -19,7 +19,7 @@ import pyllm
 from pyllm.benchmarks.quant_bench import decode_teacher_forced, perplexity
 from pyllm.model import decode, prefill
 from test_gguf import LAYERS
-from test_gguf_model import VARIANTS, write_tiny_gguf
+from test_gguf_model import VARIANTS, smollm2_gguf, write_tiny_gguf  # noqa: F401 (a fixture)
 
 TEXT_TOKENS = 16  # decoded one sequence at a time; the batch of five decodes the first BATCH_TOKENS
 BATCH_TOKENS = 8
@@ -84,9 +84,3 @@ def test_smollm2_q4_1_through_cuda_emu_decodes_as_the_reference(smollm2_gguf):
     reference = pyllm.LLM(str(smollm2_gguf), backend="reference", show_progress=False)
     logits = reference.score(prompt + ours)[len(prompt) - 1:-1]  # [3, vocab]: what predicts each token
     assert np.all(logits[np.arange(3), ours] >= logits.max(-1) - 1e-4), (ours, logits.argmax(-1).tolist())
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from pyllm.pull import fetch_gguf
-    return fetch_gguf()
