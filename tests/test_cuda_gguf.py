@@ -4,25 +4,28 @@ reference backend on the same file.
 The tiny random llamas of test_gguf_model.py: every block format (q4_0's embedding tied, so the
 vocabulary projection reads the quantized table), the Q4_K_M-like mix (q | k | v and gate | up in
 different formats) and float formats with q, k, v unfused. Over a text the reference samples: the
-prompt (dequantized strips through cuBLAS), and teacher-forced decode of one sequence and of five
+prompt (dequantized strips through cuBLAS), and teacher-forced decode of one sequence and of three
 at once (the quantized GEMV), held to the CPU kernels' bounds (argmax agreement >= 99%,
 perplexity within 0.5%) and, since the kernels decode the weights to f32 exactly as the reference
-does, to its logits within 1e-4 of their range. Also: f16 and bf16 runs within 2% of the logit
+does, to its logits within 1e-4 of their range. The same for the story model as llama.cpp wrote it
+in q8_0, q4_0 and q4_1 (../shared). Also: f16 and bf16 runs within 2% of the logit
 range, a quantized decode step launches as many kernels per layer as an f32 one, and the shipped
-SmolLM2 Q4_1 file greedy-decodes as the reference does.
+SmolLM2 Q4_1 file scores a prompt as the reference does.
 """
 
 import numpy as np
 import pytest
 
 import pyllm
-from pyllm.benchmarks.quant_bench import decode_teacher_forced, perplexity
+from pyllm.benchmarks.quant_bench import QUALITY_TEXT, decode_teacher_forced, perplexity
 from pyllm.model import decode, prefill
+from conftest import needs_shared
 from test_gguf import LAYERS
-from test_gguf_model import VARIANTS, smollm2_gguf, write_tiny_gguf  # noqa: F401 (a fixture)
+from test_gguf_model import STORY_GGUF, VARIANTS, smollm2_gguf, write_tiny_gguf  # noqa: F401 (a fixture)
 
-TEXT_TOKENS = 16  # decoded one sequence at a time; the batch of five decodes the first BATCH_TOKENS
+TEXT_TOKENS = 16  # decoded one sequence at a time; the batch of three decodes the first BATCH_TOKENS
 BATCH_TOKENS = 8
+STORY_TOKENS = 24  # of the story model's quality text
 # q | k | v in 3 parts and gate | up in 2 (Q4_K_M-like), gate | up in 2 (floats-unfused, whose 16-bit
 # q, k, v stack into one matrix on upload); every other variant 9, as test_cuda_backend.py's f32 count
 LAUNCHES_PER_LAYER = {"q4_k_m-like": 12, "floats-unfused": 10}
@@ -36,19 +39,34 @@ def tiny_gguf(request, tmp_path_factory):
             pyllm.LLM(path, backend="cuda-emu", dtype="f32", show_progress=False))
 
 
-def test_gguf_models_through_cuda_emu_match_the_reference(tiny_gguf):
-    _, reference, emu = tiny_gguf
-    prompt = [1, 5, 40]
-    sampled = reference.generate(prompt, max_tokens=TEXT_TOKENS - 3, temperature=1.0, seed=0, ignore_eos=True)
-    ids = prompt + sampled.token_ids
-    expected = reference.score(ids)  # [TEXT_TOKENS, vocab]
+def check_against_the_reference(reference, emu, ids):
+    """cuda-emu's prompt logits and its teacher-forced decode (one sequence over ids, three at once
+    over the first BATCH_TOKENS) against the reference's logits of ids."""
+    expected = reference.score(ids)  # [len(ids), vocab]
     tolerance = 1e-4 * (expected.max() - expected.min())
     np.testing.assert_allclose(emu.score(ids), expected, atol=tolerance, rtol=0)
-    for copies, n in ((1, TEXT_TOKENS), (5, BATCH_TOKENS)):
+    for copies, n in ((1, len(ids)), (3, BATCH_TOKENS)):
         ours = decode_teacher_forced(emu, ids[:n], copies)
         assert (ours.argmax(-1) == expected[:n].argmax(-1)).mean() >= 0.99, copies
         assert abs(perplexity(ours, ids[:n]) / perplexity(expected[:n], ids[:n]) - 1) <= 0.005, copies
         np.testing.assert_allclose(ours, expected[:n], atol=tolerance, rtol=0)
+
+
+def test_gguf_models_through_cuda_emu_match_the_reference(tiny_gguf):
+    _, reference, emu = tiny_gguf
+    prompt = [1, 5, 40]
+    sampled = reference.generate(prompt, max_tokens=TEXT_TOKENS - 3, temperature=1.0, seed=0, ignore_eos=True)
+    check_against_the_reference(reference, emu, prompt + sampled.token_ids)
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])
+def test_story_model_written_by_llama_cpp_through_cuda_emu(name):
+    """The story model as llama.cpp quantized it (../shared; its tied embedding in the file's format)."""
+    path = str(STORY_GGUF / f"story-{name}.gguf")
+    reference = pyllm.LLM(path, backend="reference", show_progress=False)
+    emu = pyllm.LLM(path, backend="cuda-emu", dtype="f32", show_progress=False)
+    check_against_the_reference(reference, emu, reference.tokenizer.encode(QUALITY_TEXT.read_text())[:STORY_TOKENS])
 
 
 def test_a_quantized_decode_step_launches_what_an_f32_one_does(tiny_gguf):
@@ -73,14 +91,14 @@ def test_16_bit_runs_within_2_percent_of_the_logit_range(tmp_path, dtype):
         assert (np.abs(ours - expected[:len(ours)]).max(-1) <= 0.02 * spread).all()
 
 
-def test_smollm2_q4_1_through_cuda_emu_decodes_as_the_reference(smollm2_gguf):
-    """The shipped file (q4_1 layers, its tied embedding in q8_0): each of 3 greedy tokens is the
-    reference's argmax given the same text (or ties it within float error)."""
+def test_smollm2_q4_1_through_cuda_emu_scores_as_the_reference(smollm2_gguf):
+    """The shipped file (q4_1 layers, its tied embedding in q8_0): a 5-token prompt's logits (every
+    matmul the GEMV, the vocabulary projection on the quantized embedding) within 1e-4 of their range."""
     emu = pyllm.LLM(str(smollm2_gguf), backend="cuda-emu", show_progress=False)
     weights = emu.model.weights
     assert type(weights.embed).__name__ == "DeviceBlocks" and weights.lm_head is weights.embed
     prompt = emu.encode_prompt("The capital of France is")
-    ours = emu.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True).token_ids
-    reference = pyllm.LLM(str(smollm2_gguf), backend="reference", show_progress=False)
-    logits = reference.score(prompt + ours)[len(prompt) - 1:-1]  # [3, vocab]: what predicts each token
-    assert np.all(logits[np.arange(3), ours] >= logits.max(-1) - 1e-4), (ours, logits.argmax(-1).tolist())
+    expected = pyllm.LLM(str(smollm2_gguf), backend="reference", show_progress=False).score(prompt)
+    ours = emu.score(prompt)
+    np.testing.assert_allclose(ours, expected, atol=1e-4 * (expected.max() - expected.min()), rtol=0)
+    assert (ours.argmax(-1) == expected.argmax(-1)).all()
