@@ -78,15 +78,19 @@ def encoder(variant, seed):
     return encode
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def tiny_gguf(request, tmp_path_factory):
-    """(GGUF path, transformers' model loaded from that file) for one variant."""
-    variant = request.param
+def write_tiny_gguf(directory, variant):
+    """A tiny random llama in one of VARIANTS' formats (q4_0's embedding tied) -> its GGUF path."""
     vocab = gpt2_vocab()
     weights = hf_weights(len(vocab["tokens"]), tied=variant == "q4_0", seed=3, hidden=HIDDEN, heads=HEADS,
                          kv_heads=KV_HEADS, ffn=FFN, scale=WEIGHT_STD)
-    path = write_gguf(tmp_path_factory.mktemp(variant) / f"{variant}.gguf", vocab, weights, heads=HEADS,
-                      kv_heads=KV_HEADS, encode=encoder(variant, seed=4))
+    return write_gguf(directory / f"{variant}.gguf", vocab, weights, heads=HEADS, kv_heads=KV_HEADS,
+                      encode=encoder(variant, seed=4))
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny_gguf(request, tmp_path_factory):
+    """(GGUF path, transformers' model loaded from that file) for one variant."""
+    path = write_tiny_gguf(tmp_path_factory.mktemp(request.param), request.param)
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      attn_implementation="eager").eval()
     return path, reference

@@ -5,7 +5,8 @@ CuPy (local headers expanded, CuPy's own options) for sm_75, sm_80, sm_86,
 sm_89 and sm_90, and for sm_100 and sm_120 where this NVRTC knows them.
 
 Each case builds PTX for compute_XX and a CUBIN for sm_XX (the latter runs
-ptxas, which checks register and shared-memory limits). Without libnvrtc the
+ptxas, which checks register and shared-memory limits); the quantized GEMV's
+PTX must also use no local memory (its sums stay in registers). Without libnvrtc the
 tests skip, unless CI or PYLLM_REQUIRE_NVRTC is set: then they fail, so the
 gate cannot silently vanish in CI.
 """
@@ -159,3 +160,14 @@ def test_runtime_headers_are_used_only_with_the_nvrtc_of_their_release(tmp_path,
 def test_installed_runtime_headers_match_the_installed_nvrtc():
     """The test extra pins nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 of one release."""
     assert nvrtc.cuda_include_dir(nvrtc.version()) is not None
+
+
+@pytest.mark.usefixtures("nvrtc_available")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_quantized_kernels_keep_their_sums_in_registers(arch):
+    """quant.cu's per-row sums (float acc[8], indexed in unrolled loops) and decoded weights must
+    not spill to local memory: every kernel's PTX is free of .local."""
+    source = expand_local_includes(ROOT / "kernels" / "quant.cu")
+    ptx = nvrtc.compile_ptx(source, "quant.cu", ["-DSCALAR_T=__nv_bfloat16"], arch)
+    entries = ptx.split(".entry ")[1:]
+    assert len(entries) == 16 and not [e.partition("(")[0] for e in entries if ".local" in e]

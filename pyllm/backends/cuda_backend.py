@@ -7,7 +7,8 @@ matmul, the kernel compiler/launcher and the GPU's limits.
 Arrays are kept in the storage dtype: float32, float16, or bf16 as uint16 bits (NumPy and CuPy
 have no bfloat16; kernels see __nv_bfloat16, cuBLAS sees CUDA_R_16BF). Every kernel computes in
 f32. Every kernel family is compiled when the backend starts, so a kernel that does not compile
-stops it with one line. Weights are uploaded once, the KV pool lives on the device, and a decode
+stops it with one line. Weights are uploaded once, GGML block formats as stored (cuda_quant.py:
+kernels/quant.cu multiplies and looks rows up on them), the KV pool lives on the device, and a decode
 step sends up token ids and its sequences' block tables (one small int32 upload, shared by every
 layer) and brings back logits rows. `launches` counts kernel launches and cuBLAS
 calls; a launch over an empty grid is skipped (CuPy would run one block of it).
@@ -24,6 +25,7 @@ from . import kernels_dir, nvrtc
 from ..weights import QuantizedMatrix
 from .base import BLOCK_TOKENS, Step
 from .cuda_device import check_dtype_on
+from .cuda_quant import DeviceBlocks, QuantizedOps
 from .kernel_source import expand_local_includes
 from .reference import rope_tables
 
@@ -73,7 +75,7 @@ def first_error_line(log: str) -> str:
     return (match.group(0) if match else log.strip().partition("\n")[0]).strip()
 
 
-class CudaBackend:
+class CudaBackend(QuantizedOps):
     """Kernels and cuBLAS over a device (CupyDevice or EmuDevice); the contract of base.Backend."""
 
     def __init__(self, config, dtype: str | None, device):
@@ -120,7 +122,9 @@ class CudaBackend:
 
     # ---- operators (shapes as in base.Backend) --------------------------------------------
     def gather(self, table, ids):
-        """table [rows, hidden], ids [n] (int64 on the device) -> [n, hidden]."""
+        """table [rows, hidden] (an array or DeviceBlocks), ids [n] (int64 on the device) -> [n, hidden]."""
+        if isinstance(table, DeviceBlocks):
+            return self._dequantize(table, ids)
         out = self._empty((ids.shape[0], table.shape[1]))
         self._launch("gather", "gather", (ids.shape[0],), (ROW_THREADS,),
                      (table, ids, out, np.int32(table.shape[1])))
@@ -155,14 +159,29 @@ class CudaBackend:
         return q
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
-        """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K], bias [N], c [M, N] (in place)."""
+        """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K] (an array, DeviceBlocks, or a
+        tuple of them: their products side by side), bias [N], c [M, N] (in place)."""
+        parts = b if isinstance(b, tuple) else (b,)
         accumulate = c is not None and beta != 0.0
-        out = c if accumulate else self._empty((a.shape[0], b.shape[0]))
-        self._gemm(a, b, out, alpha, beta if accumulate else 0.0)
+        out = c if accumulate else self._empty((a.shape[0], sum(part.shape[0] for part in parts)))
+        start = 0
+        for part in parts:
+            cols = slice(start, start + part.shape[0])
+            self._product(a, part, out[:, cols], alpha, beta if accumulate else 0.0,
+                          None if bias is None else bias[cols])
+            start = cols.stop
+        return out
+
+    def _product(self, a, b, out, alpha, beta, bias):
+        """out = alpha * a [M, K] @ b^T (+ bias [N]) + beta * out for one matrix b [N, K]; out [M, N]
+        (a view of the whole output) is written in place."""
+        if isinstance(b, DeviceBlocks):
+            self._blocks_product(a, b, out, alpha, beta, bias)
+            return
+        self._gemm(a, b, out, alpha, beta)
         if bias is not None:  # gemm has no bias term: add it as the rank-1 product ones [M, 1] @ bias [1, N]
             ones = self.upload(convert(np.ones((a.shape[0], 1), np.float32), "f32", self.dtype))
             self._gemm(ones, bias.reshape(-1, 1), out, 1.0, 1.0)
-        return out
 
     def decoder_layers(self, x, step: Step, layers):
         """No fused form here: the model runs the layers op by op."""
@@ -261,12 +280,14 @@ class CudaBackend:
 
     # ---- memory -------------------------------------------------------------------------
     def upload(self, host_array):
-        """Host array (a weight already in the storage dtype, see weights.load_weights, or a step's
-        int32 block tables) -> device array."""
-        for part in host_array if isinstance(host_array, tuple) else (host_array,):
-            if isinstance(part, QuantizedMatrix):
-                raise PyllmError(f"the {self.name} backend does not compute on {part.format.name} weights yet; "
-                                 f"use --backend cpu, or a safetensors model without --quantize")
+        """Host weight -> device: an array already in the storage dtype (see weights.load_weights;
+        f32 GGUF tensors are converted here), a QuantizedMatrix (cuda_quant.py), a tuple of them
+        (parts that all became arrays of the compute dtype stack into one); or a step's int32 block tables."""
+        if isinstance(host_array, tuple):
+            parts = tuple(self.upload(part) for part in host_array)
+            return parts if any(isinstance(part, DeviceBlocks) for part in parts) else self.xp.concatenate(parts)
+        if isinstance(host_array, QuantizedMatrix):
+            return self._upload_quantized(host_array)
         if host_array.dtype == np.float32 and self.dtype != "f32":  # an f32 GGUF tensor for a 16-bit run
             host_array = convert(host_array, "f32", self.dtype)
         return self.xp.asarray(host_array)

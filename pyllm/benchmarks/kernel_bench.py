@@ -2,7 +2,8 @@
 
     python -m pyllm.benchmarks.kernel_bench [--dtype f16] [--rows 4096] [--out bench-out]
 
-Every kernel runs on rows 8192 wide (attention: a decode query over 8192 cached tokens). The
+Every kernel runs on rows 8192 wide (attention: a decode query over 8192 cached tokens; the
+quantized GEMV: 1 and 8 rows against a q4_k weight [16384, 8192], larger than any L2). The
 bytes counted are the least the kernel must move (each input read once, each output written
 once), so GB/s = bytes / time, timed with CUDA events over repeated launches after a warm-up.
 Peak = memoryClockRate (kHz) x 1000 x memoryBusWidth / 8 x 2 (double data rate). Writes
@@ -34,6 +35,8 @@ def peak_bytes_per_s(cupy) -> float:
 def cases(be, rows: int, width: int = WIDTH):
     """[(kernel, shape, bytes moved, run())] over random inputs in the backend's dtype."""
     from pyllm.dtypes import convert
+    from pyllm.formats import FORMATS
+    from pyllm.weights import QuantizedMatrix
     rng, item = np.random.default_rng(0), np.dtype(be.storage).itemsize
     heads, kv_heads, dim = ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"]
 
@@ -51,6 +54,15 @@ def cases(be, rows: int, width: int = WIDTH):
     decode_step = Step([(*width_pool, rng.permutation(width_blocks).astype(np.int32), width, 1)], [0, 1])
     q_one = rand(1, heads, dim)
     angles = rows * dim * 4  # the f32 cos and sin rows: rows x D/2 x 4 bytes x 2 tables
+    q4_k = FORMATS["q4_k"]  # random blocks with finite scales d, dmin: the speed does not depend on the values
+    raw = rng.integers(0, 256, (2 * width, width // q4_k.block_size, q4_k.block_bytes), dtype=np.uint8)
+    raw[..., 0:4] = np.full(2, 1e-3, np.float16).view(np.uint8)
+    blocks = be.upload(QuantizedMatrix(q4_k, (2 * width, width), raw.reshape(2 * width, -1)))
+    x_decode = rand(8, width)
+
+    def matvec(m):  # m rows of x against the q4_k weight: the weight, x and the output each moved once
+        return (f"quant_matvec q4_k ({m} row{'s' * (m > 1)})", f"{m}x{width} @ ({2 * width}x{width})^T",
+                blocks.nbytes + m * 3 * width * item, lambda: be.matmul_transb(x_decode[:m], blocks))
     return [
         ("rms_norm", f"{rows}x{width}", (2 * rows + 1) * width * item, lambda: be.rms_norm(x, weight, 1e-5)),
         ("swiglu", f"{rows}x(2x{width})", 3 * rows * width * item, lambda: be.swiglu(gate_up)),
@@ -64,6 +76,8 @@ def cases(be, rows: int, width: int = WIDTH):
         ("attention (decode)", f"{heads}/{kv_heads} heads x {width} keys x {dim}",
          (2 * kv_heads * width + 2 * heads) * dim * item + 4 * width_blocks,
          lambda: be.step_attention(q_one, decode_step, 0)),
+        matvec(1),
+        matvec(8),
     ]
 
 
