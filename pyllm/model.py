@@ -45,29 +45,39 @@ class LlamaModel:
         """batch: list of (KVCache, new token ids). Returns logits as host f32:
         [len(batch), vocab] for each sequence's last token, or [sum(T), vocab] with all_logits.
         Every cache advances by its new tokens."""
-        cfg, be, w = self.config, self.backend, self.weights
         lengths = [len(ids) for _, ids in batch]
         for (cache, _), n in zip(batch, lengths):
             cache.reserve(n)  # every cache's blocks before any slot: taking them may grow the pool's arrays
         ids = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in batch])  # [T]
         starts = np.concatenate([[0], np.cumsum(lengths)])
-        x = be.gather(w.embed, be.upload_ids(ids))  # [T, hidden]
         step = Step([cache.step_slot(n) for (cache, _), n in zip(batch, lengths)], [int(s) for s in starts])
+        decode = len(ids) == len(batch)  # every row is a sequence's last token
+        logits = self.backend.decode_replay(self.logits_of, ids, step) if decode and not all_logits else None
+        if logits is None:
+            last_rows = None if all_logits or decode else starts[1:] - 1
+            logits = self.logits_of(self.backend.upload_ids(ids), step, last_rows)
+        for cache, new_ids in batch:
+            cache.advance(new_ids)
+        return self.backend.to_host(logits)
+
+    def logits_of(self, ids, step: Step, last_rows=None):
+        """The step's token ids [T] (on the device) through every layer -> logits [T, vocab] on the
+        device, or only those of rows last_rows (host [S]) where given."""
+        cfg, be, w = self.config, self.backend, self.weights
+        x = be.gather(w.embed, ids)  # [T, hidden]
         fused = be.decoder_layers(x, step, w.layers)  # [T, hidden], or None: layer by layer below
         for layer_index, layer in enumerate(w.layers if fused is None else []):
             h = be.rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = be.matmul_transb(h, layer.qkv)  # [T, (H + 2 KV) * D]; the bias is added with rope
             q = be.qkv_rope_cache(qkv, layer.qkv_bias, step, layer_index)  # [T, H, D]; rope(k), v into the caches
             attn = be.step_attention(q, step, layer_index)  # [T, H, D]
-            x = be.matmul_transb(attn.reshape(len(ids), -1), layer.o, beta=1.0, c=x)  # residual add fused
+            x = be.matmul_transb(attn.reshape(step.n_tokens, -1), layer.o, beta=1.0, c=x)  # residual add fused
             h = be.rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = be.matmul_transb(be.swiglu(be.matmul_transb(h, layer.gate_up)), layer.down, beta=1.0, c=x)
         x = x if fused is None else fused
-        for cache, new_ids in batch:
-            cache.advance(new_ids)
-        if not all_logits and len(ids) > len(batch):  # in a pure decode step every row already is a last token
-            x = be.gather(x, be.upload_ids(starts[1:] - 1))  # [batch, hidden]: each sequence's last token
-        return be.to_host(be.project_to_vocab(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head))
+        if last_rows is not None:
+            x = be.gather(x, be.upload_ids(last_rows))  # [S, hidden]: each sequence's last token
+        return be.project_to_vocab(be.rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head)
 
 
 def prefill(model, cache, prompt_ids):

@@ -22,7 +22,8 @@ from packaging.requirements import Requirement
 import pyllm
 from conftest import GPUS, REPO
 from pyllm.backends import nvrtc, reference as ops
-from pyllm.backends.cuda_backend import CudaBackend, attention_max_keys, attention_splits, shared_memory_opt_in
+from pyllm.backends.cuda_attention import attention_max_keys, attention_splits, shared_memory_opt_in
+from pyllm.backends.cuda_backend import CudaBackend
 from pyllm.backends.cuda_device import CUBLAS_MATH_MODE, CupyDevice, EmuDevice, GpuLimits
 from pyllm.backends.cuda_emu import LaunchError
 from pyllm.dtypes import convert
@@ -166,15 +167,34 @@ def fake_cupy(monkeypatch):
             if "broken" in self.code:
                 raise CompileException("kern.cu(2): error: expected an expression\n\n1 error detected")
 
+    class Stream:  # records what CupyDevice.capture asks of a stream
+        def __init__(self, non_blocking=False):
+            self.non_blocking = non_blocking
+
+        def __enter__(self):
+            calls.append(("enter", self.non_blocking))
+
+        def __exit__(self, *exc):
+            calls.append(("exit",))
+
+        def begin_capture(self):
+            calls.append(("begin_capture",))
+
+        def end_capture(self):
+            calls.append(("end_capture",))
+            return SimpleNamespace(launch=lambda stream: calls.append(("launch", stream)))
+
     gpu = SimpleNamespace(compute_capability="75", attributes={"MaxSharedMemoryPerBlockOptin": 65536,
-                                                                 "MultiProcessorCount": 40})
+                                                                 "MultiProcessorCount": 40},
+                          synchronize=lambda: calls.append(("synchronize",)))
     cuda = SimpleNamespace(
         runtime=SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=RuntimeError),
-        Device=lambda: gpu, compiler=SimpleNamespace(CompileException=CompileException),
+        Device=lambda: gpu, compiler=SimpleNamespace(CompileException=CompileException), Stream=Stream,
+        get_current_stream=lambda: "the current stream",
         nvrtc=SimpleNamespace(getVersion=lambda: (12, 9)), device=SimpleNamespace(get_cublas_handle=lambda: 7),
         cublas=SimpleNamespace(setMathMode=lambda handle, mode: calls.append(("setMathMode", handle, mode))))
     cupy = types.ModuleType("cupy")
-    cupy.cuda, cupy.RawModule, cupy.asarray = cuda, RawModule, np.asarray
+    cupy.cuda, cupy.RawModule, cupy.asarray, cupy.empty = cuda, RawModule, np.asarray, np.empty
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     return SimpleNamespace(calls=calls, cuda=cuda, CompileException=CompileException)
 
@@ -206,3 +226,15 @@ def test_on_a_gpu_cublas_never_reduces_in_16_bits():
         pytest.skip(f"needs a GPU and CuPy: {exc}")
     from cupy.cuda import cublas, device
     assert cublas.getMathMode(device.get_cublas_handle()) == CUBLAS_MATH_MODE
+
+
+def test_cupy_device_captures_on_a_stream_of_its_own_and_replays_on_the_current_one(fake_cupy):
+    device = CupyDevice()
+    fake_cupy.calls.clear()
+    with device.capture() as capture:
+        assert fake_cupy.calls == [("synchronize",), ("enter", True), ("begin_capture",)]
+        kept = device.empty((2, 3), "f32")
+    assert fake_cupy.calls[3:] == [("end_capture",), ("exit",)] and device.capturing is None
+    assert capture.kept == [kept]
+    device.replay(capture.graph)
+    assert fake_cupy.calls[-1] == ("launch", "the current stream")

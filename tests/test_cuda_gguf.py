@@ -69,8 +69,19 @@ def test_story_model_written_by_llama_cpp_through_cuda_emu(name):
     check_against_the_reference(reference, emu, reference.tokenizer.encode(QUALITY_TEXT.read_text())[:STORY_TOKENS])
 
 
-def test_a_quantized_decode_step_launches_what_an_f32_one_does(tiny_gguf):
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_1", "bf16"])
+def test_a_safetensors_model_quantized_while_loading_runs_on_cuda_emu(tiny_model, quantize):
+    """--quantize (the CPU's options) on the CUDA backend: the same blocks as the reference's."""
+    path = str(tiny_model[0])
+    reference = pyllm.LLM(path, backend="reference", quantize=quantize, show_progress=False)
+    emu = pyllm.LLM(path, backend="cuda-emu", dtype="f32", quantize=quantize, show_progress=False)
+    prompt = [1, 5, 40]
+    check_against_the_reference(reference, emu, prompt + reference.generate(prompt, max_tokens=9, ignore_eos=True).token_ids)
+
+
+def test_a_quantized_decode_step_launches_what_an_f32_one_does(tiny_gguf, monkeypatch):
     variant, _, emu = tiny_gguf
+    monkeypatch.setattr(emu.backend, "use_graphs", False)  # every launch from Python, counted
     cache = emu.model.new_cache()
     prefill(emu.model, cache, [1, 5, 40, 77])
     before = emu.backend.launches

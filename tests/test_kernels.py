@@ -21,7 +21,8 @@ import pytest
 
 from pyllm.backends import kernels_dir, reference as ops
 from pyllm.backends.base import BLOCK_TOKENS, Step
-from pyllm.backends.cuda_backend import CudaBackend, attention_splits
+from pyllm.backends.cuda_attention import attention_splits
+from pyllm.backends.cuda_backend import CudaBackend
 from pyllm.backends.cuda_device import CupyDevice, EmuDevice
 from pyllm.backends.cuda_emu import Module, RaceDetected
 from pyllm.dtypes import convert

@@ -29,6 +29,7 @@ class Step:
     """One forward step over a ragged batch, built once and handed to every layer."""
     slots: list[CacheSlot]  # per sequence, in row order
     starts: list[int]       # [sequences + 1]: sequence s owns rows starts[s] .. starts[s + 1] - 1
+    device: Any = None      # a backend's own form of the step, where it keeps one (cuda_graph.py)
 
     def __post_init__(self):
         self.slots = [CacheSlot(*slot) for slot in self.slots]
@@ -51,6 +52,11 @@ class Backend(Protocol):
 
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
         """alpha * a [M, K] @ b [N, K]^T (+ bias [N]) + beta * c [M, N] (c updated in place)."""
+
+    def decode_replay(self, logits_of, ids, step: Step):
+        """A decode step (one new token per sequence, ids [S]) as a replay of what logits_of(ids on
+        the device, step) launched before -> logits [S, vocab] on the device; None where the
+        backend has no replay for it (the model then calls logits_of itself)."""
 
     def decoder_layers(self, x, step: Step, layers):
         """x [T, hidden] through every layer at once, where the backend can -> x advanced; None

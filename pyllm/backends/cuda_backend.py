@@ -24,7 +24,10 @@ from ..errors import PyllmError
 from . import kernels_dir, nvrtc
 from ..weights import QuantizedMatrix
 from .base import BLOCK_TOKENS, Step
+from .cuda_attention import (ATTENTION_THREADS, attention_max_keys, attention_shared_bytes,
+                             attention_splits, shared_memory_opt_in)
 from .cuda_device import check_dtype_on
+from .cuda_graph import DecodeGraphs
 from .cuda_quant import DeviceBlocks, QuantizedOps
 from .kernel_source import expand_local_includes
 from .reference import rope_tables
@@ -33,40 +36,7 @@ SCALAR_TYPES = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}  # SCA
 ROW_THREADS = 256        # rms_norm, gather, softmax: one block per row
 SWIGLU_THREADS = 256     # one thread per output
 ROPE_THREADS = 128       # one block per token
-ATTENTION_THREADS = 128  # one block per (token, query head)
-DEFAULT_SHARED_BYTES = 48 * 1024  # a block's static + dynamic shared memory without opting in
 _ERROR_LINE = re.compile(r"^.*\berror\b.*$", re.M)
-
-
-MIN_SPLIT_KEYS = 256  # a split's fewest keys where splitting only fills the GPU: shorter, merging costs more
-
-
-def attention_shared_bytes(head_dim: int, chunk: int, threads: int = ATTENTION_THREADS) -> int:
-    """Dynamic shared memory of kernels/attention.cu: q [D] | scores [chunk] | partial sums."""
-    n_slices = max(1, threads // head_dim)
-    return 4 * (head_dim + chunk + n_slices * head_dim)
-
-
-def attention_max_keys(head_dim: int, static_bytes: int, optin_bytes: int, threads: int = ATTENTION_THREADS) -> int:
-    """The most keys one attention block can score: their attention_shared_bytes fit a block beside
-    its static shared memory."""
-    return (optin_bytes - static_bytes) // 4 - attention_shared_bytes(head_dim, 0, threads) // 4
-
-
-def attention_splits(max_keys: int, pairs: int, multiprocessors: int, longest_chunk: int) -> int:
-    """How many blocks share each (token, head)'s keys (flash-decoding) in a step whose longest
-    sequence sees max_keys keys over `pairs` (token, head) pairs: enough that each block's scores fit
-    its shared memory (longest_chunk keys), and while the pairs alone give fewer than two blocks per
-    multiprocessor, more, of at least MIN_SPLIT_KEYS keys each, up to filling it."""
-    fit = -(-max_keys // longest_chunk)
-    fill = 1 if pairs == 0 or pairs >= 2 * multiprocessors else min(-(-2 * multiprocessors // pairs), -(-max_keys // MIN_SPLIT_KEYS))
-    return max(1, fit, fill)
-
-
-def shared_memory_opt_in(static_bytes: int, dynamic_bytes: int, optin_bytes: int) -> int | None:
-    """The max_dynamic_shared_size_bytes to set before such a launch: None within the default
-    48 KiB, past it the device's whole opt-in range, so that setting it once serves every launch."""
-    return optin_bytes - static_bytes if static_bytes + dynamic_bytes > DEFAULT_SHARED_BYTES else None
 
 
 def first_error_line(log: str) -> str:
@@ -90,6 +60,8 @@ class CudaBackend(QuantizedOps):
         self._functions = {}
         self._attention_opted_in = False
         self._step_tables = None  # (weakref to the Step, its tokens and tables on the device), see _step_tokens
+        self.graphs = DecodeGraphs(self)
+        self.use_graphs = True  # decode steps replay their CUDA graphs (False: every launch from Python)
 
     # ---- kernels ------------------------------------------------------------------------
     def _compile(self, path):
@@ -205,11 +177,16 @@ class CudaBackend(QuantizedOps):
                      (scores, np.int32(q_len), np.int32(kv_len), np.int32(offset)))
         return scores
 
+    def decode_replay(self, logits_of, ids, step: Step):
+        """The step's CUDA graph replayed (cuda_graph.py), or None: graphs off, or a shape's
+        first, eager step."""
+        return self.graphs.run(logits_of, ids, step) if self.use_graphs else None
+
     def step_attention(self, q, step: Step, layer, splits: int | None = None):
         """q [T, H, D] -> [T, H, D]: every sequence's tokens over its blocks of the pools in one
         launch (plus a merge where the keys are split: attention_splits, or `splits` if given)."""
         tokens, tables = self._step_tokens(step)
-        max_keys = max(slot.rows for slot in step.slots)
+        max_keys = step.device[2] if step.device else max(slot.rows for slot in step.slots)
         return self._attend(self.xp.ascontiguousarray(q), step.slots[0].keys, step.slots[0].values, tokens, tables,
                             layer, max_keys, splits)
 
@@ -260,6 +237,8 @@ class CudaBackend(QuantizedOps):
         """The step's tokens [T, 2] (position in its sequence, where its block table starts) and its
         sequences' tables one after another (int32, attention.cu's layout) on the device: uploaded
         together at its first layer (one transfer) and reused by every layer after it."""
+        if step.device:  # a graph's own buffers
+            return step.device[:2]
         if self._step_tables is None or self._step_tables[0]() is not step:
             tables = [np.asarray(slot.table, np.int32) for slot in step.slots]
             table_starts = np.cumsum([0] + [len(t) for t in tables])
@@ -283,6 +262,7 @@ class CudaBackend(QuantizedOps):
         """Host weight -> device: an array already in the storage dtype (see weights.load_weights;
         f32 GGUF tensors are converted here), a QuantizedMatrix (cuda_quant.py), a tuple of them
         (parts that all became arrays of the compute dtype stack into one); or a step's int32 block tables."""
+        self._not_capturing("an array")
         if isinstance(host_array, tuple):
             parts = tuple(self.upload(part) for part in host_array)
             return parts if any(isinstance(part, DeviceBlocks) for part in parts) else self.xp.concatenate(parts)
@@ -294,7 +274,14 @@ class CudaBackend(QuantizedOps):
 
     def upload_ids(self, ids):
         """Host int64 ids or positions [T] -> device array."""
+        self._not_capturing("token ids")
         return self.xp.asarray(np.asarray(ids, dtype=np.int64))
+
+    def _not_capturing(self, what: str):
+        """A copy from the host cannot be part of a graph (CUDA refuses it while capturing)."""
+        if self.device.capturing is not None:
+            raise PyllmError(f"{what} uploaded while a CUDA graph is being captured: a graph's inputs "
+                             "must sit in its own buffers")
 
     def zeros(self, shape):
         return self.xp.zeros(shape, self.storage)

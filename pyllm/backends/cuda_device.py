@@ -5,9 +5,15 @@
   (what cuBLAS does with f32 compute), and the cuda_emu executor, which runs the same .cu files on
   the CPU with CUDA semantics. It models a GPU's limits (`GpuLimits`), takes only the gemm
   operands cuBLAS takes, and fills `empty` arrays with NaN, since a GPU hands out old memory.
+
+Both capture a stretch of launches and gemms as a graph and replay it (cuda_graph.py): CuPy by
+stream capture on a stream of its own (nothing runs while it captures), cuda-emu by recording
+the calls instead of running them, then running the record.
 """
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +71,14 @@ def _row_stride(x) -> int:
     return x.strides[0] // x.itemsize
 
 
+@dataclass
+class Capture:
+    """What a capture made: the replayable graph, and every array allocated while capturing (kept
+    as long as the graph, which writes them)."""
+    graph: Any = None
+    kept: list = field(default_factory=list)
+
+
 class CupyDevice:
     """A real GPU through CuPy."""
 
@@ -90,6 +104,7 @@ class CupyDevice:
         self.compile_error = cupy.cuda.compiler.CompileException
         self.include_dir = nvrtc.cuda_include_dir(cupy.cuda.nvrtc.getVersion())  # None: CuPy's own headers
         cupy.cuda.cublas.setMathMode(cupy.cuda.device.get_cublas_handle(), CUBLAS_MATH_MODE)
+        self.capturing = None  # the Capture in progress
 
     def compile(self, source: str, options: tuple):
         """A RawModule compiled now (CuPy compiles lazily, at the first launch)."""
@@ -102,7 +117,32 @@ class CupyDevice:
         kernel(grid, block, args, shared_mem=shared_mem)
 
     def empty(self, shape, dtype: str):
-        return self.xp.empty(shape, storage_dtype(dtype))
+        out = self.xp.empty(shape, storage_dtype(dtype))
+        if self.capturing is not None:
+            self.capturing.kept.append(out)
+        return out
+
+    @contextmanager
+    def capture(self):
+        """Launches and gemms inside are captured on a stream of its own (relaxed mode, CuPy's
+        default), not run; the graph replays on the current stream, in order with other work."""
+        self.xp.cuda.Device().synchronize()
+        stream, self.capturing = self.xp.cuda.Stream(non_blocking=True), Capture()
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    yield self.capturing
+                finally:
+                    self.capturing.graph = stream.end_capture()
+        finally:
+            self.capturing = None
+
+    def replay(self, graph):
+        graph.launch(stream=self.xp.cuda.get_current_stream())
+
+    def copy_in(self, device_array, host_array):
+        device_array.set(host_array)  # on the current stream, before the replay that reads it
 
     def gemm(self, a, b, c, alpha: float, beta: float, dtype: str):
         """c = alpha * a @ b.T + beta * c; a [M, K], b [N, K], c [M, N], rows contiguous.
@@ -112,8 +152,10 @@ class CupyDevice:
         from cupy.cuda import cublas, device
         m, n, k, lda, ldb, ldc = gemm_operands(a, b, c)
         kind = CUDA_DATA_TYPES[dtype]
-        scalars = np.array([alpha, beta], np.float32)  # host pointers, f32 as the compute type wants
-        cublas.gemmEx(device.get_cublas_handle(), cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, m, n, k,
+        scalars = np.array([alpha, beta], np.float32)  # host pointers, read at the call (also when captured)
+        handle = device.get_cublas_handle()
+        cublas.setStream(handle, self.xp.cuda.get_current_stream().ptr)  # a capture's stream while capturing
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, m, n, k,
                       scalars.ctypes.data, b.data.ptr, kind, lda, a.data.ptr, kind, ldb,
                       scalars[1:].ctypes.data, c.data.ptr, kind, ldc, CUBLAS_COMPUTE_32F,
                       cublas.CUBLAS_GEMM_DEFAULT)
@@ -131,21 +173,56 @@ class EmuDevice:
     def __init__(self, limits: GpuLimits = SM90_LIMITS):
         from .cuda_emu import CompileError
         self.limits, self.compile_error = limits, CompileError
+        self.capturing = None  # the Capture in progress: its graph, a list of recorded calls
+
+    @contextmanager
+    def capture(self):
+        """Launches and gemms inside are recorded, not run (as a capturing CUDA stream does)."""
+        self.capturing = Capture(graph=[])
+        try:
+            yield self.capturing
+        finally:
+            self.capturing = None
+
+    def replay(self, graph):
+        for run, args in graph:
+            run(*args)
+
+    def copy_in(self, device_array, host_array):
+        device_array[...] = host_array
 
     def compile(self, source: str, options: tuple):
         from .cuda_emu import Module
         return Module(code=source, options=options, optin_shared_limit=self.limits.shared_optin_bytes)
 
     def launch(self, kernel, grid, block, args, shared_mem):
-        kernel(grid, block, tuple(_flat_alias(a) for a in args), shared_mem=shared_mem)
+        args = tuple(_flat_alias(a) for a in args)
+        if self.capturing is not None:
+            self.capturing.graph.append((self._run, (kernel, grid, block, args, shared_mem)))
+            return
+        self._run(kernel, grid, block, args, shared_mem)
+
+    @staticmethod
+    def _run(kernel, grid, block, args, shared_mem):
+        kernel(grid, block, args, shared_mem=shared_mem)
 
     def empty(self, shape, dtype: str):
         """NaN everywhere: an element a kernel fails to write shows, as old GPU memory would."""
-        return np.full(shape, convert(np.array(np.nan, np.float32), "f32", dtype), storage_dtype(dtype))
+        out = np.full(shape, convert(np.array(np.nan, np.float32), "f32", dtype), storage_dtype(dtype))
+        if self.capturing is not None:
+            self.capturing.kept.append(out)
+        return out
 
     def gemm(self, a, b, c, alpha: float, beta: float, dtype: str):
         """c = alpha * a @ b.T + beta * c in f32, rounded once to the storage dtype, like cuBLAS."""
         gemm_operands(a, b, c)
+        if self.capturing is not None:
+            self.capturing.graph.append((self._gemm, (a, b, c, alpha, beta, dtype)))
+            return
+        self._gemm(a, b, c, alpha, beta, dtype)
+
+    @staticmethod
+    def _gemm(a, b, c, alpha: float, beta: float, dtype: str):
         product = convert(a, dtype, "f32") @ convert(b, dtype, "f32").T
         if alpha != 1.0:
             product *= np.float32(alpha)
@@ -154,7 +231,8 @@ class EmuDevice:
         c[...] = convert(product, "f32", dtype)
 
     def to_numpy(self, x) -> np.ndarray:
-        return x
+        """A copy, as from a GPU: the device array may be written again (a graph's output is)."""
+        return x.copy()
 
 
 def _flat_alias(x):

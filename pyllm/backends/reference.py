@@ -195,6 +195,10 @@ class ReferenceBackend:
     def rope(self, x, positions):
         return rope(x, positions, self.cos, self.sin)
 
+    def decode_replay(self, logits_of, ids, step: Step):
+        """Nothing to replay: every step runs its ops."""
+        return None
+
     def decoder_layers(self, x, step: Step, layers):
         """No fused form here: the model runs the layers op by op."""
         return None

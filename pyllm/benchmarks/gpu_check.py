@@ -7,7 +7,7 @@ Sections, in order (each one's failure is recorded and the next one runs):
   device      the GPU's name, memory and peak bandwidth (memory clock x bus width)
   parity      the CuPy halves of tests/test_cuda_backend.py and tests/test_kernels.py (pytest, GPU only)
   kernels     every kernel's bandwidth against the peak at large shapes (kernel_bench, GPU only)
-  speed       prefill and decode tok/s of the model in f32, bf16, q8_0 and q4_1 (eager launches)
+  speed       prefill and decode tok/s of the model in f32, bf16, q8_0 and q4_1, eager and as graphs
   agreement   teacher-forced argmax agreement of f16 and bf16 with f32 on --agreement-model
 Writes DIR/gpu_check.json and DIR/gpu_check.md. Nothing is fetched and nothing installed: the GPU
 machine needs python3 with numpy, torch, transformers and cupy, plus this repository and the
@@ -102,27 +102,27 @@ def measure_format(model: str, backend: str, args_of: dict, prompt_tokens: int, 
     llm = pyllm.LLM(model, backend=backend, show_progress=False, **args_of)
     ids = llm.tokenizer.encode(PROMPT_TEXT * (prompt_tokens // 8 + 1))[:prompt_tokens]
     prefill_s = min(timed(lambda: prefill(llm.model, llm.model.new_cache(len(ids) + 1), ids)) for _ in range(2))
-    result = {"weight_bytes": llm.model.weights.nbytes(), "prefill_tok_s": len(ids) / prefill_s,
-              "launches_per_decode_step": decode_launches(llm)}
-    for batch in DECODE_BATCHES:
-        prompts = [ids[i % 4:16] for i in range(batch)]
-        seconds = min(max(o.stats["decode_s"] for o in llm.generate(prompts, max_tokens=decode_tokens, ignore_eos=True))
-                      for _ in range(2))
-        result[f"decode_b{batch}_tok_s"] = batch * (decode_tokens - 1) / seconds
-    result["decode_b1_weight_gb_s"] = result["weight_bytes"] * result["decode_b1_tok_s"] / 1e9
-    result["graph"] = "not built: decode steps launch eagerly"
+    result = {"weight_bytes": llm.model.weights.nbytes(), "prefill_tok_s": len(ids) / prefill_s}
+    for mode, graphs in (("eager", False), ("graph", True)):
+        llm.backend.use_graphs = graphs
+        result[f"launches_per_decode_step_{mode}"] = decode_launches(llm)
+        for batch in DECODE_BATCHES:
+            prompts = [ids[i % 4:16] for i in range(batch)]
+            outputs = [llm.generate(prompts, max_tokens=decode_tokens, ignore_eos=True) for _ in range(2)]
+            seconds = min(max(o.stats["decode_s"] for o in outs) for outs in outputs)
+            result[f"decode_b{batch}_{mode}_tok_s"] = batch * (decode_tokens - 1) / seconds
+    result["decode_b1_weight_gb_s"] = result["weight_bytes"] * result["decode_b1_graph_tok_s"] / 1e9
     return result
 
 
-def decode_launches(llm) -> int | None:
-    """Kernel launches and cuBLAS calls of one decode step of one sequence."""
-    launches = getattr(llm.backend, "launches", None)
-    if launches is None:
-        return None
+def decode_launches(llm) -> int:
+    """Kernel launches, cuBLAS calls and graph replays of a decode step of one sequence, once it is
+    warm (with graphs: the shape's eager first step and its capture are behind it)."""
     cache = llm.model.new_cache(8)
     llm.model.forward([(cache, [1])])
-    before = llm.backend.launches
-    llm.model.forward([(cache, [2])])
+    for token in (2, 3):
+        before = llm.backend.launches
+        llm.model.forward([(cache, [token])])
     return llm.backend.launches - before
 
 
@@ -153,14 +153,20 @@ def markdown(report: dict) -> str:
         lines += [f"| {k['name']} | {k['shape']} | {k['us']:.1f} | {k['gb_s']:.0f} | {k['gb_s'] / measured['peak_gb_s']:.0%} |"
                   for k in measured["kernels"]]
         lines.append("")
-    lines += ["## speed (eager launches)", "", f"model: {report['speed_model']}", "",
-              "| format | weights MB | prefill tok/s | decode b1 tok/s | decode b8 tok/s | b1 weight GB/s | launches/step |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## speed", "", f"model: {report['speed_model']}", "",
+              "| format | weights MB | prefill tok/s | decode b1 tok/s eager, graph (x) | decode b8 eager, graph (x) "
+              "| b1 graph weight GB/s | launches/step eager, graph |", "|---|---|---|---|---|---|---|"]
     for name, r in report["speed"].items():
         lines.append(f"| {name} | {r['error']} |" if "error" in r else
-                     f"| {name} | {r['weight_bytes'] / 1e6:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_b1_tok_s']:.1f} | "
-                     f"{r['decode_b8_tok_s']:.1f} | {r['decode_b1_weight_gb_s']:.1f} | {r['launches_per_decode_step']} |")
+                     f"| {name} | {r['weight_bytes'] / 1e6:.0f} | {r['prefill_tok_s']:.0f} | {versus(r, 1)} | "
+                     f"{versus(r, 8)} | {r['decode_b1_weight_gb_s']:.1f} | "
+                     f"{r['launches_per_decode_step_eager']}, {r['launches_per_decode_step_graph']} |")
     return "\n".join(lines) + "\n"
+
+
+def versus(r: dict, batch: int) -> str:
+    eager, graph = r[f"decode_b{batch}_eager_tok_s"], r[f"decode_b{batch}_graph_tok_s"]
+    return f"{eager:.1f}, {graph:.1f} ({graph / eager:.2f}x)"
 
 
 def run_section(report: dict, name: str, fn):
