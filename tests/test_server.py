@@ -462,10 +462,10 @@ def test_small_kv_pool_preempts_and_loses_nothing(llm):
     bodies = [{"prompt": f"P{i}:", "max_tokens": 96, "ignore_eos": True, "temperature": 0} for i in range(5)]
     alone = [llm.generate(b["prompt"], max_tokens=96, ignore_eos=True).text for b in bodies]
     with serving(llm, kv_memory_gb=blocks * block_bytes / 2**30) as (url, server):
-        assert server.scheduler.pool.n_blocks == blocks
+        assert server.engine.scheduler.pool.n_blocks == blocks
         assert run_concurrently(url, bodies) == alone
-        assert max(server.scheduler.batch_sizes) == 5
-        stats = server.scheduler.stats()
+        assert max(server.engine.scheduler.batch_sizes) == 5
+        stats = server.engine.scheduler.stats()
         assert stats["blocks_used"] == 0 and stats["blocks_cached"] + stats["blocks_free"] == blocks
         assert stats["preemptions"] > 0
         r = httpx.post(url + "/v1/completions", json={"prompt": "x" * (blocks * BLOCK_TOKENS), "max_tokens": 1},
