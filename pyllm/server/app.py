@@ -283,5 +283,12 @@ def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, m
                 max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, prefix_cache_scope=None, cors_origin=None,
                 log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
     engine = LocalEngine(Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30)))
-    app = create_app(llm, engine, model_id, api_key, cors_origin, max_body_bytes, prefix_cache_scope)
+    return serve_engine(llm, engine, model_id, host, port, api_key, prefix_cache_scope, cors_origin, log_level,
+                        grace_s, max_body_bytes)
+
+
+def serve_engine(frontend, engine, model_id: str, host="127.0.0.1", port=8000, api_key=None, prefix_cache_scope=None,
+                 cors_origin=None, log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
+    """The server over any engine (make_server's LocalEngine, or ray_engine.RayEngine)."""
+    app = create_app(frontend, engine, model_id, api_key, cors_origin, max_body_bytes, prefix_cache_scope)
     return Server(app, engine, host, port, log_level, grace_s)
