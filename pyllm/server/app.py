@@ -68,10 +68,10 @@ def create_app(llm, engine, model_id: str, api_key: str | None = None,
 
     @asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(engine.start)
+        engine.start()
         await asyncio.to_thread(llm.grammars.llg_tokenizer)  # built once, for grammars and logprobs' bytes
         yield
-        await asyncio.to_thread(engine.stop)
+        engine.stop()
 
     app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origin:
