@@ -138,10 +138,10 @@ def serve_replicas(args):
         raise PyllmError(f"--replicas needs Ray Serve, and {exc.name} is not installed: "
                          "pip install -e '.[ray]'") from None
     check_model_exists(args)
-    model = str(Path(args.model or ensure_default_model()).resolve())  # replicas load it by this path
     threads = args.threads or max(1, CORES // args.replicas)
-    frontend = Frontend.load(model)
     with ray_session(args.ray_address, args.replicas, threads):
+        model = str(Path(args.model or ensure_default_model()).resolve())  # replicas load it by this path
+        frontend = Frontend.load(model)
         handles = deploy(model, args.replicas, threads, args.backend, args.dtype, args.quantize, args.max_running,
                          args.max_queue, args.kv_memory_gb)
         server = serve_engine(frontend, RayEngine(handles), model_name(model), host=args.host, port=args.port,

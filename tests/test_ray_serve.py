@@ -6,6 +6,7 @@ ends that stream with an error event while the other serves on until Ray has it 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,3 +135,14 @@ def test_a_killed_replica_errors_its_streams_and_ray_restarts_it(base):
     assert replicas(base)[1 - killed]["pid"] == before[1 - killed]["pid"]
     metrics = httpx.get(base + "/metrics", timeout=10).text
     assert "pyllm_generation_tokens_total" in metrics
+
+
+def test_an_unreachable_cluster_is_one_line():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run([sys.executable, "-m", "pyllm", "serve", "--replicas", "1", "--ray-address", address],
+                          capture_output=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1
+    assert proc.stderr.decode().splitlines() == [
+        f"error: no Ray cluster at {address} (Connection refused); start one with `ray start --head`"]

@@ -3,20 +3,36 @@ is given; a multi-machine cluster is Ray's own `ray start`) and the N engine dep
 
 import contextlib
 import logging
+import socket
 
 import ray
 from ray import serve
 
 from ..backends import CORES
+from ..errors import PyllmError
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve logs no line per call
 HEALTH_CHECK_S = 1.0  # how often Serve checks that a replica's process is alive (and replaces it if not)
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str):
+    """A HOST:PORT cluster address must accept connections: Ray itself would retry it for ever."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return  # "auto", ray://..., or whatever else Ray makes of it
+    try:
+        socket.create_connection((host, int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise PyllmError(f"no Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`")
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None, replicas: int, threads: int):
     """Ray for the server's lifetime. A local instance gets CPUs for every replica's threads (Ray
     counts CPUs to place replicas; the cores are shared either way); a cluster has its own."""
+    if address:
+        check_reachable(address)
     ray.init(address=address, num_cpus=None if address else max(CORES, replicas * threads),
              include_dashboard=False, logging_level=logging.WARNING)
     try:
