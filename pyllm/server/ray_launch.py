@@ -9,7 +9,7 @@ import ray
 from ray import serve
 
 from ..backends import CORES
-from ..errors import PyllmError
+from ..errors import PyllmError, first_line
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve logs no line per call
 HEALTH_CHECK_S = 1.0  # how often Serve checks that a replica's process is alive (and replaces it if not)
@@ -54,4 +54,7 @@ def deploy(model: str, replicas: int, threads: int, backend: str, dtype: str | N
     targets = [serve.RunTarget(replica.options(name=f"pyllm-{i}").bind(model, threads, backend, dtype, quantize,
                                                                        max_running, max_queue, kv_memory_gb),
                                name=f"pyllm-{i}", route_prefix=None) for i in range(replicas)]
-    return serve.run_many(targets)
+    try:
+        return serve.run_many(targets)
+    except RuntimeError as exc:  # Serve's word for a replica whose constructor raised (its traceback is logged)
+        raise PyllmError(f"the engine replicas did not start: {first_line(exc)}") from None
