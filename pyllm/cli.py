@@ -111,7 +111,7 @@ def cmd_serve(args):
         serve_replicas(args)
         return
     from .backends import THREADS_ENV
-    from .server.app import make_server  # before the model loads, so a missing dependency fails fast
+    from .server.run import make_server  # before the model loads, so a missing dependency fails fast
     if args.threads is not None:
         os.environ[THREADS_ENV] = str(args.threads)
     if args.model is None:
@@ -131,7 +131,7 @@ def serve_replicas(args):
     from .frontend import Frontend
     from .pull import ensure_default_model
     try:
-        from .server.app import serve_engine
+        from .server.run import serve_engine
         from .server.ray_engine import RayEngine
         from .server.ray_launch import deploy, ray_session
     except ImportError as exc:

@@ -23,7 +23,7 @@ import pyllm.scheduler
 from conftest import REPO, make_tiny_model
 from pyllm import SamplingParams
 from pyllm.backends.base import BLOCK_TOKENS
-from pyllm.server.app import make_server
+from pyllm.server.run import make_server
 from pyllm.server.protocol import ALL_FIELDS
 
 MODEL = "tiny-chat"

@@ -1,4 +1,4 @@
-"""The HTTP server behind `pyllm serve`: app (routes, SSE), body (reading JSON bodies), protocol
+"""The HTTP server behind `pyllm serve`: app (routes, SSE), run (uvicorn, make_server), body (reading JSON bodies), protocol
 (OpenAI request validation), messages (chat messages), tools (response_format, tools, tool calls),
 job_stream (a request's jobs on the event loop; LocalEngine), responses and logprobs (response
 shapes), errors (OpenAI's error shape), metrics (Prometheus text), static/ (the chat page), and for

@@ -15,7 +15,6 @@ import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -23,10 +22,9 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
 from ..jobs import Job
-from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, Scheduler
 from .body import read_json
 from .errors import RequestError
-from .job_stream import LocalEngine, UpdateStream
+from .job_stream import UpdateStream
 from .logprobs import LogprobsShaper
 from .metrics import Metrics
 from .protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
@@ -35,7 +33,6 @@ from .tools import messages_for_template
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20
-SHUTDOWN_GRACE_S = 5.0
 
 
 async def wait_for_disconnect(request: Request):
@@ -263,32 +260,3 @@ def create_app(llm, engine, model_id: str, api_key: str | None = None,
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
-
-
-class Server(uvicorn.Server):
-    """uvicorn, but a shutdown first tells the engine to end the streams in flight (after a grace
-    period), so every open stream gets its final chunk before connections are waited for."""
-
-    def __init__(self, app: FastAPI, engine, host: str, port: int, log_level: str, grace_s: float):
-        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                        timeout_graceful_shutdown=grace_s + 5))
-        self.engine, self.grace_s = engine, grace_s
-
-    async def shutdown(self, sockets=None):
-        self.engine.shutdown(self.grace_s)
-        await super().shutdown(sockets)
-
-
-def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=MAX_RUNNING,
-                max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, prefix_cache_scope=None, cors_origin=None,
-                log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
-    engine = LocalEngine(Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30)))
-    return serve_engine(llm, engine, model_id, host, port, api_key, prefix_cache_scope, cors_origin, log_level,
-                        grace_s, max_body_bytes)
-
-
-def serve_engine(frontend, engine, model_id: str, host="127.0.0.1", port=8000, api_key=None, prefix_cache_scope=None,
-                 cors_origin=None, log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
-    """The server over any engine (make_server's LocalEngine, or ray_engine.RayEngine)."""
-    app = create_app(frontend, engine, model_id, api_key, cors_origin, max_body_bytes, prefix_cache_scope)
-    return Server(app, engine, host, port, log_level, grace_s)

@@ -10,6 +10,7 @@ from ray import serve
 
 from ..backends import CORES
 from ..errors import PyllmError, first_line
+from .ray_replica import EngineReplica
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve logs no line per call
 HEALTH_CHECK_S = 1.0  # how often Serve checks that a replica's process is alive (and replaces it if not)
@@ -46,7 +47,6 @@ def deploy(model: str, replicas: int, threads: int, backend: str, dtype: str | N
            max_running: int, max_queue: int, kv_memory_gb: float) -> list:
     """Run N engine replicas, each a deployment of one (named pyllm-I), and wait until every one
     has loaded the model -> their handles, in order."""
-    from .ray_replica import EngineReplica
     serve.start(proxy_location="Disabled", logging_config=QUIET)  # the HTTP ingress is pyllm's own
     replica = serve.deployment(EngineReplica).options(
         num_replicas=1, max_ongoing_requests=max_running + max_queue,  # the scheduler queues, not Serve
