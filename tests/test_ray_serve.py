@@ -88,15 +88,35 @@ def streamed_turn(url, messages, max_tokens=24) -> tuple[int, str, object]:
 
 def test_turn_two_lands_on_the_replica_that_holds_turn_one(base):
     assert [m.id for m in client(base).models.list()] == [MODEL]
-    assert [r["up"] for r in replicas(base)] == [True, True]
+    assert [(r["up"], r["threads"]) for r in replicas(base)] == [(True, 1), (True, 1)]
     first, text, usage = streamed_turn(base, TURN_1)
     assert text and usage.completion_tokens == 24 and usage.prompt_tokens_details.cached_tokens == 0
     turn_2 = TURN_1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "And then?"}]
     second, _, usage = streamed_turn(base, turn_2)
     assert second == first
     assert usage.prompt_tokens_details.cached_tokens > 0
+    metrics = httpx.get(base + "/metrics", timeout=10).text  # the replicas' counters, summed
+    assert metric_value(metrics, "pyllm_cached_prompt_tokens_total") >= usage.prompt_tokens_details.cached_tokens
     whole = client(base).chat.completions.create(model=MODEL, messages=TURN_1, max_tokens=24, temperature=0)
     assert whole.choices[0].message.content == text  # the same engine code on every replica
+
+
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
+
+
+def test_grammars_logprobs_and_choices_pass_through(base):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    whole = client(base).chat.completions.create(
+        model=MODEL, messages=TURN_1, max_tokens=40, seed=1, n=2, logprobs=True, top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert len(whole.choices) == 2
+    for choice in whole.choices:
+        assert choice.message.content.startswith('{"a":')  # the replica compiled the schema again
+        if choice.finish_reason == "stop":  # a random model may run out of tokens first
+            assert isinstance(json.loads(choice.message.content)["a"], int)
+        assert all(len(entry.top_logprobs) == 2 for entry in choice.logprobs.content)
+    assert sum(len(c.logprobs.content) for c in whole.choices) == whole.usage.completion_tokens
 
 
 def test_a_client_that_leaves_cancels_its_job_on_the_replica(base):

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import os
 
+from ..backends import kernel_threads
 from ..errors import PyllmError
 from ..jobs import Job, Usage
 from ..scheduler import QueueFull, Scheduler
@@ -107,9 +108,10 @@ def rss_bytes() -> int | None:
 
 
 def engine_info(scheduler: Scheduler) -> dict:
-    """What /replicas shows of one engine: its process and its load."""
+    """What /replicas shows of one engine: its process, its kernels' threads and its load."""
     stats = scheduler.stats()
-    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "running": stats["running"], "waiting": stats["waiting"]}
+    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "threads": kernel_threads(), "running": stats["running"],
+            "waiting": stats["waiting"]}
 
 
 class LocalEngine:
