@@ -5,6 +5,7 @@ in-process (uvicorn in a thread on a pre-bound loopback socket) or, for signals,
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import signal
@@ -165,6 +166,8 @@ def test_tokenize_health_metrics(base, llm):
                  "pyllm_kv_blocks_used", "pyllm_kv_blocks_cached", "pyllm_kv_blocks_free",
                  "pyllm_prefix_cache_hits_total", "pyllm_preemptions_total"):
         assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.MULTILINE), name
+    (engine,) = httpx.get(base + "/replicas", timeout=10).json()["replicas"]  # this process, the one engine
+    assert engine["replica"] == 0 and engine["up"] and engine["pid"] == os.getpid() and engine["rss_bytes"] > 0
 
 
 # ---- errors ------------------------------------------------------------------------------------
