@@ -38,15 +38,18 @@ class ReplicaStream(UpdateStream):
         self.engine, self.replica, self.call, self.closed = engine, replica, call, False
 
     async def _received(self):
+        """The call's batches; whatever ends it before every job's final update (the replica's
+        process dying, an error in it) ends the stream with an error event, not a hang."""
         try:
             async for batch in self.call:
                 yield batch
-        except Exception as exc:  # whatever ended the call, the stream ends with an error event, not a hang
+            failure = "its stream ended early"
+        except Exception as exc:
             if isinstance(exc, REPLICA_LOST):
                 self.engine.replica_lost(self.replica)
             log.warning("replica %d: %s", self.replica, first_line(exc))
-            yield [Update(finish_reason="error", error=f"engine replica {self.replica} failed: "
-                                                        f"{type(exc).__name__}", final=True)]
+            failure = type(exc).__name__
+        yield [Update(finish_reason="error", error=f"engine replica {self.replica} failed: {failure}", final=True)]
 
     def batches(self):
         return self.counted(self._received())
