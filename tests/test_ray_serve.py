@@ -128,6 +128,9 @@ def test_a_client_that_leaves_cancels_its_job_on_the_replica(base):
             next(lines)
         assert replicas(base)[replica]["running"] == 1
     wait_until(lambda: replicas(base)[replica]["running"] == 0)
+    with pytest.raises(httpx.ReadTimeout):  # and one that leaves before its whole response
+        httpx.post(base + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
+    wait_until(lambda: all(r["running"] == 0 for r in replicas(base)))
 
 
 def test_a_killed_replica_errors_its_streams_and_ray_restarts_it(base):
