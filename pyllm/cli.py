@@ -46,10 +46,14 @@ def sampling_from(args):
                           seed=args.seed)
 
 
-def load_llm(args):
-    from .engine import LLM
+def check_model_exists(args):
     if args.model is not None and not Path(args.model).exists():
         raise PyllmError(f"model not found: {args.model} (a model directory or a GGUF file)")
+
+
+def load_llm(args):
+    from .engine import LLM
+    check_model_exists(args)
     # a load bar is for people watching a terminal, not for logs and pipes
     return LLM(args.model, backend=args.backend, dtype=args.dtype, quantize=args.quantize,
                show_progress=sys.stderr.isatty())
@@ -96,11 +100,20 @@ def cmd_serve(args):
     from .pull import ensure_default_model
     checks = [(args.max_running >= 1, "--max-running must be >= 1"), (args.max_queue >= 1, "--max-queue must be >= 1"),
               (0 < args.kv_memory_gb < 1e6, "--kv-memory-gb must be a positive number"),
-              (0 <= args.port <= 65535, "--port must be 0-65535"), (args.api_key != "", "--api-key must not be empty")]
+              (0 <= args.port <= 65535, "--port must be 0-65535"), (args.api_key != "", "--api-key must not be empty"),
+              (args.replicas is None or args.replicas >= 1, "--replicas must be >= 1"),
+              (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+              (args.ray_address is None or args.replicas is not None, "--ray-address needs --replicas N")]
     for ok, message in checks:
         if not ok:
             raise PyllmError(message)
-    from .server.app import make_server  # before the model loads, so a missing dependency fails fast
+    if args.replicas is not None:
+        serve_replicas(args)
+        return
+    from .backends import THREADS_ENV
+    from .server.run import make_server  # before the model loads, so a missing dependency fails fast
+    if args.threads is not None:
+        os.environ[THREADS_ENV] = str(args.threads)
     if args.model is None:
         args.model = str(ensure_default_model())
     llm = load_llm(args)
@@ -109,6 +122,34 @@ def cmd_serve(args):
                          prefix_cache_scope=args.prefix_cache_scope, cors_origin=args.cors_origin)
     print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     server.run()
+
+
+def serve_replicas(args):
+    """`pyllm serve --replicas N`: this process is the HTTP ingress (tokenizer only, no weights);
+    N engine replicas, each loading the model, run as Ray Serve deployments."""
+    from .backends import CORES
+    from .frontend import Frontend
+    from .pull import ensure_default_model
+    try:
+        from .server.run import serve_engine
+        from .server.ray_engine import RayEngine
+        from .server.ray_launch import deploy, ray_session
+    except ImportError as exc:
+        raise PyllmError(f"--replicas needs Ray Serve, and {exc.name} is not installed: "
+                         "pip install -e '.[ray]'") from None
+    check_model_exists(args)
+    threads = args.threads or max(1, CORES // args.replicas)
+    with ray_session(args.ray_address, args.replicas, threads):
+        model = str(Path(args.model or ensure_default_model()).resolve())  # replicas load it by this path
+        frontend = Frontend.load(model)
+        handles = deploy(model, args.replicas, threads, args.backend, args.dtype, args.quantize, args.max_running,
+                         args.max_queue, args.kv_memory_gb)
+        server = serve_engine(frontend, RayEngine(handles), model_name(model), host=args.host, port=args.port,
+                              api_key=args.api_key, prefix_cache_scope=args.prefix_cache_scope,
+                              cors_origin=args.cors_origin)
+        print(f"pyllm serve: http://{args.host}:{args.port}/ (OpenAI API under /v1), {args.replicas} replicas "
+              f"of {threads} threads on Ray", file=sys.stderr)
+        server.run()
 
 
 def model_name(model) -> str:
@@ -183,6 +224,11 @@ def build_parser():
                    help="share cached KV blocks among all requests, or only among those with the same "
                         "API key (default: key when --api-key is set, else global)")
     p.add_argument("--cors-origin", help="allow browser calls from this origin, e.g. http://localhost:3000")
+    p.add_argument("--threads", type=int, help="threads of the C kernels per engine (default: every core, "
+                                                 "shared evenly among --replicas)")
+    p.add_argument("--replicas", type=int, help="run N engine replicas on Ray Serve behind this server, routed "
+                                                 "by cached prefix (needs pip install -e '.[ray]')")
+    p.add_argument("--ray-address", help="with --replicas: the Ray cluster to join (default: start a local one)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="download a known model's GGUF into models/ (with --dtype: also convert it)")

@@ -10,16 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import make_backend
-from .config import ModelConfig
 from .errors import PyllmError
 from .formats import QUANTIZE_CHOICES
-from .gguf_model import GGUFModel, is_gguf
-from .grammar import Grammars
+from .frontend import Frontend, open_model
+from .gguf_model import is_gguf
 from .kv_blocks import PoolFull
 from .model import LlamaModel
 from .sampling import SamplingParams
 from .sequence import Sequence
-from .tokenizer import Tokenizer
 from .weights import load_weights
 
 PREFILL_CHUNK = 512  # prompt tokens per sequence per step: bounds the attention scores' memory
@@ -38,7 +36,7 @@ class Output:
         return cls(seq.text, list(seq.output_ids), seq.finish_reason, seq.prompt_ids, timer.stats(seq))
 
 
-class LLM:
+class LLM(Frontend):
     def __init__(self, model: str | None = None, backend: str = "cpu", dtype: str | None = None,
                  show_progress: bool = True, quantize: str | None = None):
         """model: a Hugging Face directory or a GGUF file (default: SmolLM2, pulled on first use).
@@ -48,47 +46,22 @@ class LLM:
             from .pull import ensure_default_model
             model = ensure_default_model()
         started = time.perf_counter()
-        if is_gguf(model):
-            if quantize:
-                raise PyllmError("--quantize is for safetensors models: a GGUF file runs in its own formats")
-            gguf = GGUFModel(model)
-            self.config, self.tokenizer = gguf.config, gguf.tokenizer
-            self.backend = make_backend(backend, self.config, dtype)
+        if is_gguf(model) and quantize:
+            raise PyllmError("--quantize is for safetensors models: a GGUF file runs in its own formats")
+        if quantize and quantize not in QUANTIZE_CHOICES:
+            raise PyllmError(f"unknown --quantize {quantize!r}; choose from: {', '.join(QUANTIZE_CHOICES)}")
+        config, tokenizer, gguf = open_model(model)
+        super().__init__(config, tokenizer)
+        self.backend = make_backend(backend, self.config, dtype)
+        if gguf is not None:
             weights = gguf.load_weights(self.backend.upload, show_progress)
         else:
-            if quantize and quantize not in QUANTIZE_CHOICES:
-                raise PyllmError(f"unknown --quantize {quantize!r}; choose from: {', '.join(QUANTIZE_CHOICES)}")
-            self.config = ModelConfig.from_dir(model)
-            self.tokenizer = Tokenizer(model)
-            self.backend = make_backend(backend, self.config, dtype)
             weights = load_weights(self.config, model, self.backend.dtype, self.backend.upload, show_progress,
                                    quantize)
         self.model = LlamaModel(self.config, self.backend, weights)
         self.load_seconds = time.perf_counter() - started
-        self.eos_ids = self.config.eos_token_ids
-        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
 
     # ---- building sequences -------------------------------------------------------------
-    def encode_prompt(self, prompt) -> list[int]:
-        """A prompt is text, or a list of token ids used as they are."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise PyllmError("a prompt must be a string or a list of token ids")
-        if not ids:
-            raise PyllmError("the prompt is empty")
-        if max(ids) >= self.config.vocab_size or min(ids) < 0:
-            raise PyllmError(f"token id out of range: the vocabulary has {self.config.vocab_size} tokens")
-        return ids
-
-    def _check_fits(self, n_prompt: int):
-        """A prompt must leave room for at least one generated token."""
-        limit = self.config.max_position_embeddings
-        if n_prompt >= limit:
-            raise PyllmError(f"prompt too long: {n_prompt} tokens, the context window is {limit}")
-
     def new_sequence(self, prompt_ids, params: SamplingParams, constraint=None, salt: str = "",
                      capacity: int | None = None) -> Sequence:
         """A sequence whose cache starts with the blocks of its prompt that the pool already holds

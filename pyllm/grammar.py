@@ -23,10 +23,11 @@ COMPACT_JSON = {"whitespace_flexible": False}
 
 
 class Constraint:
-    """One sequence's grammar state: mask the logits before sampling, advance after."""
+    """One sequence's grammar state: mask the logits before sampling, advance after. `schema`:
+    the JSON schema it was compiled from (what another process compiles it again from)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
-        self.matcher, self.vocab_size = matcher, vocab_size
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, schema=None):
+        self.matcher, self.vocab_size, self.schema = matcher, vocab_size, schema
         self.bitmask = llg_numpy.allocate_token_bitmask(1, vocab_size)
 
     def mask(self, logits) -> np.ndarray:
@@ -41,7 +42,7 @@ class Constraint:
         return self.matcher.is_stopped() or self.matcher.is_error()
 
     def copy(self) -> "Constraint":
-        return Constraint(self.matcher.deep_copy(), self.vocab_size)
+        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.schema)
 
 
 class Grammars:
@@ -72,4 +73,4 @@ class Grammars:
         matcher = llguidance.LLMatcher(self.llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise PyllmError(f"invalid JSON schema: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab_size)
+        return Constraint(matcher, self.vocab_size, schema)

@@ -39,6 +39,15 @@ def block_key(parent: int | None, tokens, salt: str = "") -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+def prompt_block_keys(ids, salt: str = "") -> list[int]:
+    """The keys of the full blocks a prompt could find cached: those inside ids[:-1] (its last
+    token is always computed, for its logits), as KVCache.match_prefix looks them up."""
+    keys = []
+    for start in range(0, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):
+        keys.append(block_key(keys[-1] if keys else None, ids[start:start + BLOCK_TOKENS], salt))
+    return keys
+
+
 class BlockPool:
     def __init__(self, backend, config, n_blocks: int, first_blocks: int = FIRST_BLOCKS):
         if n_blocks < 1:

@@ -144,6 +144,9 @@ def broken_dirs(tmp_path_factory, small):
     (["generate", "--model", "{small}", "--prompt", "word " * 40], "prompt too long"),
     (["generate", "--model", "{small}"], "required"),
     (["frobnicate"], "invalid choice"),
+    (["serve", "--model", "{small}", "--replicas", "0"], "--replicas must be >= 1"),
+    (["serve", "--model", "{small}", "--threads", "0"], "--threads must be >= 1"),
+    (["serve", "--model", "{small}", "--ray-address", "auto"], "--ray-address needs --replicas"),
 ])
 def test_errors_are_one_line(small, broken_dirs, args, message):
     args = [a.format(small=small[0], broken=broken_dirs) for a in args]
@@ -153,6 +156,16 @@ def test_errors_are_one_line(small, broken_dirs, args, message):
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0]
+
+
+def test_replicas_without_ray_is_one_line(small, tmp_path):
+    (tmp_path / "ray.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "pyllm", "serve", "--model", str(small[0]), "--replicas", "2"],
+                          capture_output=True, timeout=60, cwd=REPO, env=env)
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert lines[0] == "error: --replicas needs Ray Serve, and ray is not installed: pip install -e '.[ray]'"
 
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ in-process (uvicorn in a thread on a pre-bound loopback socket) or, for signals,
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import signal
@@ -23,7 +24,7 @@ import pyllm.scheduler
 from conftest import REPO, make_tiny_model
 from pyllm import SamplingParams
 from pyllm.backends.base import BLOCK_TOKENS
-from pyllm.server.app import make_server
+from pyllm.server.run import make_server
 from pyllm.server.protocol import ALL_FIELDS
 
 MODEL = "tiny-chat"
@@ -165,6 +166,8 @@ def test_tokenize_health_metrics(base, llm):
                  "pyllm_kv_blocks_used", "pyllm_kv_blocks_cached", "pyllm_kv_blocks_free",
                  "pyllm_prefix_cache_hits_total", "pyllm_preemptions_total"):
         assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.MULTILINE), name
+    (engine,) = httpx.get(base + "/replicas", timeout=10).json()["replicas"]  # this process, the one engine
+    assert engine["replica"] == 0 and engine["up"] and engine["pid"] == os.getpid() and engine["rss_bytes"] > 0
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -462,10 +465,10 @@ def test_small_kv_pool_preempts_and_loses_nothing(llm):
     bodies = [{"prompt": f"P{i}:", "max_tokens": 96, "ignore_eos": True, "temperature": 0} for i in range(5)]
     alone = [llm.generate(b["prompt"], max_tokens=96, ignore_eos=True).text for b in bodies]
     with serving(llm, kv_memory_gb=blocks * block_bytes / 2**30) as (url, server):
-        assert server.scheduler.pool.n_blocks == blocks
+        assert server.engine.scheduler.pool.n_blocks == blocks
         assert run_concurrently(url, bodies) == alone
-        assert max(server.scheduler.batch_sizes) == 5
-        stats = server.scheduler.stats()
+        assert max(server.engine.scheduler.batch_sizes) == 5
+        stats = server.engine.scheduler.stats()
         assert stats["blocks_used"] == 0 and stats["blocks_cached"] + stats["blocks_free"] == blocks
         assert stats["preemptions"] > 0
         r = httpx.post(url + "/v1/completions", json={"prompt": "x" * (blocks * BLOCK_TOKENS), "max_tokens": 1},

@@ -31,6 +31,13 @@ def usable_cores() -> int:
 
 
 CORES = usable_cores()
+THREADS_ENV = "PYLLM_THREADS"  # `pyllm serve --threads T` sets it for itself and each replica
+
+
+def kernel_threads() -> int:
+    """Threads the C kernels run on: $PYLLM_THREADS where set, else every usable core."""
+    value = os.environ.get(THREADS_ENV, "")
+    return int(value) if value.isdigit() and int(value) >= 1 else CORES
 
 
 def kernels_dir() -> Path:

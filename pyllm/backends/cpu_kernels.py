@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import PyllmError
 from ..progress import progress
-from . import CORES, build_cache_dir, kernels_dir
+from . import build_cache_dir, kernel_threads, kernels_dir
 from .base import BLOCK_TOKENS
 
 SOURCES = "cpu"  # kernels/cpu/: *.c built into one library, sharing cpu.h
@@ -107,7 +107,7 @@ def _library():
     # S, H, KV, D, scale, layer, layers, q, k pool, v pool, block tables, lengths, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
-    start(CORES)
+    start(kernel_threads())
     return library
 
 

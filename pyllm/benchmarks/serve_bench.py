@@ -3,10 +3,12 @@
 Starts the server as a subprocess (SmolLM2 by default) and stops it at the end. Each level runs its
 clients for a fixed time: every client sends one streaming chat request after another (fixed
 length: ignore_eos), and a request started in the window runs to its end. Measures time to first
-token, time per output token, inter-token latency (p50/p95), output tokens/s, errors and the
-server's RSS idle and after each level. Writes serve_bench.json, serve_bench.md, serve_bench.png.
+token, time per output token, inter-token latency (p50/p95), output tokens/s (all replicas
+together), errors and the RSS of the server and of each engine replica (/replicas) idle and after
+each level. Writes serve_bench.json, serve_bench.md, serve_bench.png.
 
-    python benchmarks/serve_bench.py [--model DIR] [--duration 30] [--levels 1,4,8,16] [--out DIR]
+    python -m pyllm.benchmarks.serve_bench [--model DIR] [--duration 30] [--levels 1,4,8,16] [--out DIR]
+                                           [--replicas N --threads T]   # N engine replicas on Ray Serve
 
 Run it with nothing else on the machine; only 127.0.0.1 is ever contacted.
 """
@@ -117,6 +119,15 @@ def summarize(clients, results, errors, wall) -> dict:
             "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95)}
 
 
+def replica_rss_mb(url) -> list[float]:
+    """Each engine replica's resident memory (the server itself when it runs one engine)."""
+    return [r["rss_bytes"] / 2**20 for r in httpx.get(url + "/replicas", timeout=10).json()["replicas"]]
+
+
+def mb_list(values) -> str:
+    return " / ".join(f"{v:.0f}" for v in values)
+
+
 def ms(value) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
@@ -124,14 +135,17 @@ def ms(value) -> str:
 def write_report(report: dict, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_bench.json").write_text(json.dumps(report, indent=2))
-    title = f"# pyllm serve: {report['model']}, {report['duration_s']} s per level, {report['max_tokens']} tokens a request"
+    title = (f"# pyllm serve: {report['model']}, {report['engines']}, {report['duration_s']} s per level, "
+             f"{report['max_tokens']} tokens a request")
     header = ("| clients | requests | errors | output tok/s | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) "
-              "| ITL p50 / p95 (ms) | RSS after (MB) |")
-    lines = [title, "", f"Server RSS idle: {report['rss_idle_mb']:.0f} MB", "", header, "|---" * 8 + "|"]
+              "| ITL p50 / p95 (ms) | server RSS after (MB) | replica RSS after (MB) |")
+    lines = [title, "", f"Server RSS idle: {report['rss_idle_mb']:.0f} MB; each engine replica's: "
+             f"{mb_list(report['replica_rss_idle_mb'])} MB", "", header, "|---" * 9 + "|"]
     for r in report["levels"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['output_tok_s']:.1f} "
                      f"| {ms(r['ttft_p50'])} / {ms(r['ttft_p95'])} | {ms(r['tpot_p50'])} / {ms(r['tpot_p95'])} "
-                     f"| {ms(r['itl_p50'])} / {ms(r['itl_p95'])} | {r['rss_after_mb']:.0f} |")
+                     f"| {ms(r['itl_p50'])} / {ms(r['itl_p95'])} | {r['rss_after_mb']:.0f} "
+                     f"| {mb_list(r['replica_rss_after_mb'])} |")
     (out / "serve_bench.md").write_text("\n".join(lines) + "\n")
     plot(report, out / "serve_bench.png")
 
@@ -153,7 +167,7 @@ def plot(report, path):
     for ax in (left, right):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"pyllm serve — {report['model']}")
+    fig.suptitle(f"pyllm serve — {report['model']}, {report['engines']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -165,23 +179,32 @@ def main(argv=None):
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="bench-out/serve")
+    parser.add_argument("--replicas", type=int, help="engine replicas on Ray Serve (default: one engine in the server)")
+    parser.add_argument("--threads", type=int, help="the C kernels' threads per engine (default: every core)")
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.levels.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, max_running=max(levels))
+    options = [*(["--replicas", str(args.replicas)] if args.replicas else []),
+               *(["--threads", str(args.threads)] if args.threads else [])]
+    engines = (f"{args.replicas} replica(s) on Ray" if args.replicas else "one engine") + \
+        (f", {args.threads} thread(s) each" if args.threads else "")
+    proc = start_server(args.model, port, max_running=max(levels), options=options)
     try:
         server = psutil.Process(proc.pid)
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         httpx.post(url + "/v1/chat/completions", timeout=60,  # warm-up: first-use allocations are not load
                    json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
         time.sleep(1.0)
-        report = {"model": model, "duration_s": args.duration, "max_tokens": args.max_tokens,
-                  "rss_idle_mb": server.memory_info().rss / 2**20, "levels": []}
+        report = {"model": model, "engines": engines, "replicas": args.replicas, "threads": args.threads,
+                  "duration_s": args.duration, "max_tokens": args.max_tokens,
+                  "rss_idle_mb": server.memory_info().rss / 2**20, "replica_rss_idle_mb": replica_rss_mb(url),
+                  "levels": []}
         for clients in levels:
             level = asyncio.run(run_level(url, model, clients, args.duration, args.max_tokens))
             time.sleep(1.0)  # the server goes idle and hands freed memory back
             level["rss_after_mb"] = server.memory_info().rss / 2**20
+            level["replica_rss_after_mb"] = replica_rss_mb(url)
             report["levels"].append(level)
             print(f"{clients:3d} clients: {level['output_tok_s']:.1f} tok/s, TTFT p50 {ms(level['ttft_p50'])} ms, "
                   f"ITL p50 {ms(level['itl_p50'])} ms, {level['errors']} errors", flush=True)

@@ -1,9 +1,11 @@
 """pyllm serve: the OpenAI-compatible HTTP API with SSE streaming, /metrics, /tokenize, /detokenize,
-/tokenizer_info and the chat page, over one Scheduler whose engine thread owns the LLM.
+/tokenizer_info, /replicas and the chat page, over an engine: one Scheduler in this process
+(LocalEngine, whose engine thread owns the LLM) or engine replicas on Ray (ray_engine.RayEngine).
 
-The engine thread hands updates to the event loop with call_soon_threadsafe, into one asyncio queue
-per request. A client that goes away cancels its job, which leaves the batch before the next step.
-On shutdown the scheduler first ends streams in flight (after a grace period) so they close cleanly.
+The app needs only the model's Frontend (tokenizer, grammars); the engine hands each request's
+updates to the event loop. A client that goes away cancels its jobs, which leave the batch before
+the next step. On shutdown the engine first ends streams in flight (after a grace period) so they
+close cleanly.
 """
 
 import asyncio
@@ -13,7 +15,6 @@ import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -21,10 +22,9 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PyllmError
 from ..jobs import Job
-from ..scheduler import KV_MEMORY_GB, MAX_QUEUE, MAX_RUNNING, Scheduler
 from .body import read_json
 from .errors import RequestError
-from .job_stream import JobStream
+from .job_stream import UpdateStream
 from .logprobs import LogprobsShaper
 from .metrics import Metrics
 from .protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
@@ -33,7 +33,6 @@ from .tools import messages_for_template
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4 << 20
-SHUTDOWN_GRACE_S = 5.0
 
 
 async def wait_for_disconnect(request: Request):
@@ -52,10 +51,11 @@ def error_json(status: int, message: str, type="invalid_request_error", headers=
 PREFIX_CACHE_SCOPES = ("global", "key")
 
 
-def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = None,
+def create_app(llm, engine, model_id: str, api_key: str | None = None,
                cors_origin: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                prefix_cache_scope: str | None = None) -> FastAPI:
-    """prefix_cache_scope: "key" (the default with an API key): requests share KV blocks only with
+    """llm: the model's Frontend (an LLM is one); engine: a LocalEngine or a RayEngine.
+    prefix_cache_scope: "key" (the default with an API key): requests share KV blocks only with
     requests of the same key, so no one can time another tenant's prompts; "global": all share."""
     scope = prefix_cache_scope or ("key" if api_key else "global")
     if scope not in PREFIX_CACHE_SCOPES:
@@ -65,10 +65,10 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        engine.start()
         await asyncio.to_thread(llm.grammars.llg_tokenizer)  # built once, for grammars and logprobs' bytes
         yield
-        scheduler.stop()
+        engine.stop()
 
     app = FastAPI(title="pyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origin:
@@ -145,19 +145,23 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
         echoes = [Echo(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False), ids)
                   for p, ids in zip(req.prompts, prompts)] if req.echo else None
         salt = cache_salt(request, req.cache_salt)
-        stream = JobStream(scheduler, [Job(ids, p, None, salt=salt, n=req.n, constraint=constraint)
-                                       for ids, p in zip(prompts, params)])
+        stream = await engine.open([Job(ids, p, None, salt=salt, n=req.n, constraint=constraint)
+                                    for ids, p in zip(prompts, params)])
         shaper = Shaper(chat, model_id, req.include_usage,
                         LogprobsShaper(tokenizer, llm.grammars) if req.logprobs is not None else None,
                         req.tool_choice, [e for e in echoes for _ in range(req.n)] if echoes else None)
         n_choices = len(prompts) * req.n
+        replica = {} if stream.replica is None else {"X-Pyllm-Replica": str(stream.replica)}
         if req.stream:
             return StreamingResponse(stream_events(request.url.path, stream, shaper, n_choices),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole_response(request, stream, shaper, n_choices)
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **replica})
+        response = await whole_response(request, stream, shaper, n_choices)
+        if replica and isinstance(response, dict):
+            response = JSONResponse(response, headers=replica)
+        return response
 
-    async def stream_events(path: str, stream: JobStream, shaper: Shaper, n_choices: int):
+    async def stream_events(path: str, stream: UpdateStream, shaper: Shaper, n_choices: int):
         status, results = 499, [ChoiceResult() for _ in range(n_choices)]  # 499: the client went away first
         try:
             for chunk in shaper.first_chunks(n_choices):
@@ -179,7 +183,7 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
             stream.close()
             metrics.request_done(path, status, stream.usage if status == 200 else None)
 
-    async def whole_response(request: Request, stream: JobStream, shaper: Shaper, n_choices: int):
+    async def whole_response(request: Request, stream: UpdateStream, shaper: Shaper, n_choices: int):
         async def collect():
             results = [ChoiceResult() for _ in range(n_choices)]
             async for update in stream.updates():
@@ -244,32 +248,15 @@ def create_app(llm, scheduler: Scheduler, model_id: str, api_key: str | None = N
 
     @app.get("/metrics")
     async def metrics_text():
-        return PlainTextResponse(metrics.render(scheduler.stats()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(await engine.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/replicas")
+    async def replicas():
+        """Each engine replica: whether it is up, its process id and resident memory, its load."""
+        return {"replicas": await engine.replicas()}
 
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
-
-
-class Server(uvicorn.Server):
-    """uvicorn, but a shutdown first tells the scheduler to end the streams in flight (after a grace
-    period), so every open stream gets its final chunk before connections are waited for."""
-
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float):
-        super().__init__(config)
-        self.scheduler, self.grace_s = scheduler, grace_s
-
-    async def shutdown(self, sockets=None):
-        self.scheduler.shutdown(self.grace_s)
-        await super().shutdown(sockets)
-
-
-def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=MAX_RUNNING,
-                max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, prefix_cache_scope=None, cors_origin=None,
-                log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
-    scheduler = Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30))
-    app = create_app(llm, scheduler, model_id, api_key, cors_origin, max_body_bytes, prefix_cache_scope)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s + 5)
-    return Server(config, scheduler, grace_s)

@@ -90,5 +90,19 @@ SCALARS = [
 ]
 
 
+def summed_stats(stats: list[dict]) -> dict:
+    """Several engines' stats (Scheduler.stats) as one: counts and gauges added, batch sizes
+    merged; block_bytes, the same for every replica of a model, as it is."""
+    total = {"batch_sizes": collections.Counter()}
+    for one in stats:
+        total["batch_sizes"].update(one["batch_sizes"])
+        for key, value in one.items():
+            if key == "block_bytes":
+                total[key] = value
+            elif key != "batch_sizes":
+                total[key] = total.get(key, 0) + value
+    return total
+
+
 def _family(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
