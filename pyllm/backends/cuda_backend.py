@@ -8,10 +8,12 @@ Arrays are kept in the storage dtype: float32, float16, or bf16 as uint16 bits (
 have no bfloat16; kernels see __nv_bfloat16, cuBLAS sees CUDA_R_16BF). Every kernel computes in
 f32. Every kernel family is compiled when the backend starts, so a kernel that does not compile
 stops it with one line. Weights are uploaded once, GGML block formats as stored (cuda_quant.py:
-kernels/quant.cu multiplies and looks rows up on them), the KV pool lives on the device, and a decode
-step sends up token ids and its sequences' block tables (one small int32 upload, shared by every
-layer) and brings back logits rows. `launches` counts kernel launches and cuBLAS
-calls; a launch over an empty grid is skipped (CuPy would run one block of it).
+kernels/quant.cu multiplies and looks rows up on them), the KV pool lives on the device, and a step
+sends up token ids and its tokens' positions and block tables (one small int32 upload, shared by
+every layer: rope and attention take the whole step in one launch each) and brings back logits
+rows. A decode step replays its CUDA graph (cuda_graph.py) once its shape has been seen twice.
+`launches` counts kernel launches, cuBLAS calls and graph replays; a launch over an empty grid is
+skipped (CuPy would run one block of it).
 """
 
 import re
