@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import pyllm
 from pyllm import PyllmError
-from pyllm.backends import cpu_kernels, cpu_quant
+from pyllm.backends import cpu_kernels, cpu_layers, cpu_quant
 from pyllm.backends.cpu import TWO_LAYER_ROWS
 from pyllm.formats import FORMATS
 from pyllm.weights import QuantizedMatrix
@@ -210,7 +210,7 @@ def test_all_layers_in_one_call_match_the_ops_bit_for_bit(tiny_gguf):
     np.testing.assert_array_equal(decode_logits(), fused)
     # every matrix (or part) has a kernel here, so the fused path ran (bf16 needs AVX512_BF16)
     every_kernel = path.stem != "floats-unfused" or cpu_quant.takes_half(Q.BF16)
-    assert (cpu_kernels.layer_table(llm.model.weights.layers) is not None) == every_kernel
+    assert (cpu_layers.layer_table(llm.model.weights.layers) is not None) == every_kernel
 
 
 STORY_GGUF = SHARED / "models" / "story-gguf"

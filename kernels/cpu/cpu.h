@@ -37,6 +37,11 @@ static inline size_t kv_block(int block, int layers, int layer, int KV, int g, i
   return (((size_t)block * layers + layer) * KV + g) * BLOCK_TOKENS * D;
 }
 
+static inline __m512 keep(__m512 v) {  // v as computed: hides a product from contraction into an FMA
+  __asm__("" : "+v"(v));
+  return v;
+}
+
 static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
   // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two steps (Cody-Waite), and
   // exp(r) = 1 + r + r^2 P(r) on |r| <= ln 2 / 2 (Cephes' expf coefficients); within 2 ulp of expf

@@ -1,7 +1,7 @@
 // Decode matmul on GGML block-quantized weights (llama.cpp's formats, bytes as GGUF stores them),
-// with the activations quantized to int8 and the dot products on AVX-512 VNNI; and dequantization.
+// with the activations quantized to int8 and the dot products on AVX-512 VNNI.
 // This file: the activations, the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0) and
-// the call; quant_k.c: the K-quants (q4_k, q5_k, q6_k: superblocks of 256).
+// the call; quant_k.c: the K-quants (q4_k, q5_k, q6_k: superblocks of 256); dequantize.c: to f32.
 //
 // Why: a decode step streams every weight once, so its time is the weights' bytes over memory
 // bandwidth: 4.5-bit weights read ~7x fewer bytes than f32. Dequantized to f32, every 16 weights
@@ -45,12 +45,6 @@ size_t row_bytes(int type, int K) {
     case Q6_K: return (size_t)K / 256 * 210;
     default: return 0;
   }
-}
-
-static inline float f16(const uint8_t *p) {
-  uint16_t h;
-  memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
 }
 
 // quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
@@ -101,11 +95,6 @@ static inline float block_int8(const float *v, int8_t q[32]) {
     _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(r));
   }
   return d;
-}
-
-static inline __m512 keep(__m512 v) {  // v as computed: hides a product from contraction into an FMA
-  __asm__("" : "+v"(v));
-  return v;
 }
 
 // block v [32] and its int8 blocks (q, d) -> v - d q, its rounding error (d q rounded to f32
@@ -305,52 +294,4 @@ EXPORT void quant_matmul(int type, int M, int layers, const void *xq, int K, con
   pool_unlock();
 }
 
-// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact):
-// q4_1's d q + m is two roundings, not an FMA (keep()).
-
-static void dequantize_block32(int type, const uint8_t *b, float *out) {
-  const __m512 d = _mm512_set1_ps(f16(b));
-  if (type == Q8_0) {
-    for (int h = 0; h < 2; h++) {
-      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * h)));
-      _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
-    }
-    return;
-  }
-  const int qs = type == Q4_0 ? 2 : type == Q4_1 ? 4 : type == Q5_0 ? 6 : 8;
-  const __m128i bytes = _mm_loadu_si128((const __m128i *)(b + qs)), low = _mm_set1_epi8(0x0F);
-  __m512i q[2] = {_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)),
-                  _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low))};
-  if (type == Q5_0 || type == Q5_1) {
-    uint32_t qh;
-    memcpy(&qh, b + (type == Q5_0 ? 2 : 4), 4);
-    for (int h = 0; h < 2; h++)  // qh's bits are the mask
-      q[h] = _mm512_mask_add_epi32(q[h], (__mmask16)(qh >> 16 * h), q[h], _mm512_set1_epi32(16));
-  }
-  for (int h = 0; h < 2; h++) {
-    __m512 v;
-    if (type == Q4_1 || type == Q5_1)
-      v = _mm512_add_ps(keep(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q[h]))), _mm512_set1_ps(f16(b + 2)));
-    else
-      v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q[h], _mm512_set1_epi32(type == Q4_0 ? 8 : 16))));
-    _mm512_storeu_ps(out + 16 * h, v);
-  }
-}
-
-void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
-  if (type == F16 || type == BF16) {
-    dequantize_rows_half(type, (const uint16_t *)w, rows, K, out);
-    return;
-  }
-  if (type == Q4_K || type == Q5_K || type == Q6_K) {
-    dequantize_rows_k(type, w, rows, K, out);
-    return;
-  }
-  const size_t stride = row_bytes(type, 32), blocks = (size_t)rows * (K / 32);
-  for (size_t b = 0; b < blocks; b++) dequantize_block32(type, w + b * stride, out + b * 32);
-}
-
-EXPORT void dequantize(int type, const uint8_t *w, int rows, int K, float *out) {
-  dequantize_rows(type, w, rows, K, out);
-}
 #endif

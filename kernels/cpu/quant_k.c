@@ -205,10 +205,6 @@ void quant_rows_k(const struct quant_call *c, int lo, int hi) {
 
 // dequantize_rows_k: bit-exact to gguf.quants (sub-block scale d sc and min dmin m rounded to f32
 // first, then (d sc) q - (dmin m) in two roundings: keep() blocks FMA contraction)
-static inline __m512 keep(__m512 v) {
-  __asm__("" : "+v"(v));
-  return v;
-}
 
 static inline float f16(const uint8_t *p) {
   uint16_t h;

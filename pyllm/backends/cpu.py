@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from ..weights import QuantizedMatrix
-from . import cpu_kernels, cpu_quant, reference
+from . import cpu_kernels, cpu_layers, cpu_quant, reference
 from .base import Step
 from .reference import ReferenceBackend
 
@@ -112,11 +112,11 @@ class CpuBackend(ReferenceBackend):
         """A decode step's x [T, hidden] through every layer in one C call (layers.c): the same
         kernels, in the same order, as the op-by-op path, without ~9 Python calls per layer."""
         if self._layer_table is None or self._layer_table[0] is not layers:
-            self._layer_table = (layers, cpu_kernels.layer_table(layers) if cpu_quant.available() else None)
+            self._layer_table = (layers, cpu_layers.layer_table(layers) if cpu_quant.available() else None)
         table = self._layer_table[1]
         if table is None or x.shape[0] > MAX_QUANT_ROWS:
             return None
-        return cpu_kernels.decoder_layers(x, table, self.config, step.slots, self.cos, self.sin,
+        return cpu_layers.decoder_layers(x, table, self.config, step.slots, self.cos, self.sin,
                                           activation_layers(x.shape[0]))
 
     @staticmethod

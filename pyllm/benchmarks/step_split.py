@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ..backends import cpu_kernels, make_backend
+from ..backends import cpu_layers, make_backend
 from ..config import ModelConfig
 from ..formats import format_named
 from ..model import LlamaModel
@@ -28,7 +28,7 @@ def decode_split(llm, steps=48) -> dict | None:
     """{step_ms, matmul_ms, rest_ms} per step of one sequence decoding `steps` tokens through the
     CPU backend's one-call layers, or None where those do not run (another backend, no kernels)."""
     model, backend = llm.model, llm.backend
-    if cpu_kernels.decoder_matmul_seconds(False) is None or getattr(backend, "name", "") != "cpu":
+    if cpu_layers.decoder_matmul_seconds(False) is None or getattr(backend, "name", "") != "cpu":
         return None
     cache = model.new_cache(steps + 2)
     model.forward([(cache, [1])])  # warm: the layer table, the caches' C form
@@ -41,13 +41,13 @@ def decode_split(llm, steps=48) -> dict | None:
         vocab_seconds += time.perf_counter() - start
         return out
     backend.project_to_vocab = timed_projection  # this instance only, until the del below
-    cpu_kernels.decoder_matmul_seconds(True)
+    cpu_layers.decoder_matmul_seconds(True)
     start = time.perf_counter()
     try:
         for token in range(steps):
             model.forward([(cache, [2 + token])])
     finally:
-        layers_seconds = cpu_kernels.decoder_matmul_seconds(False)
+        layers_seconds = cpu_layers.decoder_matmul_seconds(False)
         del backend.project_to_vocab
     total = time.perf_counter() - start
     matmul = layers_seconds + vocab_seconds
