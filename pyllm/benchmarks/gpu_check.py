@@ -28,7 +28,9 @@ from .dtype_agreement import argmax_agreement
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m-instruct"
-DEFAULT_AGREEMENT_MODEL = REPO.parent / "shared" / "models" / "story"
+# the story model: ../shared beside a checkout, or a shared/ folder inside one (what travels to a GPU machine)
+DEFAULT_AGREEMENT_MODEL = next((d for d in (REPO / "shared" / "models" / "story", REPO.parent / "shared" / "models" / "story")
+                                if d.exists()), REPO.parent / "shared" / "models" / "story")
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
