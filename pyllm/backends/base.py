@@ -29,7 +29,7 @@ class Step:
     """One forward step over a ragged batch, built once and handed to every layer."""
     slots: list[CacheSlot]  # per sequence, in row order
     starts: list[int]       # [sequences + 1]: sequence s owns rows starts[s] .. starts[s + 1] - 1
-    device: Any = None      # a backend's own form of the step, where it keeps one (cuda_graph.py)
+    device: Any = None      # a backend's own form of the step, where it keeps one (a CUDA graph's StepTokens)
 
     def __post_init__(self):
         self.slots = [CacheSlot(*slot) for slot in self.slots]

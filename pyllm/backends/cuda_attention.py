@@ -1,10 +1,29 @@
-"""What fits one block of kernels/attention.cu: its shared memory, and how many blocks split a
-token's keys (flash-decoding). Plain functions of a GPU's limits, so tests can ask them of a T4,
-an A100 and an H100 alike."""
+"""What kernels/attention.cu (and rope.cu's cache write) read of a step, and what fits one of its
+blocks: the step's tokens, its shared memory, and how many blocks split a token's keys
+(flash-decoding). Plain functions of a GPU's limits, so tests can ask them of a T4, an A100 and an
+H100 alike."""
+
+from typing import Any, NamedTuple
+
+import numpy as np
 
 ATTENTION_THREADS = 128  # one block per (token, query head)
 DEFAULT_SHARED_BYTES = 48 * 1024  # a block's static + dynamic shared memory without opting in
 MIN_SPLIT_KEYS = 256  # a split's fewest keys where splitting only fills the GPU: shorter, merging costs more
+
+
+class StepTokens(NamedTuple):
+    """A step as the kernels read it, on the device."""
+    tokens: Any    # int32 [T, 2]: each token's position in its sequence, where its sequence's table starts
+    tables: Any    # int32: every sequence's block table, one after another
+    max_keys: int  # the most keys any token sees
+
+
+def token_rows(slots, table_starts) -> np.ndarray:
+    """Host int32 [T, 2] of StepTokens.tokens: the new tokens of each slot (base.CacheSlot), at
+    positions rows - n_new .. rows - 1, with its table starting at table_starts[s]."""
+    return np.concatenate([np.stack([np.arange(slot.rows - slot.n_new, slot.rows), np.full(slot.n_new, start)], axis=1)
+                           for slot, start in zip(slots, table_starts)]).astype(np.int32)
 
 
 def attention_shared_bytes(head_dim: int, chunk: int, threads: int = ATTENTION_THREADS) -> int:

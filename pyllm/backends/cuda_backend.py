@@ -25,9 +25,9 @@ from ..dtypes import convert, storage_dtype
 from ..errors import PyllmError
 from . import kernels_dir, nvrtc
 from ..weights import QuantizedMatrix
-from .base import BLOCK_TOKENS, Step
-from .cuda_attention import (ATTENTION_THREADS, attention_max_keys, attention_shared_bytes,
-                             attention_splits, shared_memory_opt_in)
+from .base import BLOCK_TOKENS, CacheSlot, Step
+from .cuda_attention import (ATTENTION_THREADS, StepTokens, attention_max_keys, attention_shared_bytes,
+                             attention_splits, shared_memory_opt_in, token_rows)
 from .cuda_device import check_dtype_on
 from .cuda_graph import DecodeGraphs
 from .cuda_quant import DeviceBlocks, QuantizedOps
@@ -61,7 +61,8 @@ class CudaBackend(QuantizedOps):
         self._modules = {path.stem: self._compile(path) for path in sorted(kernels_dir().glob("*.cu"))}
         self._functions = {}
         self._attention_opted_in = False
-        self._step_tables = None  # (weakref to the Step, its tokens and tables on the device), see _step_tokens
+        self._step_tokens_of = None  # (weakref to the Step, its StepTokens), see _step_tokens
+        self._max_keys = {}  # head_dim -> attention_max_keys on this GPU
         self.graphs = DecodeGraphs(self)
         self.use_graphs = True  # decode steps replay their CUDA graphs (False: every launch from Python)
 
@@ -126,7 +127,7 @@ class CudaBackend(QuantizedOps):
         layers, n_kv, dim = pool.shape[1], pool.shape[2], pool.shape[4]
         n_heads = qkv.shape[1] // dim - 2 * n_kv
         q = self._empty((qkv.shape[0], n_heads, dim))
-        tokens, tables = self._step_tokens(step)
+        tokens, tables, _ = self._step_tokens(step)
         self._launch("rope", "qkv_rope_cache", (qkv.shape[0],), (ROPE_THREADS,),
                      (qkv, bias, self.cos, self.sin, q, pool, step.slots[0].values, tokens, tables,
                       np.int32(n_heads), np.int32(n_kv), np.int32(dim), np.int32(layers), np.int32(layer)))
@@ -187,10 +188,8 @@ class CudaBackend(QuantizedOps):
     def step_attention(self, q, step: Step, layer, splits: int | None = None):
         """q [T, H, D] -> [T, H, D]: every sequence's tokens over its blocks of the pools in one
         launch (plus a merge where the keys are split: attention_splits, or `splits` if given)."""
-        tokens, tables = self._step_tokens(step)
-        max_keys = step.device[2] if step.device else max(slot.rows for slot in step.slots)
-        return self._attend(self.xp.ascontiguousarray(q), step.slots[0].keys, step.slots[0].values, tokens, tables,
-                            layer, max_keys, splits)
+        return self._attend(self.xp.ascontiguousarray(q), step.slots[0].keys, step.slots[0].values,
+                            self._step_tokens(step), layer, splits)
 
     def attention(self, q, k, v, offset, splits: int | None = None):
         """q [T, H, D] at positions offset .. offset + T - 1, k, v [KV, offset + T, D] (one sequence's,
@@ -207,20 +206,19 @@ class CudaBackend(QuantizedOps):
             return self.xp.ascontiguousarray(padded.reshape(n_kv, n_blocks, 1, BLOCK_TOKENS, dim)
                                              .transpose(1, 2, 0, 3, 4))
 
-        tokens = np.stack([offset + np.arange(q.shape[0]), np.zeros(q.shape[0], np.int64)], axis=1)
-        tokens, tables = self.upload(tokens.astype(np.int32)), self.upload(np.arange(n_blocks, dtype=np.int32))
-        return self._attend(self.xp.ascontiguousarray(q), pool(k), pool(v), tokens, tables, 0, kv_len, splits)
+        slot = CacheSlot(None, None, None, kv_len, q.shape[0])  # one sequence, its table blocks 0, 1, ...
+        step = StepTokens(self.upload(token_rows([slot], [0])), self.upload(np.arange(n_blocks, dtype=np.int32)), kv_len)
+        return self._attend(self.xp.ascontiguousarray(q), pool(k), pool(v), step, 0, splits)
 
-    def _attend(self, q, k_pool, v_pool, tokens, tables, layer, max_keys, splits):
+    def _attend(self, q, k_pool, v_pool, step: StepTokens, layer, splits):
         """kernels/attention.cu: q [T, H, D], each token over its sequence's keys in the pools
-        [blocks, layers, KV, BLOCK_TOKENS, D] at `layer` (tokens, tables: as _step_tokens gives
-        them; max_keys: the most keys any token sees) -> out [T, H, D]."""
+        [blocks, layers, KV, BLOCK_TOKENS, D] at `layer`, as `step` places them -> out [T, H, D]."""
         (n_tokens, n_heads, dim), (layers, n_kv) = q.shape, k_pool.shape[1:3]
         out = self._empty(q.shape)
         kernel = self._function("attention", "attention")
-        longest = attention_max_keys(dim, kernel.shared_size_bytes, self.device.limits.shared_optin_bytes)
-        splits = splits or attention_splits(max_keys, n_tokens * n_heads, self.device.limits.multiprocessors, longest)
-        chunk = -(-max_keys // splits)
+        splits = splits or attention_splits(step.max_keys, n_tokens * n_heads, self.device.limits.multiprocessors,
+                                            self._attention_max_keys(dim))
+        chunk = -(-step.max_keys // splits)
         shared = attention_shared_bytes(dim, chunk)
         self._opt_in_to_shared_memory(kernel, shared)
         partial = stats = None
@@ -228,28 +226,34 @@ class CudaBackend(QuantizedOps):
             partial = self.device.empty((splits, n_tokens, n_heads, dim), "f32")
             stats = self.device.empty((splits, n_tokens, n_heads, 2), "f32")
         self._launch("attention", "attention", (n_tokens, n_heads, splits), (ATTENTION_THREADS,),
-                     (q, k_pool, v_pool, tokens, tables, out, partial, stats, np.int32(n_kv), np.int32(dim),
+                     (q, k_pool, v_pool, step.tokens, step.tables, out, partial, stats, np.int32(n_kv), np.int32(dim),
                       np.int32(layers), np.int32(layer), np.int32(chunk)), shared)
         if splits > 1:
             self._launch("attention", "attention_merge", (n_tokens, n_heads), (ATTENTION_THREADS,),
                          (partial, stats, out, np.int32(dim), np.int32(splits)))
         return out
 
-    def _step_tokens(self, step: Step) -> tuple:
-        """The step's tokens [T, 2] (position in its sequence, where its block table starts) and its
-        sequences' tables one after another (int32, attention.cu's layout) on the device: uploaded
-        together at its first layer (one transfer) and reused by every layer after it."""
-        if step.device:  # a graph's own buffers
-            return step.device[:2]
-        if self._step_tables is None or self._step_tables[0]() is not step:
+    def _step_tokens(self, step: Step) -> StepTokens:
+        """The step's StepTokens: a graph's own buffers (step.device), or uploaded together at the
+        step's first layer (one transfer) and reused by every layer after it."""
+        if step.device:
+            return step.device
+        if self._step_tokens_of is None or self._step_tokens_of[0]() is not step:
             tables = [np.asarray(slot.table, np.int32) for slot in step.slots]
-            table_starts = np.cumsum([0] + [len(t) for t in tables])
-            tokens = np.concatenate([np.stack([np.arange(slot.rows - slot.n_new, slot.rows),
-                                               np.full(slot.n_new, start)], axis=1)
-                                     for slot, start in zip(step.slots, table_starts)]).astype(np.int32)
+            tokens = token_rows(step.slots, np.cumsum([0] + [len(t) for t in tables]))
             device = self.upload(np.concatenate([tokens.ravel(), *tables]))
-            self._step_tables = weakref.ref(step), (device[:tokens.size], device[tokens.size:])
-        return self._step_tables[1]
+            self._step_tokens_of = weakref.ref(step), StepTokens(device[:tokens.size].reshape(tokens.shape),
+                                                                 device[tokens.size:],
+                                                                 max(slot.rows for slot in step.slots))
+        return self._step_tokens_of[1]
+
+    def _attention_max_keys(self, head_dim: int) -> int:
+        """The most keys one attention block scores at this head_dim on this GPU (asked of the
+        kernel once per head_dim, not at every launch)."""
+        if head_dim not in self._max_keys:
+            static = self._function("attention", "attention").shared_size_bytes
+            self._max_keys[head_dim] = attention_max_keys(head_dim, static, self.device.limits.shared_optin_bytes)
+        return self._max_keys[head_dim]
 
     def _opt_in_to_shared_memory(self, kernel, shared: int):
         """Past 48 KiB of shared memory a block must opt in: once, to the GPU's whole range (the

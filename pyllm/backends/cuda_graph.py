@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .base import BLOCK_TOKENS, Step
+from .cuda_attention import StepTokens, token_rows
 
 MIN_BOUND = 8  # blocks a graph's tables hold at least (128 tokens)
 
@@ -76,14 +77,14 @@ class DecodeGraphs:
         be, xp = self.backend, self.backend.xp
         ids, tokens = xp.zeros(n_sequences, np.int64), xp.zeros((n_sequences, 2), np.int32)
         tables = xp.zeros((n_sequences, bound), np.int32)
-        captured = Step(step.slots, step.starts, device=(tokens, tables.reshape(-1), bound * BLOCK_TOKENS))
+        captured = Step(step.slots, step.starts, device=StepTokens(tokens, tables.reshape(-1), bound * BLOCK_TOKENS))
         with be.device.capture() as capture:
             logits = logits_of(ids, captured)
         return DecodeGraph(capture.graph, ids, tokens, tables, logits, capture.kept)
 
     def _fill(self, graph: DecodeGraph, ids, step: Step, bound: int):
         """The step's host inputs into the graph's buffers (on the stream the graph replays on)."""
-        tokens = np.array([(slot.rows - 1, s * bound) for s, slot in enumerate(step.slots)], np.int32)
+        tokens = token_rows(step.slots, bound * np.arange(len(step.slots)))
         tables = np.zeros((len(step.slots), bound), np.int32)
         for s, slot in enumerate(step.slots):
             tables[s, :len(slot.table)] = slot.table
