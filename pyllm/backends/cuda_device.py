@@ -79,7 +79,18 @@ class Capture:
     kept: list = field(default_factory=list)
 
 
-class CupyDevice:
+class Capturing:
+    """What both devices do about a capture in progress (`capturing`, a Capture, or None)."""
+    capturing = None
+
+    def _kept(self, array):
+        """A newly allocated array, kept with the graph being captured, if any."""
+        if self.capturing is not None:
+            self.capturing.kept.append(array)
+        return array
+
+
+class CupyDevice(Capturing):
     """A real GPU through CuPy."""
 
     name = "cuda"
@@ -104,7 +115,6 @@ class CupyDevice:
         self.compile_error = cupy.cuda.compiler.CompileException
         self.include_dir = nvrtc.cuda_include_dir(cupy.cuda.nvrtc.getVersion())  # None: CuPy's own headers
         cupy.cuda.cublas.setMathMode(cupy.cuda.device.get_cublas_handle(), CUBLAS_MATH_MODE)
-        self.capturing = None  # the Capture in progress
 
     def compile(self, source: str, options: tuple):
         """A RawModule compiled now (CuPy compiles lazily, at the first launch)."""
@@ -117,10 +127,7 @@ class CupyDevice:
         kernel(grid, block, args, shared_mem=shared_mem)
 
     def empty(self, shape, dtype: str):
-        out = self.xp.empty(shape, storage_dtype(dtype))
-        if self.capturing is not None:
-            self.capturing.kept.append(out)
-        return out
+        return self._kept(self.xp.empty(shape, storage_dtype(dtype)))
 
     @contextmanager
     def capture(self):
@@ -164,7 +171,7 @@ class CupyDevice:
         return x.get()
 
 
-class EmuDevice:
+class EmuDevice(Capturing):
     """The CPU: NumPy arrays stand in for device memory, cuda_emu runs the kernels."""
 
     name = "cuda-emu"
@@ -173,11 +180,11 @@ class EmuDevice:
     def __init__(self, limits: GpuLimits = SM90_LIMITS):
         from .cuda_emu import CompileError
         self.limits, self.compile_error = limits, CompileError
-        self.capturing = None  # the Capture in progress: its graph, a list of recorded calls
 
     @contextmanager
     def capture(self):
-        """Launches and gemms inside are recorded, not run (as a capturing CUDA stream does)."""
+        """Launches and gemms inside are recorded (the Capture's graph: a list of calls), not run,
+        as a capturing CUDA stream does."""
         self.capturing = Capture(graph=[])
         try:
             yield self.capturing
@@ -195,12 +202,14 @@ class EmuDevice:
         from .cuda_emu import Module
         return Module(code=source, options=options, optin_shared_limit=self.limits.shared_optin_bytes)
 
-    def launch(self, kernel, grid, block, args, shared_mem):
-        args = tuple(_flat_alias(a) for a in args)
+    def _run_or_record(self, run, *args):
         if self.capturing is not None:
-            self.capturing.graph.append((self._run, (kernel, grid, block, args, shared_mem)))
-            return
-        self._run(kernel, grid, block, args, shared_mem)
+            self.capturing.graph.append((run, args))
+        else:
+            run(*args)
+
+    def launch(self, kernel, grid, block, args, shared_mem):
+        self._run_or_record(self._run, kernel, grid, block, tuple(_flat_alias(a) for a in args), shared_mem)
 
     @staticmethod
     def _run(kernel, grid, block, args, shared_mem):
@@ -208,18 +217,12 @@ class EmuDevice:
 
     def empty(self, shape, dtype: str):
         """NaN everywhere: an element a kernel fails to write shows, as old GPU memory would."""
-        out = np.full(shape, convert(np.array(np.nan, np.float32), "f32", dtype), storage_dtype(dtype))
-        if self.capturing is not None:
-            self.capturing.kept.append(out)
-        return out
+        return self._kept(np.full(shape, convert(np.array(np.nan, np.float32), "f32", dtype), storage_dtype(dtype)))
 
     def gemm(self, a, b, c, alpha: float, beta: float, dtype: str):
         """c = alpha * a @ b.T + beta * c in f32, rounded once to the storage dtype, like cuBLAS."""
         gemm_operands(a, b, c)
-        if self.capturing is not None:
-            self.capturing.graph.append((self._gemm, (a, b, c, alpha, beta, dtype)))
-            return
-        self._gemm(a, b, c, alpha, beta, dtype)
+        self._run_or_record(self._gemm, a, b, c, alpha, beta, dtype)
 
     @staticmethod
     def _gemm(a, b, c, alpha: float, beta: float, dtype: str):
