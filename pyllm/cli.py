@@ -114,8 +114,7 @@ def cmd_serve(args):
     from .server.run import make_server  # before the model loads, so a missing dependency fails fast
     if args.threads is not None:
         os.environ[THREADS_ENV] = str(args.threads)
-    if args.model is None:
-        args.model = str(ensure_default_model())
+    args.model = args.model or str(ensure_default_model())
     llm = load_llm(args)
     server = make_server(llm, model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
                          max_running=args.max_running, max_queue=args.max_queue, kv_memory_gb=args.kv_memory_gb,
@@ -138,10 +137,10 @@ def serve_replicas(args):
         raise PyllmError(f"--replicas needs Ray Serve, and {exc.name} is not installed: "
                          "pip install -e '.[ray]'") from None
     check_model_exists(args)
+    model = str(Path(args.model or ensure_default_model()).resolve())  # replicas load it by this path
+    frontend = Frontend.load(model)  # a bad model stops here, before Ray starts
     threads = args.threads or max(1, CORES // args.replicas)
     with ray_session(args.ray_address, args.replicas, threads):
-        model = str(Path(args.model or ensure_default_model()).resolve())  # replicas load it by this path
-        frontend = Frontend.load(model)
         handles = deploy(model, args.replicas, threads, args.backend, args.dtype, args.quantize, args.max_running,
                          args.max_queue, args.kv_memory_gb)
         server = serve_engine(frontend, RayEngine(handles), model_name(model), host=args.host, port=args.port,

@@ -39,13 +39,18 @@ def block_key(parent: int | None, tokens, salt: str = "") -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+def cacheable_blocks(ids, start: int = 0, parent: int | None = None, salt: str = ""):
+    """(first token, key) of each full block of ids from `start` that a prompt could find cached:
+    those inside ids[:-1] (its last token is always computed, for its logits), keys chained from
+    `parent` (the key of the block before `start`). Lazy: a lookup stops at its first miss."""
+    for first in range(start, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):
+        parent = block_key(parent, ids[first:first + BLOCK_TOKENS], salt)
+        yield first, parent
+
+
 def prompt_block_keys(ids, salt: str = "") -> list[int]:
-    """The keys of the full blocks a prompt could find cached: those inside ids[:-1] (its last
-    token is always computed, for its logits), as KVCache.match_prefix looks them up."""
-    keys = []
-    for start in range(0, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):
-        keys.append(block_key(keys[-1] if keys else None, ids[start:start + BLOCK_TOKENS], salt))
-    return keys
+    """The keys of the full blocks a prompt could find cached, as KVCache.match_prefix looks them up."""
+    return [key for _, key in cacheable_blocks(ids, salt=salt)]
 
 
 class BlockPool:

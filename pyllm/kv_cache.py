@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends.base import BLOCK_TOKENS, CacheSlot
 from .errors import PyllmError
-from .kv_blocks import block_key
+from .kv_blocks import block_key, cacheable_blocks
 
 
 class KVCache:
@@ -36,8 +36,7 @@ class KVCache:
         tokens it holds now."""
         if self.length % BLOCK_TOKENS or self.length != len(self.keys) * BLOCK_TOKENS:
             return self.length
-        for start in range(self.length, len(ids) - BLOCK_TOKENS, BLOCK_TOKENS):  # blocks inside ids[:-1]
-            key = self.next_key(ids)
+        for start, key in cacheable_blocks(ids, self.length, self.keys[-1] if self.keys else None, self.salt):
             block = self.pool.lookup(key)
             if block is None:
                 break

@@ -35,8 +35,9 @@ class PrefixRouter:
         """The replica for a request whose prompt has these leading block keys."""
         candidates = [r for r, up in enumerate(self.up) if up] or list(range(len(self.up)))
         least = min(self.in_flight[r] for r in candidates)
-        best = max(candidates, key=lambda r: (self.matched(r, keys), -self.in_flight[r]))
-        if self.matched(best, keys) and self.in_flight[best] - least <= self.threshold:
+        matched = {r: self.matched(r, keys) for r in candidates}
+        best = max(candidates, key=lambda r: (matched[r], -self.in_flight[r]))
+        if matched[best] and self.in_flight[best] - least <= self.threshold:
             return best
         pair = self.rng.sample(candidates, min(2, len(candidates)))
         return min(pair, key=lambda r: self.in_flight[r])

@@ -7,5 +7,10 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
 
+    @classmethod
+    def overloaded(cls, message: str) -> "RequestError":
+        """503 with Retry-After: the engine cannot take the request now; a retry may succeed."""
+        return cls(message, 503, type="server_error", code="overloaded", headers={"Retry-After": "1"})
+
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}

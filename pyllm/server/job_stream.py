@@ -77,8 +77,7 @@ class JobStream(UpdateStream):
                 scheduler.submit(job)
         except QueueFull as exc:
             self.close()
-            raise RequestError(str(exc), 503, type="server_error", code="overloaded",
-                               headers={"Retry-After": "1"}) from None
+            raise RequestError.overloaded(str(exc)) from None
         except PyllmError as exc:
             self.close()
             raise RequestError(str(exc)) from None

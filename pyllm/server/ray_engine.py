@@ -12,9 +12,7 @@ empty prefix memory.
 import asyncio
 import logging
 
-import ray
-from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from ..errors import first_line
 from ..jobs import Job, Update
@@ -23,7 +21,7 @@ from ..router import PrefixRouter
 from .errors import RequestError
 from .job_stream import UpdateStream
 from .metrics import summed_stats
-from .ray_replica import EngineReplica, job_to_wire
+from .ray_replica import job_to_wire
 
 log = logging.getLogger("pyllm.ray")
 INFO_TIMEOUT_S = 2.0   # /metrics and /replicas skip a replica that does not answer by then
@@ -93,8 +91,7 @@ class RayEngine:
                 stream.close()
                 self.replica_lost(replica)
                 if attempt == 2:
-                    raise RequestError("no engine replica is available", 503, type="server_error",
-                                       code="overloaded", headers={"Retry-After": "1"}) from None
+                    raise RequestError.overloaded("no engine replica is available") from None
                 continue
             except BaseException:
                 stream.close()
@@ -128,7 +125,7 @@ class RayEngine:
                 return None
             try:
                 return await asyncio.wait_for(getattr(self.handles[replica], method).remote(), INFO_TIMEOUT_S)
-            except (asyncio.TimeoutError, ray.exceptions.RayError):
+            except (asyncio.TimeoutError, RayError):
                 return None
         return await asyncio.gather(*(ask(r) for r in range(len(self.handles))))
 

@@ -1,20 +1,21 @@
 """EngineReplica: one engine (LLM + Scheduler) as a Ray Serve deployment's replica.
 
-The class is plain Python (ray_engine.py makes it a deployment), and runs the same scheduler and
-JobStream as the in-process server. Jobs arrive as wire dicts (job_to_wire); `generate` streams
+The class is plain Python (ray_launch.deploy makes it a deployment) over the in-process server's
+own LocalEngine (one scheduler, its JobStreams). Jobs arrive as wire dicts (job_to_wire); `generate` streams
 their updates back: first None (accepted) or the RequestError that refused them, then lists of
 Updates as they come. A cancelled call (the client went away) cancels the jobs.
 """
 
+import asyncio
 import os
 
 from ..backends import THREADS_ENV
 from ..engine import LLM
 from ..errors import PyllmError
 from ..jobs import Job
-from ..scheduler import Scheduler
 from .errors import RequestError
-from .job_stream import JobStream, engine_info
+from .job_stream import engine_info
+from .run import local_engine
 
 
 def job_to_wire(job: Job) -> dict:
@@ -33,13 +34,14 @@ class EngineReplica:
                  max_running: int, max_queue: int, kv_memory_gb: float):
         os.environ[THREADS_ENV] = str(threads)  # this process's kernels, read when they first load
         self.llm = LLM(model, backend=backend, dtype=dtype, quantize=quantize, show_progress=False)
-        self.scheduler = Scheduler(self.llm, max_running, max_queue, int(kv_memory_gb * 2**30))
+        self.engine = local_engine(self.llm, max_running, max_queue, kv_memory_gb)
         self.llm.grammars.llg_tokenizer()
-        self.scheduler.start()
+        self.engine.start()
 
     async def generate(self, wire_jobs: list[dict]):
-        try:
-            stream = JobStream(self.scheduler, [job_from_wire(w, self.llm.grammars) for w in wire_jobs])
+        try:  # schemas compile off the event loop, which serves every other stream of this replica
+            jobs = await asyncio.to_thread(lambda: [job_from_wire(w, self.llm.grammars) for w in wire_jobs])
+            stream = await self.engine.open(jobs)
         except RequestError as exc:
             yield exc
             return
@@ -53,16 +55,16 @@ class EngineReplica:
         finally:
             stream.close()
 
-    def stats(self) -> dict:
-        return self.scheduler.stats()
+    async def stats(self) -> dict:
+        return await self.engine.stats()
 
     def info(self) -> dict:
-        return engine_info(self.scheduler)
+        return engine_info(self.engine.scheduler)
 
     def end_streams(self, grace_s: float):
         """The server is shutting down: streams in flight end within grace_s (Scheduler.shutdown)."""
-        self.scheduler.shutdown(grace_s)
+        self.engine.shutdown(grace_s)
 
     def __del__(self):  # Serve is stopping this replica
-        if getattr(self, "scheduler", None) is not None:
-            self.scheduler.stop()
+        if getattr(self, "engine", None) is not None:
+            self.engine.stop()

@@ -25,12 +25,16 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def local_engine(llm, max_running=MAX_RUNNING, max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB) -> LocalEngine:
+    """One scheduler over llm in this process: make_server's engine, and each Ray replica's."""
+    return LocalEngine(Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30)))
+
+
 def make_server(llm, model_id: str, host="127.0.0.1", port=8000, api_key=None, max_running=MAX_RUNNING,
                 max_queue=MAX_QUEUE, kv_memory_gb=KV_MEMORY_GB, prefix_cache_scope=None, cors_origin=None,
                 log_level="info", grace_s=SHUTDOWN_GRACE_S, max_body_bytes=MAX_BODY_BYTES) -> Server:
-    engine = LocalEngine(Scheduler(llm, max_running, max_queue, int(kv_memory_gb * 2**30)))
-    return serve_engine(llm, engine, model_id, host, port, api_key, prefix_cache_scope, cors_origin, log_level,
-                        grace_s, max_body_bytes)
+    return serve_engine(llm, local_engine(llm, max_running, max_queue, kv_memory_gb), model_id, host, port, api_key,
+                        prefix_cache_scope, cors_origin, log_level, grace_s, max_body_bytes)
 
 
 def serve_engine(frontend, engine, model_id: str, host="127.0.0.1", port=8000, api_key=None, prefix_cache_scope=None,
