@@ -24,18 +24,30 @@
 
 constexpr int MATVEC_MAX_ROWS = 8;  // pyllm/backends/cuda_quant.py's MATVEC_MAX_ROWS
 
+// Weight row n's blocks, in a matrix of rows of k weights
+template <class Block>
+__device__ __forceinline__ const unsigned char* block_row(const unsigned char* w, long long n, int k) {
+  return w + n * (k / Block::WEIGHTS) * Block::BYTES;
+}
+
+// The row's 8-weight group g (of its blocks' WEIGHTS / 8 each) as f32 in wg
+template <class Block>
+__device__ __forceinline__ void decode_group(const unsigned char* row, int g, float wg[8]) {
+  constexpr int GROUPS = Block::WEIGHTS / 8;
+  Block::decode8(row + (g / GROUPS) * Block::BYTES, g % GROUPS, wg);
+}
+
 template <class Block>
 __device__ void quant_matvec(const unsigned char* __restrict__ w, const SCALAR_T* __restrict__ x,
                              const SCALAR_T* __restrict__ bias, SCALAR_T* out, int n_cols, int k, int m,
                              int ld_out, float alpha, float beta) {
   const int lane = threadIdx.x % 32, col = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (col >= n_cols) return;  // the whole warp leaves: its shuffles below never miss a lane
-  constexpr int GROUPS = Block::WEIGHTS / 8;  // 8-weight groups per block
-  const unsigned char* row = w + (long long)col * (k / Block::WEIGHTS) * Block::BYTES;
+  const unsigned char* row = block_row<Block>(w, col, k);
   float acc[MATVEC_MAX_ROWS] = {};
   for (int g = lane; g < k / 8; g += 32) {
     float wg[8];
-    Block::decode8(row + (g / GROUPS) * Block::BYTES, g % GROUPS, wg);
+    decode_group<Block>(row, g, wg);
 #pragma unroll
     for (int r = 0; r < MATVEC_MAX_ROWS; ++r) {
       if (r < m) {
@@ -61,13 +73,11 @@ __device__ void quant_matvec(const unsigned char* __restrict__ w, const SCALAR_T
 template <class Block>
 __device__ void dequantize_rows(const unsigned char* __restrict__ w, const long long* __restrict__ ids,
                                 SCALAR_T* __restrict__ out, int k) {
-  constexpr int GROUPS = Block::WEIGHTS / 8;
-  const long long source = ids != nullptr ? ids[blockIdx.x] : blockIdx.x;
-  const unsigned char* row = w + source * (k / Block::WEIGHTS) * Block::BYTES;
+  const unsigned char* row = block_row<Block>(w, ids != nullptr ? ids[blockIdx.x] : blockIdx.x, k);
   SCALAR_T* dst = out + (long long)blockIdx.x * k;
   for (int g = threadIdx.x; g < k / 8; g += blockDim.x) {
     float wg[8];
-    Block::decode8(row + (g / GROUPS) * Block::BYTES, g % GROUPS, wg);
+    decode_group<Block>(row, g, wg);
     for (int i = 0; i < 8; ++i) dst[8 * g + i] = static_cast<SCALAR_T>(wg[i]);
   }
 }

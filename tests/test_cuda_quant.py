@@ -11,11 +11,13 @@ differ is f32 summation order and the output's own rounding (and, for a prompt i
 dequantized strip's rounding).
 """
 
+import re
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from pyllm.backends import cuda_quant, reference as ops
+from pyllm.backends import cuda_quant, kernels_dir, reference as ops
 from pyllm.backends.cuda_quant import KERNEL_FORMATS, MATVEC_MAX_ROWS, DeviceBlocks
 from pyllm.backends.cuda_backend import CudaBackend
 from pyllm.backends.cuda_device import EmuDevice
@@ -33,8 +35,11 @@ def quantized(name, n=N, k=None):
     return QuantizedMatrix(fmt, (n, k), weights(T[name.upper()], n, k))
 
 
-def test_every_block_format_has_kernels():
+def test_every_block_format_has_kernels_and_the_row_bound_is_the_kernels():
+    source = (kernels_dir() / "quant.cu").read_text()
+    assert re.findall(r"^QUANT_KERNELS\((\w+),", source, re.M) == list(KERNEL_FORMATS)
     assert set(KERNEL_FORMATS) == {name for name, fmt in FORMATS.items() if fmt.block_size > 1}
+    assert re.search(r"constexpr int MATVEC_MAX_ROWS = (\d+);", source).group(1) == str(MATVEC_MAX_ROWS)
 
 
 @pytest.mark.parametrize("name", KERNEL_FORMATS)

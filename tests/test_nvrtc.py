@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyllm.backends import nvrtc
+from pyllm.backends.cuda_quant import KERNEL_FORMATS
 from pyllm.backends.kernel_source import expand_local_includes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,4 +171,4 @@ def test_quantized_kernels_keep_their_sums_in_registers(arch):
     source = expand_local_includes(ROOT / "kernels" / "quant.cu")
     ptx = nvrtc.compile_ptx(source, "quant.cu", ["-DSCALAR_T=__nv_bfloat16"], arch)
     entries = ptx.split(".entry ")[1:]
-    assert len(entries) == 16 and not [e.partition("(")[0] for e in entries if ".local" in e]
+    assert len(entries) == 2 * len(KERNEL_FORMATS) and not [e.partition("(")[0] for e in entries if ".local" in e]

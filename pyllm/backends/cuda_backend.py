@@ -136,7 +136,7 @@ class CudaBackend(QuantizedOps):
     def matmul_transb(self, a, b, alpha=1.0, beta=0.0, c=None, bias=None):
         """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K] (an array, DeviceBlocks, or a
         tuple of them: their products side by side), bias [N], c [M, N] (in place)."""
-        parts = b if isinstance(b, tuple) else (b,)
+        parts, a = (b if isinstance(b, tuple) else (b,)), self.xp.ascontiguousarray(a)  # once for every part
         accumulate = c is not None and beta != 0.0
         out = c if accumulate else self._empty((a.shape[0], sum(part.shape[0] for part in parts)))
         start = 0

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PyllmError
-from ..formats import Format
+from ..dtypes import convert
+from ..formats import FORMATS, Format
 from ..weights import QuantizedMatrix
 
-KERNEL_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")  # kernels/quant.cu's
+KERNEL_FORMATS = tuple(name for name, fmt in FORMATS.items() if fmt.block_size > 1)  # kernels/quant.cu has each
 MATVEC_MAX_ROWS = 8  # kernels/quant.cu's MATVEC_MAX_ROWS: more rows take the dequantize + cuBLAS path
 MATVEC_THREADS = 128  # whole warps, one output column each
 DEQUANTIZE_THREADS = 256  # one block per row
@@ -51,10 +51,9 @@ class QuantizedOps:
 
     def _upload_quantized(self, matrix: QuantizedMatrix):
         """QuantizedMatrix -> DeviceBlocks, or a plain array of the compute dtype for f16/bf16."""
-        if matrix.format.block_size == 1:
-            return self.upload(matrix.dequantize())
-        if matrix.format.name not in KERNEL_FORMATS:
-            raise PyllmError(f"the {self.name} backend has no kernels for {matrix.format.name} weights")
+        if matrix.format.block_size == 1:  # straight to the compute dtype, not through an f32 copy
+            stored = np.ascontiguousarray(matrix.data).view(matrix.format.storage_dtype())
+            return self.xp.asarray(convert(stored, matrix.format.name, self.dtype))
         return DeviceBlocks(matrix.format, matrix.shape, self.xp.asarray(matrix.data))
 
     def _dequantize(self, w: DeviceBlocks, ids=None, rows=None):
@@ -67,8 +66,8 @@ class QuantizedOps:
         return out
 
     def _blocks_product(self, a, w: DeviceBlocks, out, alpha, beta, bias):
-        """out = alpha * a [M, K] @ w^T (+ bias [N]) + beta * out, out [M, N] (a view, written in place)."""
-        a = self.xp.ascontiguousarray(a)
+        """out = alpha * a [M, K] (contiguous) @ w^T (+ bias [N]) + beta * out, out [M, N] (a view,
+        written in place)."""
         n_cols, k = w.shape
         if a.shape[0] <= MATVEC_MAX_ROWS:
             warps = MATVEC_THREADS // 32
