@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import PROMPT_TEXT, timed
+from .bench import interleaved_best, prompt_ids, pyllm_measures
 from .dtype_agreement import argmax_agreement
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,8 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
 FORMATS = {"f32": dict(dtype="f32"), "bf16": dict(dtype="bf16"),  # name -> pyllm.LLM arguments
            "q8_0": dict(dtype="f32", quantize="q8_0"), "q4_1": dict(dtype="f32", quantize="q4_1")}
-DECODE_BATCHES = (1, 8)
+DECODE_BATCHES = (1, 8)  # pyllm_measures' batch 1, then these
+ROUNDS = 2
 PARITY_TESTS = ("tests/test_cuda_backend.py", "tests/test_kernels.py")
 
 
@@ -72,10 +73,9 @@ def device_section(backend: str) -> dict:
     if backend != "cuda":
         return {"skipped": f"{backend} runs the kernels on the CPU: no GPU to describe"}
     import cupy
-    from .kernel_bench import peak_bytes_per_s
+    from .kernel_bench import device_name, peak_bytes_per_s
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return {"name": name, "memory_gib": props["totalGlobalMem"] / 2**30, "peak_gb_s": peak_bytes_per_s(cupy) / 1e9,
+    return {"name": device_name(cupy), "memory_gib": props["totalGlobalMem"] / 2**30, "peak_gb_s": peak_bytes_per_s(cupy) / 1e9,
             "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion()}
 
 
@@ -98,21 +98,24 @@ def kernels_section(backend: str) -> dict:
 
 
 def measure_format(model: str, backend: str, args_of: dict, prompt_tokens: int, decode_tokens: int) -> dict:
-    """Prefill of prompt_tokens and greedy decode of decode_tokens at each batch size, best of two."""
+    """bench.py's measures (prefill of prompt_tokens, greedy decode of decode_tokens at each batch
+    size), best of ROUNDS interleaved rounds, with launches eager and as graphs; prefill once (a
+    prompt never replays a graph)."""
     import pyllm
-    from ..model import prefill
     llm = pyllm.LLM(model, backend=backend, show_progress=False, **args_of)
-    ids = llm.tokenizer.encode(PROMPT_TEXT * (prompt_tokens // 8 + 1))[:prompt_tokens]
-    prefill_s = min(timed(lambda: prefill(llm.model, llm.model.new_cache(len(ids) + 1), ids)) for _ in range(2))
-    result = {"weight_bytes": llm.model.weights.nbytes(), "prefill_tok_s": len(ids) / prefill_s}
+    ids = prompt_ids(llm.tokenizer, prompt_tokens)
+    result = {"weight_bytes": llm.model.weights.nbytes()}
     for mode, graphs in (("eager", False), ("graph", True)):
         llm.backend.use_graphs = graphs
         result[f"launches_per_decode_step_{mode}"] = decode_launches(llm)
-        for batch in DECODE_BATCHES:
-            prompts = [ids[i % 4:16] for i in range(batch)]
-            outputs = [llm.generate(prompts, max_tokens=decode_tokens, ignore_eos=True) for _ in range(2)]
-            seconds = min(max(o.stats["decode_s"] for o in outs) for outs in outputs)
-            result[f"decode_b{batch}_{mode}_tok_s"] = batch * (decode_tokens - 1) / seconds
+        measures = pyllm_measures(llm, ids, list(DECODE_BATCHES[1:]), decode_tokens, mode)
+        if graphs:  # a prompt never replays a graph: its prefill is the eager one
+            del measures[f"{mode} prefill"]
+        best = interleaved_best(measures, ROUNDS)
+        result.update({f"decode_b{b}_{mode}_tok_s": b * (decode_tokens - 1) / best[f"{mode} decode b{b}"]
+                       for b in DECODE_BATCHES})
+        if not graphs:
+            result["prefill_tok_s"] = len(ids) / best[f"{mode} prefill"]
     result["decode_b1_weight_gb_s"] = result["weight_bytes"] * result["decode_b1_graph_tok_s"] / 1e9
     return result
 

@@ -81,6 +81,11 @@ def cases(be, rows: int, width: int = WIDTH):
     ]
 
 
+def device_name(cupy) -> str:
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def time_per_call(cupy, run, repeats: int = 20) -> float:
     """Seconds per call, from CUDA events around `repeats` calls after a warm-up."""
     for _ in range(3):
@@ -111,9 +116,7 @@ def kernel_bandwidth(backend: str = "cuda", dtype: str = "f16", rows: int = 4096
         seconds = time_per_call(cupy, run)
         kernels.append({"name": name, "shape": shape, "bytes": nbytes, "us": seconds * 1e6,
                         "gb_s": nbytes / seconds / 1e9})
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return {"device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
-            "peak_gb_s": peak_bytes_per_s(cupy) / 1e9, "dtype": dtype, "kernels": kernels}
+    return {"device": device_name(cupy), "peak_gb_s": peak_bytes_per_s(cupy) / 1e9, "dtype": dtype, "kernels": kernels}
 
 
 def table(result: dict) -> str:
