@@ -7,13 +7,15 @@
 // Here each weight row is read once and used for all M activation rows while it is in registers.
 //
 // Work split: skinny_matmul() hands each thread (the caller and the workers of start_threads)
-// its own range of weight rows. A thread walks its range two weight rows at a time, and meets the
-// activation rows 8 at a time: 2 x 8 accumulators of 16 lanes (16 of the 32 zmm registers), per
-// 16 k one load of each weight row, one of each activation row and 16 FMAs.
+// its own range of weight rows, which it walks one row at a time: a thread reads one sequential
+// stream (on some CPUs two rows read side by side, two streams, read at half the rate of one),
+// and meets the activation rows 8 at a time while the row is in L1: per 32 k, two loads of the
+// weight row, two of each activation row and two FMAs into that row's two accumulators (two
+// chains, so one activation row keeps two FMAs in flight; 16 of the 32 zmm registers at 8 rows).
 // Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not reach
-// at this compute density (measured: 16 GB/s with it, 10 without, on a 2-core Xeon).
-// Numerics: f32 products and sums; each output is 16 partial sums added at the end, plus the
-// K % 16 tail, so results differ from a sequential dot product by rounding only.
+// at this compute density on some CPUs (a 2-core Xeon).
+// Numerics: f32 products and sums; each output is 32 partial sums (16 lanes x 2 chains) added at
+// the end, plus the K % 32 tail, the same for any M: a row's result does not depend on its batch.
 #include "cpu.h"
 #ifdef __AVX512F__
 #define PREFETCH_FLOATS 2048
@@ -27,50 +29,41 @@ static float *grown(float *buffer, size_t *allocated, size_t floats) {  // scrat
   return buffer;
 }
 
-
-static inline float dot_tail(const float *x, const float *w, int k, int K, float sum) {
-  for (; k < K; k++) sum += x[k] * w[k];
-  return sum;
-}
-
-static inline void two_rows(const int M, const float *x, int K, const float *w0, float *out, int ldo) {
-  const float *w1 = w0 + K;
+// out[m * ldo] = x[m] . w for M <= 8 activation rows x [M, K] and one weight row w [K]
+static inline void one_row(const int M, const float *x, int K, const float *w, float *out, int ldo) {
   __m512 a[8], b[8];
   for (int m = 0; m < M; m++) a[m] = b[m] = _mm512_setzero_ps();
   int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    _mm_prefetch((const char *)(w0 + k + PREFETCH_FLOATS), _MM_HINT_T0);
-    _mm_prefetch((const char *)(w1 + k + PREFETCH_FLOATS), _MM_HINT_T0);
-    const __m512 u = _mm512_loadu_ps(w0 + k), v = _mm512_loadu_ps(w1 + k);
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char *)(w + k + PREFETCH_FLOATS), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + k + 16 + PREFETCH_FLOATS), _MM_HINT_T0);
+    const __m512 u = _mm512_loadu_ps(w + k), v = _mm512_loadu_ps(w + k + 16);
     for (int m = 0; m < M; m++) {
-      __m512 xm = _mm512_loadu_ps(x + (size_t)m * K + k);
-      __asm__("" : "+v"(xm));  // one load for both FMAs, not one folded into each
-      a[m] = _mm512_fmadd_ps(xm, u, a[m]);
-      b[m] = _mm512_fmadd_ps(xm, v, b[m]);
+      a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)m * K + k), u, a[m]);
+      b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)m * K + k + 16), v, b[m]);
     }
   }
+  for (; k + 16 <= K; k += 16)
+    for (int m = 0; m < M; m++) a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)m * K + k), _mm512_loadu_ps(w + k), a[m]);
   for (int m = 0; m < M; m++) {
-    const float *xm = x + (size_t)m * K;
-    out[(size_t)m * ldo] = dot_tail(xm, w0, k, K, _mm512_reduce_add_ps(a[m]));
-    out[(size_t)m * ldo + 1] = dot_tail(xm, w1, k, K, _mm512_reduce_add_ps(b[m]));
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
+    for (int j = k; j < K; j++) sum += x[(size_t)m * K + j] * w[j];
+    out[(size_t)m * ldo] = sum;
   }
 }
 
-// Each pair of weight rows meets the activation rows in chunks of at most 8 (the registers hold
-// 2 x 8 accumulators) while the pair is still in L1, so the weights are streamed once for any M.
-typedef void (*pair_fn)(const float *x, int K, const float *w0, float *out, int ldo);
-#define PAIR(M) \
-  static void pair_##M(const float *x, int K, const float *w0, float *out, int ldo) { two_rows(M, x, K, w0, out, ldo); }
-PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6) PAIR(7) PAIR(8)
-static const pair_fn PAIRS[9] = {0, pair_1, pair_2, pair_3, pair_4, pair_5, pair_6, pair_7, pair_8};
+// Each weight row meets the activation rows in chunks of at most 8 (the registers hold 2 x 8
+// accumulators) while it is still in L1, so the weights are streamed once for any M.
+typedef void (*row_fn)(const float *x, int K, const float *w, float *out, int ldo);
+#define ROW(M) \
+  static void row_##M(const float *x, int K, const float *w, float *out, int ldo) { one_row(M, x, K, w, out, ldo); }
+ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+static const row_fn ROWS[9] = {0, row_1, row_2, row_3, row_4, row_5, row_6, row_7, row_8};
 
 static void weight_rows(int M, const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) {
-  int n = lo;
-  for (; n + 1 < hi; n += 2)
+  for (int n = lo; n < hi; n++)
     for (int m = 0; m < M; m += 8)
-      PAIRS[M - m < 8 ? M - m : 8](x + (size_t)m * K, K, w + (size_t)n * K, out + (size_t)m * ldo + n, ldo);
-  for (; n < hi; n++)
-    for (int m = 0; m < M; m++) out[(size_t)m * ldo + n] = dot_tail(x + (size_t)m * K, w + (size_t)n * K, 0, K, 0.0f);
+      ROWS[M - m < 8 ? M - m : 8](x + (size_t)m * K, K, w + (size_t)n * K, out + (size_t)m * ldo + n, ldo);
 }
 
 static struct {  // the current skinny_matmul call
@@ -79,9 +72,9 @@ static struct {  // the current skinny_matmul call
   int M, K, N;
 } mm;
 
-static void matmul_part(int part) {  // even bounds: the kernel takes weight rows two at a time
-  const int lo = (int)((long long)mm.N * part / pool_threads) / 2 * 2;
-  const int hi = part + 1 == pool_threads ? mm.N : (int)((long long)mm.N * (part + 1) / pool_threads) / 2 * 2;
+static void matmul_part(int part) {
+  const int lo = (int)((long long)mm.N * part / pool_threads);
+  const int hi = (int)((long long)mm.N * (part + 1) / pool_threads);
   weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
 }
 

@@ -24,14 +24,15 @@ from ..model import LlamaModel
 from ..weights import LayerWeights, ModelWeights, QuantizedMatrix
 
 
-def decode_split(llm, steps=48) -> dict | None:
-    """{step_ms, matmul_ms, rest_ms} per step of one sequence decoding `steps` tokens through the
-    CPU backend's one-call layers, or None where those do not run (another backend, no kernels)."""
+def decode_split(llm, steps=48, sequences=1) -> dict | None:
+    """{step_ms, matmul_ms, rest_ms} per step of `sequences` sequences decoding `steps` tokens each
+    through the CPU backend's one-call layers, or None where those do not run (another backend, no
+    kernels)."""
     model, backend = llm.model, llm.backend
     if cpu_layers.decoder_matmul_seconds(False) is None or getattr(backend, "name", "") != "cpu":
         return None
-    cache = model.new_cache(steps + 2)
-    model.forward([(cache, [1])])  # warm: the layer table, the caches' C form
+    caches = [model.new_cache(steps + 2) for _ in range(sequences)]
+    model.forward([(cache, [1 + s]) for s, cache in enumerate(caches)])  # warm: the layer table, the caches' C form
     vocab_seconds = 0.0
 
     def timed_projection(x, weight, project=backend.project_to_vocab):
@@ -45,7 +46,7 @@ def decode_split(llm, steps=48) -> dict | None:
     start = time.perf_counter()
     try:
         for token in range(steps):
-            model.forward([(cache, [2 + token])])
+            model.forward([(cache, [2 + token + s]) for s, cache in enumerate(caches)])
     finally:
         layers_seconds = cpu_layers.decoder_matmul_seconds(False)
         del backend.project_to_vocab
