@@ -164,6 +164,70 @@ def test_wrapper_errors():
         cpu_quant.dequantize(T.Q4_0, np.zeros((2, 18), np.uint8), 48)
 
 
+# ---- the interleaved layout (kernels/cpu/interleave.c) --------------------------------------------
+# where GGUF's 32-weight blocks hold their fields: qs (offset, bytes), qh, and whether m follows d
+BLOCK_FIELDS = {T.Q4_0: ((2, 16), None, False), T.Q4_1: ((4, 16), None, True), T.Q5_0: ((6, 16), 2, False),
+                T.Q5_1: ((8, 16), 4, True), T.Q8_0: ((2, 32), None, False)}
+
+
+def interleaved_by_the_layout(qtype, w, K):
+    """w's rows as the interleaved layout is written down (quant_blocks.h), built from GGUF's blocks:
+    per full group of 16 blocks, quant vector t lane j = bytes 4t .. 4t + 3 of block j's qs, then
+    each block's qh (q5), its f16 d, its f16 m (q4_1, q5_1); the row's tail blocks as they were."""
+    (qs, qs_bytes), qh, has_m = BLOCK_FIELDS[qtype]
+    stride, out = GGML_QUANT_SIZES[qtype][1], w.copy()
+    for g in range(K // 32 // 16):
+        blocks = w[:, g * 16 * stride:(g + 1) * 16 * stride].reshape(len(w), 16, stride)
+        pieces = [blocks[:, :, qs:qs + qs_bytes].reshape(len(w), 16, qs_bytes // 4, 4).transpose(0, 2, 1, 3)]
+        pieces += [blocks[:, :, qh:qh + 4]] if qh is not None else []
+        pieces += [blocks[:, :, 0:2]] + ([blocks[:, :, 2:4]] if has_m else [])
+        out[:, g * 16 * stride:(g + 1) * 16 * stride] = np.concatenate([p.reshape(len(w), -1) for p in pieces], axis=1)
+    return out
+
+
+@pytest.mark.parametrize("qtype", tuple(BLOCK_FIELDS), ids=lambda t: t.name)
+def test_interleaved_rows_compute_what_gguf_rows_do(qtype):
+    """interleave reorders each row's full groups as written down, keeps the tail; the kernels on
+    interleaved rows (type | INTERLEAVED) give exactly what they give on GGUF's rows: dequantize
+    bit-exact to gguf, quant_matmul and quant_gemm the same floats."""
+    from pyllm.backends import cpu_kernels
+    from pyllm.formats import FORMATS as REGISTRY
+    for K in (96, 576, 1536, 1280):
+        w = weights(qtype, 37, K)
+        rows = cpu_quant.interleave(qtype, w.copy(), K)
+        np.testing.assert_array_equal(rows, interleaved_by_the_layout(qtype, w, K))
+        kind = int(qtype) | cpu_quant.INTERLEAVED
+        np.testing.assert_array_equal(cpu_quant.dequantize(kind, rows, K), gguf.quants.dequantize(w, qtype))
+        for M, layers in ((1, 2), (1, 1), (4, 2), (5, 1), (8, 1), (16, 1)):
+            xq = cpu_quant.quantize_activations(rng.standard_normal((M, K)).astype(np.float32), layers)
+            np.testing.assert_array_equal(cpu_quant.quant_matmul(kind, xq, M, K, rows, layers=layers),
+                                          cpu_quant.quant_matmul(qtype, xq, M, K, w, layers=layers))
+        x = rng.standard_normal((40, K)).astype(np.float32)
+        fmt = REGISTRY[qtype.name.lower()]
+        np.testing.assert_array_equal(cpu_kernels.quant_gemm(fmt, x, rows, interleaved=True),
+                                      cpu_kernels.quant_gemm(fmt, x, w))
+    with pytest.raises(ValueError):
+        cpu_quant.interleave(T.Q4_K, weights(T.Q4_K, 2, 256), 256)  # only the 32-weight formats interleave
+    with pytest.raises(ValueError):
+        cpu_quant.interleave(qtype, np.frombuffer(w.tobytes(), np.uint8).reshape(w.shape), K)  # read-only
+
+
+def test_the_cpu_backend_interleaves_what_it_takes():
+    """CpuBackend.upload interleaves a 32-weight block matrix (the same bytes, reordered) and not
+    the others; the matrix still dequantizes to gguf's values."""
+    from pyllm.benchmarks.step_split import tiny_model
+    from pyllm.formats import FORMATS as REGISTRY
+    from pyllm.weights import QuantizedMatrix
+    backend = tiny_model(layers=1).backend
+    for qtype, K in ((T.Q4_0, 576), (T.Q8_0, 1536), (T.Q4_K, 512)):
+        w = weights(qtype, 9, K)
+        taken = backend.upload(QuantizedMatrix(REGISTRY[qtype.name.lower()], (9, K), w.copy()))
+        assert taken.interleaved == (qtype != T.Q4_K)
+        assert sorted(taken.data.ravel()) == sorted(w.ravel())
+        np.testing.assert_array_equal(taken.dequantize(), gguf.quants.dequantize(w, qtype))
+        np.testing.assert_array_equal(taken.dequantize(rows=np.array([4, 1])), gguf.quants.dequantize(w, qtype)[[4, 1]])
+
+
 # ---- the f32-activation kernels over the same blocks (kernels/cpu/matmul.c) --------------------
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 40, 100])

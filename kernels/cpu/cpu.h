@@ -5,8 +5,9 @@
 //   attention.c  attention (every sequence of a step over its KV cache, through its block table;
 //                attention_tiles.h: its register tiles)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
-//                quantize_activations, dequantize (quant_blocks.h: decoding the 32-weight
-//                formats); quant_k.c: the same for the K-quants
+//                quantize_activations (quant_blocks.h: decoding the 32-weight formats);
+//                quant_k.c: the same for the K-quants; dequantize.c: to f32; interleave.c:
+//                the 32-weight formats' rows reordered at load for quant_matmul
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
 // Without AVX-512 the sources compile to nothing and the NumPy path serves.
@@ -65,10 +66,14 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
 // Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
 // type: the GGML type id
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+// INTERLEAVED | a 32-weight format's type: rows whose full groups of 16 blocks are in the
+// interleaved layout (interleave.c: the same bytes, reordered for quant_matmul), the rest as GGUF
+#define INTERLEAVED 0x100
 size_t row_bytes(int type, int K);  // bytes of a row of K weights (0: a type not known here)
 // w [rows, K] -> f32 [rows, K], as gguf.quants.dequantize; single-threaded, for inside pool tasks
 void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out);
 void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *out);  // F16, BF16
+void deinterleave_row(int type, const uint8_t *row, int K, uint8_t *out);  // interleave.c: back to GGUF's layout
 // between quant.c and quant_k.c: the current quant_matmul call, xq's record size (quant.c), the
 // K-quants' rows of it and their dequantization, a row's output
 #define QX_GROUP 16     // blocks of 32 per xq record
@@ -80,6 +85,7 @@ struct quant_call {
   float *out;
   int type, M, K, N, accumulate, strip;  // M: xq records per group (rows x layers); strip: 1 or QUANT_STRIP
   int layers;           // 1, or 2: records M / 2 .. M - 1 are rows 0 .. M / 2 - 1's second layers
+  int interleaved;      // the rows' full groups in the interleaved layout (interleave.c)
   const uint8_t *tail;  // K / 32 % QX_GROUP blocks: xq's last records, lane j = lane j % that (M records)
 };
 // rows whose tails of `tail` blocks share a group's lanes, at most a batch (QUANT_STRIP); tail 0: none

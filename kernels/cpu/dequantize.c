@@ -9,7 +9,8 @@ static inline float f16(const uint8_t *p) {
   return _cvtsh_ss(h);
 }
 
-// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact):
+// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact;
+// rows in the interleaved layout, type | INTERLEAVED, are put back in GGUF's first):
 // q4_1's d q + m is two roundings, not an FMA (keep()).
 
 static void dequantize_block32(int type, const uint8_t *b, float *out) {
@@ -50,7 +51,19 @@ void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
     dequantize_rows_k(type, w, rows, K, out);
     return;
   }
-  const size_t stride = row_bytes(type, 32), blocks = (size_t)rows * (K / 32);
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K);
+  if (type & INTERLEAVED) {  // each row back in GGUF's layout first
+    type &= ~INTERLEAVED;
+    uint8_t *gguf = malloc(bytes);
+    if (gguf == NULL) abort();
+    for (size_t r = 0; r < (size_t)rows; r++) {
+      deinterleave_row(type, w + r * bytes, K, gguf);
+      dequantize_rows(type, gguf, 1, K, out + r * K);
+    }
+    free(gguf);
+    return;
+  }
+  const size_t blocks = (size_t)rows * (K / 32);
   for (size_t b = 0; b < blocks; b++) dequantize_block32(type, w + b * stride, out + b * 32);
 }
 

@@ -19,7 +19,7 @@ static struct {
   pthread_mutex_t lock;       // with wake: how idle workers sleep
   pthread_cond_t wake;
   int wanted;                 // threads asked for by start_threads
-  pid_t owner;                // the process whose workers run (a forked child has none of them)
+  int started;                // this process's workers run (a forked child has none of them: 0 there)
   atomic_ulong generation;    // bumped once per call
   atomic_int pending;         // workers not yet done with the current call
   unsigned long first_seen;   // the generation when the workers started: each runs every later one
@@ -55,7 +55,8 @@ static void *worker(void *arg) {
 
 // fork(): the child has none of the workers, and may inherit the locks held and the condition
 // variable counting the parent's sleepers as its waiters. Hold both locks across the fork; the
-// child makes fresh ones and starts its own workers at its first call (owner is not its pid).
+// child makes fresh ones and starts its own workers at its first call (started is 0 there). The
+// handler, not a getpid() per call, tells a child: that is a system call in every kernel call.
 static void before_fork(void) {
   pthread_mutex_lock(&pool.call_lock);
   pthread_mutex_lock(&pool.lock);
@@ -68,14 +69,14 @@ static void after_fork_in_child(void) {
   pthread_mutex_init(&pool.call_lock, NULL);
   pthread_mutex_init(&pool.lock, NULL);
   pthread_cond_init(&pool.wake, NULL);
-  pool.owner = 0;
+  pool.started = 0;
 }
 static void register_fork_handlers(void) { pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child); }
 
 static void start_workers(void) {  // with call_lock held
   static pthread_once_t fork_handlers = PTHREAD_ONCE_INIT;
   pthread_once(&fork_handlers, register_fork_handlers);
-  pool.owner = getpid();
+  pool.started = 1;
   pool_threads = 1;
   pool.first_seen = atomic_load(&pool.generation);
   for (int part = 1; part < pool.wanted; part++) {
@@ -90,7 +91,7 @@ static void start_workers(void) {  // with call_lock held
 // process) -> how many run.
 EXPORT int start_threads(int threads) {
   pthread_mutex_lock(&pool.call_lock);
-  if (pool.owner != getpid()) {
+  if (!pool.started) {
     pool.wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     start_workers();
   }
@@ -124,7 +125,7 @@ void pool_run_sized(void (*task)(int part), size_t bytes) {
 
 void pool_lock(void) {
   pthread_mutex_lock(&pool.call_lock);
-  if (pool.owner != getpid()) start_workers();  // a forked child: its parent's workers are not here
+  if (!pool.started) start_workers();  // a forked child: its parent's workers are not here
 }
 
 void pool_unlock(void) { pthread_mutex_unlock(&pool.call_lock); }

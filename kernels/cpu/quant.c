@@ -33,7 +33,7 @@
 EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROUP - 1) / QX_GROUP) * M * QX_RECORD; }
 
 size_t row_bytes(int type, int K) {
-  switch (type) {
+  switch (type & ~INTERLEAVED) {
     case F16: case BF16: return (size_t)K * 2;
     case Q4_0: return (size_t)K / 32 * 18;
     case Q4_1: return (size_t)K / 32 * 20;
@@ -164,11 +164,16 @@ static inline __attribute__((always_inline)) void rows_times_offset(const __m512
 }
 
 
-// One group of `count` blocks (lanes: as BLOCK) against M rows of xq at x.
-static inline __attribute__((always_inline)) void group32(const int type, const uint8_t *w, const int32_t *lanes,
-                                                          const int count, int M, const uint8_t *x, __m512 *acc) {
+// One group of `count` blocks (lanes: as BLOCK; interleaved: a full group in that layout) against
+// M rows of xq at x.
+static inline __attribute__((always_inline)) void group32(const int type, const int interleaved, const uint8_t *w,
+                                                          const int32_t *lanes, const int count, int M,
+                                                          const uint8_t *x, __m512 *acc) {
   struct block_group g;
-  decode_blocks32(type, w, lanes, count, &g);
+  if (interleaved)
+    decode_interleaved32(type, w, &g);
+  else
+    decode_blocks32(type, w, lanes, count, &g);
   if (type == Q4_1 || type == Q5_1) {
     rows_times_min(g.W, g.d, g.m, M, x, acc);
     return;
@@ -182,8 +187,10 @@ static struct quant_call call;  // the current quant_matmul call
 
 // A thread's weight rows lo .. hi - 1, in batches of QUANT_STRIP rows: each row's full groups (strips of
 // call.strip rows take each group in turn), then the rows' tails packed into groups (lanes 0 ..
-// tail - 1 row r, the next tail lanes row r + 1, ...) against call.tail; M constant where it is 1.
-static inline __attribute__((always_inline)) void rows32_m(const int type, const int M, int lo, int hi) {
+// tail - 1 row r, the next tail lanes row r + 1, ...) against call.tail; M constant where it is 1
+// or 2; interleaved: the full groups in that layout (the tails are GGUF's in either).
+static inline __attribute__((always_inline)) void rows32_m(const int type, const int interleaved, const int M, int lo,
+                                                           int hi) {
   const int blocks = call.K / 32, full = blocks / QX_GROUP, tail = blocks % QX_GROUP, strip = call.strip;
   const int per = quant_tail_rows(tail);
   const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, call.K), group_bytes = QX_GROUP * stride;
@@ -201,26 +208,33 @@ static inline __attribute__((always_inline)) void rows32_m(const int type, const
           const uint8_t *b = w + r * bytes + g * group_bytes;
           for (size_t line = 0; line < group_bytes; line += 64)
             _mm_prefetch((const char *)b + PREFETCH_BYTES / strip + line, _MM_HINT_T0);
-          group32(type, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
+          group32(type, interleaved, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
         }
     for (int r = 0; r < rows && tail; r += per) {
       const int n = rows - r < per ? rows - r : per;
       __m512 sums[MAX_QUANT_ROWS];
       for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_ps();
-      group32(type, w + r * bytes + full * group_bytes, packed, n * tail, M, call.tail, sums);
+      group32(type, 0, w + r * bytes + full * group_bytes, packed, n * tail, M, call.tail, sums);
       for (int i = 0; i < n; i++) quant_add_tail(M, sums, i * tail, tail, acc[r + i]);
     }
     quant_store(&call, n0, rows, acc);
   }
 }
 
-static inline __attribute__((always_inline)) void rows32(const int type, int lo, int hi) {
+static inline __attribute__((always_inline)) void rows32_layout(const int type, const int interleaved, int lo, int hi) {
   if (call.M == 1)
-    rows32_m(type, 1, lo, hi);
+    rows32_m(type, interleaved, 1, lo, hi);
   else if (call.M == 2)  // one row in two layers
-    rows32_m(type, 2, lo, hi);
+    rows32_m(type, interleaved, 2, lo, hi);
   else
-    rows32_m(type, call.M, lo, hi);
+    rows32_m(type, interleaved, call.M, lo, hi);
+}
+
+static inline __attribute__((always_inline)) void rows32(const int type, int lo, int hi) {
+  if (call.interleaved)
+    rows32_layout(type, 1, lo, hi);
+  else
+    rows32_layout(type, 0, lo, hi);
 }
 
 static void rows_q4_0(int lo, int hi) { rows32(Q4_0, lo, hi); }
@@ -271,12 +285,14 @@ static void quant_part(int part) {  // weight rows split evenly among the thread
 }
 
 // out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K in `layers`), w
-// [N, K] in `type`; 1 <= M x layers <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
+// [N, K] in `type` (with INTERLEAVED: a 32-weight format's rows in that layout); 1 <= M x layers
+// <= MAX_QUANT_ROWS, K a multiple of the type's block (the caller checks).
 EXPORT void quant_matmul(int type, int M, int layers, const void *xq, int K, const uint8_t *w, int N, float *out,
                          int accumulate) {
   static uint8_t tail[MAX_QUANT_ROWS * QX_RECORD] __attribute__((aligned(64)));
   pool_lock();
   M *= layers;  // records per group from here on
+  call.interleaved = (type & INTERLEAVED) != 0, type &= ~INTERLEAVED;
   call.type = type, call.M = M, call.layers = layers, call.xq = xq, call.K = K, call.w = w, call.N = N, call.out = out;
   call.accumulate = accumulate;
   call.strip = activation_bytes(M, K) > XQ_IN_L1 ? QUANT_STRIP : 1;

@@ -1,7 +1,8 @@
 // The 32-weight block formats (q4_0, q4_1, q5_0, q5_1, q8_0) decoded 16 blocks at a time into
-// zmm registers, a block per lane, for quant.c's decode matmul. The blocks' bytes are loaded 16
-// (q8_0: 32) per block and transposed to one block per lane with vpermt2d and vshufi32x4; the f16
-// scales (and q5's high bits) come in a vpgatherdd each.
+// zmm registers, a block per lane, for quant.c's decode matmul. From GGUF's layout the blocks'
+// bytes are loaded 16 (q8_0: 32) per block and transposed to one block per lane with vpermt2d and
+// vshufi32x4; the f16 scales (and q5's high bits) come in a vpgatherdd each. From the interleaved
+// layout (interleave.c), which holds a group already in that order, each vector is one load.
 #pragma once
 #include "cpu.h"
 #ifdef __AVX512F__
@@ -99,6 +100,26 @@ static inline void fifth_bits(__m512i qh, __m512i W[8]) {  // + 16 where bit e o
   }
 }
 
+// The interleaved layout of a group of 16 blocks (the same bytes as GGUF's, reordered): at 0, the
+// quants as the decoded vectors hold them: 64-byte vector t, lane j = bytes 4t .. 4t + 3 of block
+// j's qs (q4, q5: t < 4, nibbles as stored; q8_0: t < 8); then per lane j the 4 bytes of its qh
+// (q5), the f16 d and the f16 m (q4_1, q5_1) as 16-lane vectors. Where GGUF's block holds them:
+struct interleaved_layout {
+  int qs, qs_bytes;   // a GGUF block's qs: its offset and bytes
+  int qh, d, m;       // in the group: offsets of the qh, d and m vectors (-1: the format has none)
+  int block_qh;       // a GGUF block's qh (d at 0, m at 2)
+};
+
+static inline struct interleaved_layout interleaved_layout(int type) {
+  switch (type) {
+    case Q4_0: return (struct interleaved_layout){2, 16, -1, 256, -1, -1};
+    case Q4_1: return (struct interleaved_layout){4, 16, -1, 256, 288, -1};
+    case Q5_0: return (struct interleaved_layout){6, 16, 256, 320, -1, 2};
+    case Q5_1: return (struct interleaved_layout){8, 16, 256, 320, 352, 4};
+    default: return (struct interleaved_layout){2, 32, -1, 512, -1, -1};  // Q8_0
+  }
+}
+
 // 16 blocks decoded: W[u] lane j = weights 4u..4u+3 of block j as stored (q4: 0..15, q5: 0..31,
 // q8_0: signed), its f32 scale d and (q4_1, q5_1) min m per lane
 struct block_group {
@@ -134,5 +155,21 @@ static inline __attribute__((always_inline)) void decode_blocks32(const int type
       transpose_8x16(w + 2, lanes, stride, count, g->W);
       g->d = half_to_float(gather_dwords(w, lanes, stride, count));
   }
+}
+
+// the group of 16 blocks at w in the interleaved layout
+static inline __attribute__((always_inline)) void decode_interleaved32(const int type, const uint8_t *w,
+                                                                       struct block_group *g) {
+  const struct interleaved_layout L = interleaved_layout(type);
+  if (type == Q8_0) {
+    for (int u = 0; u < 8; u++) g->W[u] = _mm512_loadu_si512(w + 64 * u);
+  } else {
+    __m512i G[4];
+    for (int t = 0; t < 4; t++) G[t] = _mm512_loadu_si512(w + 64 * t);
+    nibbles(G, g->W);
+    if (L.qh >= 0) fifth_bits(_mm512_loadu_si512(w + L.qh), g->W);
+  }
+  g->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + L.d)));
+  if (L.m >= 0) g->m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + L.m)));
 }
 #endif

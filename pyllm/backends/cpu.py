@@ -58,9 +58,9 @@ def _matrix_product(a, b, xq, add_to):
         layers = activation_layers(rows)
         if xq[0] is None:
             xq[0] = cpu_quant.quantize_activations(a, layers)
-        return cpu_quant.quant_matmul(b.format.gguf_type, xq[0], rows, b.shape[1], b.data, out=add_to,
+        return cpu_quant.quant_matmul(cpu_quant.kernel_type(b), xq[0], rows, b.shape[1], b.data, out=add_to,
                                       accumulate=add_to is not None, layers=layers)
-    return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to)
+    return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to, interleaved=b.interleaved)
 
 
 def product(a, b, add_to=None):
@@ -102,10 +102,17 @@ class CpuBackend(ReferenceBackend):
             print(f"pyllm: {message}", file=sys.stderr)
 
     def upload(self, weight):
-        """Weights stay on the host; a format without a kernel is named once."""
-        for part in weight if isinstance(weight, tuple) else (weight,):
-            if isinstance(part, QuantizedMatrix) and cpu_kernels.available() and not has_kernel(part.format):
-                self._say(f"no C kernel for {part.format.name} weights: the reference dequantizes them at each use")
+        """Weights stay on the host; a 32-weight block format's rows are interleaved in place for
+        the kernels (kernels/cpu/interleave.c); a format without a kernel is named once."""
+        if isinstance(weight, tuple):
+            return tuple(self.upload(part) for part in weight)
+        if not isinstance(weight, QuantizedMatrix) or not cpu_kernels.available():
+            return weight
+        if not has_kernel(weight.format):
+            self._say(f"no C kernel for {weight.format.name} weights: the reference dequantizes them at each use")
+        elif weight.format.gguf_type in cpu_quant.INTERLEAVED_FORMATS and not weight.interleaved:
+            weight = QuantizedMatrix(weight.format, weight.shape,
+                                     cpu_quant.interleave(weight.format.gguf_type, weight.data, weight.shape[1]), True)
         return weight
 
     def decoder_layers(self, x, step: Step, layers):
@@ -143,7 +150,7 @@ class CpuBackend(ReferenceBackend):
     @staticmethod
     def gather(table, ids):
         if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
-            return cpu_quant.dequantize(table.format.gguf_type, stored_bytes(table)[ids], table.shape[1])
+            return cpu_quant.dequantize(cpu_quant.kernel_type(table), stored_bytes(table)[ids], table.shape[1])
         return reference.gather(table, ids)
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):

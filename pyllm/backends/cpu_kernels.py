@@ -159,10 +159,13 @@ def _check_blocks(name, fmt, blocks, depth):
         raise ValueError(f"{name}: blocks {blocks.shape} {blocks.dtype} are not contiguous rows of {depth} {fmt.name}")
 
 
-def quant_gemm(fmt, a, blocks, add_to=None):
+INTERLEAVED = 0x100  # kernels/cpu/cpu.h: | a 32-weight format's type, its rows interleaved (interleave.c)
+
+
+def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
     """a [M, K] @ w^T for w [N, K] stored as GGML blocks of format fmt (blocks: uint8 [N, row
-    bytes]) -> [M, N] f32, or added into add_to (returned): many rows (a prompt) through the f32
-    GEMM on weight strips dequantized in cache. None without the kernels."""
+    bytes], interleaved where said) -> [M, N] f32, or added into add_to (returned): many rows (a
+    prompt) through the f32 GEMM on weight strips dequantized in cache. None without the kernels."""
     library = _library()
     if library is None:
         return None
@@ -172,7 +175,7 @@ def quant_gemm(fmt, a, blocks, add_to=None):
     if add_to is not None and (add_to.shape != (rows, columns) or not _contiguous_f32(add_to)):
         raise ValueError(f"quant_gemm: add_to {add_to.shape} is not a contiguous f32 [{rows}, {columns}]")
     out = add_to if add_to is not None else np.empty((rows, columns), np.float32)  # [M, N]
-    library.quant_gemm(fmt.gguf_type, rows, _address(a), depth, _address(blocks), columns, _address(out),
+    library.quant_gemm(fmt.gguf_type | (INTERLEAVED if interleaved else 0), rows, _address(a), depth, _address(blocks), columns, _address(out),
                        int(add_to is not None))
     return out
 

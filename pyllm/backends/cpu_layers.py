@@ -29,6 +29,7 @@ def layer_table(layers):
     a part of q|k|v, gate|up) is neither f32 rows nor in a format of the kernels (cpu.has_kernel):
     then op by op."""
     from .cpu import has_kernel  # here: cpu builds on this module
+    from .cpu_quant import kernel_type
 
     def matrix(m):
         if isinstance(m, np.ndarray) and _contiguous_f32(m):
@@ -36,7 +37,7 @@ def layer_table(layers):
         fmt = getattr(m, "format", None)
         if fmt is None or not has_kernel(fmt) or not m.data.flags.c_contiguous:
             return None
-        return Matrix(_address(m.data), fmt.gguf_type, m.shape[0])
+        return Matrix(_address(m.data), kernel_type(m), m.shape[0])
     def parts(m):
         return [matrix(part) for part in (m if isinstance(m, tuple) else (m,))]
     table = (Layer * len(layers))()

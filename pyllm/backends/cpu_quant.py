@@ -1,6 +1,7 @@
-"""ctypes wrappers of kernels/cpu/quant.c, quant_k.c and half.c: decode matmuls on weights as GGUF
-stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations, f16 and bf16;
-and dequantization.
+"""ctypes wrappers of kernels/cpu/quant.c, quant_k.c, half.c and interleave.c: decode matmuls on
+weights as GGUF stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations,
+f16 and bf16; and dequantization. A 32-weight format's rows may be interleaved once (interleave:
+the same bytes in the order quant_matmul loads them); the kernels then take its type | INTERLEAVED.
 
     xq = quantize_activations(x, layers)          # x [M, K] f32 -> opaque uint8 buffer (1 or 2 int8 layers)
     out = quant_matmul(gguf_type, xq, M, K, w, layers=layers)  # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
@@ -15,12 +16,18 @@ import functools
 import numpy as np
 
 from ..formats import FORMATS
-from .cpu_kernels import _address, _library
+from .cpu_kernels import INTERLEAVED, _address, _library
 
 BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # quant_matmul's
 STORED_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.name != "f32"}  # dequantize's
 HALF_FORMATS = {fmt.gguf_type: fmt for fmt in STORED_FORMATS.values() if fmt.block_size == 1}  # half_matmul's
 MAX_ROWS = 16  # quant_matmul's rows of x per call
+INTERLEAVED_FORMATS = {t: fmt for t, fmt in BLOCK_FORMATS.items() if fmt.block_size == 32}
+
+
+def kernel_type(m) -> int:
+    """A QuantizedMatrix's type as the kernels take it: its GGML type, | INTERLEAVED where it is."""
+    return m.format.gguf_type | (INTERLEAVED if m.interleaved else 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,8 +36,9 @@ def _quant_library():
     if library is None:
         return None
     try:
-        size, quantize, matmul, dequantize = (library.activation_bytes, library.quantize_activations,
-                                              library.quant_matmul, library.dequantize)
+        size, quantize, matmul, dequantize, interleave = (library.activation_bytes, library.quantize_activations,
+                                                          library.quant_matmul, library.dequantize,
+                                                          library.interleave_rows)
         half, takes_bf16 = library.half_matmul, library.half_takes_bf16
     except AttributeError:
         return None
@@ -42,6 +50,8 @@ def _quant_library():
     matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     matmul.restype = None
+    # type, w, N, K
+    interleave.argtypes, interleave.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None
     # type, w, rows, K, out
     dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dequantize.restype = None
@@ -68,9 +78,12 @@ def _kernels():
 def row_bytes(gguf_type, K: int, formats=STORED_FORMATS) -> int:
     """Bytes of one row of K weights in gguf_type (ValueError: not one of `formats`, or K not whole blocks)."""
     try:
-        fmt = formats[int(gguf_type)]
+        interleaved = int(gguf_type) & INTERLEAVED
+        fmt = (INTERLEAVED_FORMATS if interleaved else formats)[int(gguf_type) & ~INTERLEAVED]
+        fmt = formats[fmt.gguf_type]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(formats)}") from None
+        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(formats)} (| {INTERLEAVED} for "
+                         f"{sorted(INTERLEAVED_FORMATS)})") from None
     if K <= 0 or K % fmt.block_size:
         raise ValueError(f"K = {K} is not a positive multiple of GGML type {int(gguf_type)}'s block of {fmt.block_size}")
     return fmt.row_bytes(K)
@@ -171,3 +184,13 @@ def dequantize(gguf_type, w, K: int) -> np.ndarray:
     out = np.empty((w.shape[0], K), np.float32)
     _kernels().dequantize(int(gguf_type), _address(w), w.shape[0], K, _address(out))
     return out
+
+
+def interleave(gguf_type, w, K: int) -> np.ndarray:
+    """w uint8 [N, row_bytes] of a 32-weight format in GGUF's layout -> the same array, its rows
+    now interleaved (in place; the kernels take gguf_type | INTERLEAVED)."""
+    _check_weights(int(gguf_type) | INTERLEAVED, w, K)
+    if not w.flags.writeable:
+        raise ValueError("w must be writeable: it is interleaved in place")
+    _kernels().interleave_rows(int(gguf_type), _address(w), w.shape[0], K)
+    return w
