@@ -117,29 +117,44 @@ static inline __attribute__((always_inline)) void xq_dots(const __m512i W[8], co
   }
 }
 
-// one group of weights W[8] against one xq record x: per lane (block), the products over the block in
-// one chain (where several rows are in flight, their chains hide each other's latency)
-static inline __attribute__((always_inline)) __m512i xq_dot(const __m512i W[8], const uint8_t *x) {
-  __m512i s = _mm512_setzero_si512();
-  for (int u = 0; u < 8; u++) s = _mm512_dpbusd_epi32(s, W[u], _mm512_loadu_si512(x + 64 * u));
-  return s;
+// n (1, 2) groups of weights W[i] against one xq record x, each of its vectors loaded once for
+// all n: s[i] per lane = the products over the block; one chain per group where M >= 4 records'
+// chains overlap, else two
+static inline __attribute__((always_inline)) void xq_sums(const int n, const __m512i *const *W, const uint8_t *x, int M,
+                                                          __m512i *s) {
+  __m512i lo[2], hi[2];
+  for (int i = 0; i < n; i++) lo[i] = hi[i] = _mm512_setzero_si512();
+  for (int u = 0; u < 4; u++) {
+    const __m512i first = _mm512_loadu_si512(x + 64 * u), second = _mm512_loadu_si512(x + 64 * (4 + u));
+    for (int i = 0; i < n; i++) {
+      lo[i] = _mm512_dpbusd_epi32(lo[i], W[i][u], first);
+      if (M >= 4)
+        lo[i] = _mm512_dpbusd_epi32(lo[i], W[i][4 + u], second);
+      else
+        hi[i] = _mm512_dpbusd_epi32(hi[i], W[i][4 + u], second);
+    }
+  }
+  for (int i = 0; i < n; i++) s[i] = M >= 4 ? lo[i] : _mm512_add_epi32(lo[i], hi[i]);
 }
 
-// the sum of block products: one chain per row where M >= 4 rows' chains overlap, else two
-static inline __attribute__((always_inline)) __m512i xq_sum(const __m512i W[8], const uint8_t *x, int M) {
-  if (M >= 4) return xq_dot(W, x);
-  __m512i s0, s1;
-  xq_dots(W, x, &s0, &s1);
-  return _mm512_add_epi32(s0, s1);
+// formats with a per-block min (q4_1, q5_1, q4_k, q5_k), for n (1, 2) weight groups (W[i], scales
+// dw[i], mins mw[i]): acc[i][m] += dw dx sum(q xq) + mw dx sum(xq), per lane
+static inline __attribute__((always_inline)) void groups_times_min(const int n, const __m512i *const *W, const __m512 *dw,
+                                                                   const __m512 *mw, int M, const uint8_t *x,
+                                                                   __m512 *const *acc) {
+  for (int m = 0; m < M; m++, x += QX_RECORD) {
+    __m512i s[2];
+    xq_sums(n, W, x, M, s);
+    const __m512 dx = _mm512_loadu_ps((const float *)(x + QX_D)), dsum = _mm512_loadu_ps((const float *)(x + QX_DSUM));
+    for (int i = 0; i < n; i++)
+      acc[i][m] = _mm512_fmadd_ps(mw[i], dsum, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s[i]), dx), dw[i], acc[i][m]));
+  }
 }
 
-// formats with a per-block min (q4_1, q5_1, q4_k, q5_k): acc[m] += dw dx sum(q xq) + mw dx sum(xq), per lane
 static inline __attribute__((always_inline)) void rows_times_min(const __m512i W[8], __m512 dw, __m512 mw, int M,
                                                                  const uint8_t *x, __m512 *acc) {
-  for (int m = 0; m < M; m++, x += QX_RECORD) {
-    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(xq_sum(W, x, M)),
-                                          _mm512_loadu_ps((const float *)(x + QX_D)));
-    acc[m] = _mm512_fmadd_ps(mw, _mm512_loadu_ps((const float *)(x + QX_DSUM)), _mm512_fmadd_ps(products, dw, acc[m]));
-  }
+  const __m512i *groups[1] = {W};
+  __m512 *accs[1] = {acc};
+  groups_times_min(1, groups, &dw, &mw, M, x, accs);
 }
 #endif

@@ -50,7 +50,8 @@ size_t row_bytes(int type, int K) {
 // quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
 // Work split: each thread (the caller and the pool's workers) takes its own range of weight rows.
 // A thread takes them in batches of QUANT_STRIP rows. First the rows' full groups of 16 blocks:
-// one row at a time, or when a row's xq passes XQ_IN_L1 (M x K / 512 records: M = 16 at K = 4096
+// two rows at a time, group by group (each xq vector loaded once for both: loads, not the dot
+// products, bound a group's work), or when a row's xq passes XQ_IN_L1 (M x K / 512 records: M = 16 at K = 4096
 // is 106 KB) the whole batch as a strip that takes each group in turn, so that group's xq (M
 // records, <= 13 KB) serves the strip from L1 instead of streaming from L2 for every row (q4_1 at
 // M = 16: 9.3 GB/s against 7.4; at M = 1 strips cost the hardware prefetcher its streams: 41
@@ -151,36 +152,51 @@ EXPORT void quantize_activations(int M, int layers, int K, const float *x, void 
     }
 }
 
-// The activation side, per row m of xq (record x + m QX_RECORD): q4_0, q5_0, q8_0: d dx (sum((q + c)
-// xq) - c sum(xq)), c = 1 << shift; q4_1, q5_1: d dx sum(q xq) + m dx sum(xq).
-static inline __attribute__((always_inline)) void rows_times_offset(const __m512i W[8], __m512 dw, const int shift,
-                                                                    int M, const uint8_t *x, __m512 *acc) {
+// The activation side, per row m of xq (record x + m QX_RECORD), for n (1, 2) weight groups:
+// q4_0, q5_0, q8_0: d dx (sum((q + c) xq) - c sum(xq)), c = 1 << shift; q4_1, q5_1: d dx sum(q xq)
+// + m dx sum(xq).
+static inline __attribute__((always_inline)) void groups_times_offset(const int n, const __m512i *const *W,
+                                                                      const __m512 *dw, const int shift, int M,
+                                                                      const uint8_t *x, __m512 *const *acc) {
   for (int m = 0; m < M; m++, x += QX_RECORD) {
+    __m512i s[2];
+    xq_sums(n, W, x, M, s);
     const __m512i offset = _mm512_sll_epi32(_mm512_loadu_si512(x + QX_SUM), _mm_cvtsi32_si128(shift));
-    const __m512i s = _mm512_sub_epi32(xq_sum(W, x, M), offset);
-    const __m512 products = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps((const float *)(x + QX_D)));
-    acc[m] = _mm512_fmadd_ps(products, dw, acc[m]);
+    const __m512 dx = _mm512_loadu_ps((const float *)(x + QX_D));
+    for (int i = 0; i < n; i++)
+      acc[i][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[i], offset)), dx), dw[i], acc[i][m]);
   }
 }
 
+// n (1, 2) groups of `count` blocks, group i at w[i] (lanes: as BLOCK; interleaved: full groups in
+// that layout), against M rows of xq at x into acc[i]: a pair of weight rows shares each xq load.
+static inline __attribute__((always_inline)) void groups32(const int type, const int interleaved, const int n,
+                                                           const uint8_t *const *w, const int32_t *lanes,
+                                                           const int count, int M, const uint8_t *x,
+                                                           __m512 *const *acc) {
+  struct block_group g[2];
+  const __m512i *W[2];
+  __m512 d[2], mins[2];
+  for (int i = 0; i < n; i++) {
+    if (interleaved)
+      decode_interleaved32(type, w[i], &g[i]);
+    else
+      decode_blocks32(type, w[i], lanes, count, &g[i]);
+    if (type == Q8_0)  // as q + 128: unsigned bytes for vpdpbusd
+      for (int u = 0; u < 8; u++) g[i].W[u] = _mm512_xor_si512(g[i].W[u], _mm512_set1_epi8((char)0x80));
+    W[i] = g[i].W, d[i] = g[i].d, mins[i] = g[i].m;
+  }
+  if (type == Q4_1 || type == Q5_1)
+    groups_times_min(n, W, d, mins, M, x, acc);
+  else
+    groups_times_offset(n, W, d, type == Q4_0 ? 3 : type == Q5_0 ? 4 : 7, M, x, acc);
+}
 
-// One group of `count` blocks (lanes: as BLOCK; interleaved: a full group in that layout) against
-// M rows of xq at x.
+// one group (as groups32's) of one weight row
 static inline __attribute__((always_inline)) void group32(const int type, const int interleaved, const uint8_t *w,
                                                           const int32_t *lanes, const int count, int M,
                                                           const uint8_t *x, __m512 *acc) {
-  struct block_group g;
-  if (interleaved)
-    decode_interleaved32(type, w, &g);
-  else
-    decode_blocks32(type, w, lanes, count, &g);
-  if (type == Q4_1 || type == Q5_1) {
-    rows_times_min(g.W, g.d, g.m, M, x, acc);
-    return;
-  }
-  if (type == Q8_0)  // as q + 128: unsigned bytes for vpdpbusd
-    for (int u = 0; u < 8; u++) g.W[u] = _mm512_xor_si512(g.W[u], _mm512_set1_epi8((char)0x80));
-  rows_times_offset(g.W, g.d, type == Q4_0 ? 3 : type == Q5_0 ? 4 : 7, M, x, acc);
+  groups32(type, interleaved, 1, &w, lanes, count, M, x, &acc);
 }
 
 static struct quant_call call;  // the current quant_matmul call
@@ -202,14 +218,29 @@ static inline __attribute__((always_inline)) void rows32_m(const int type, const
     __m512 acc[QUANT_STRIP][MAX_QUANT_ROWS];
     for (int r = 0; r < rows; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    for (int s = 0; s < rows; s += strip)
-      for (int g = 0; g < full; g++)
-        for (int r = s; r < s + strip && r < rows; r++) {
-          const uint8_t *b = w + r * bytes + g * group_bytes;
-          for (size_t line = 0; line < group_bytes; line += 64)
-            _mm_prefetch((const char *)b + PREFETCH_BYTES / strip + line, _MM_HINT_T0);
-          group32(type, interleaved, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
+    if (strip == 1)  // row by row, two at a time: a pair shares each xq load
+      for (int r = 0; r < rows; r += 2)
+        for (int g = 0; g < full; g++) {
+          const uint8_t *b = w + r * bytes + g * group_bytes, *x = call.xq + (size_t)g * M * QX_RECORD;
+          const uint8_t *pair[2] = {b, b + bytes};
+          __m512 *accs[2] = {acc[r], acc[r + 1]};
+          for (int i = 0; i < 2 && r + i < rows; i++)
+            for (size_t line = 0; line < group_bytes; line += 64)
+              _mm_prefetch((const char *)pair[i] + PREFETCH_BYTES + line, _MM_HINT_T0);
+          if (r + 1 < rows)
+            groups32(type, interleaved, 2, pair, NULL, QX_GROUP, M, x, accs);
+          else
+            group32(type, interleaved, b, NULL, QX_GROUP, M, x, acc[r]);
         }
+    else  // strips of QUANT_STRIP rows take each group in turn
+      for (int s = 0; s < rows; s += QUANT_STRIP)
+        for (int g = 0; g < full; g++)
+          for (int r = s; r < s + QUANT_STRIP && r < rows; r++) {
+            const uint8_t *b = w + r * bytes + g * group_bytes;
+            for (size_t line = 0; line < group_bytes; line += 64)
+              _mm_prefetch((const char *)b + PREFETCH_BYTES / QUANT_STRIP + line, _MM_HINT_T0);
+            group32(type, interleaved, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
+          }
     for (int r = 0; r < rows && tail; r += per) {
       const int n = rows - r < per ? rows - r : per;
       __m512 sums[MAX_QUANT_ROWS];
