@@ -51,8 +51,8 @@ void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
     dequantize_rows_k(type, w, rows, K, out);
     return;
   }
-  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K);
   if (type & INTERLEAVED) {  // each row back in GGUF's layout first
+    const size_t bytes = row_bytes(type, K);
     type &= ~INTERLEAVED;
     uint8_t *gguf = malloc(bytes);
     if (gguf == NULL) abort();
@@ -63,7 +63,7 @@ void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
     free(gguf);
     return;
   }
-  const size_t blocks = (size_t)rows * (K / 32);
+  const size_t stride = row_bytes(type, 32), blocks = (size_t)rows * (K / 32);
   for (size_t b = 0; b < blocks; b++) dequantize_block32(type, w + b * stride, out + b * 32);
 }
 

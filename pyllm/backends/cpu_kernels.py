@@ -175,8 +175,8 @@ def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
     if add_to is not None and (add_to.shape != (rows, columns) or not _contiguous_f32(add_to)):
         raise ValueError(f"quant_gemm: add_to {add_to.shape} is not a contiguous f32 [{rows}, {columns}]")
     out = add_to if add_to is not None else np.empty((rows, columns), np.float32)  # [M, N]
-    library.quant_gemm(fmt.gguf_type | (INTERLEAVED if interleaved else 0), rows, _address(a), depth, _address(blocks), columns, _address(out),
-                       int(add_to is not None))
+    kind = fmt.gguf_type | (INTERLEAVED if interleaved else 0)
+    library.quant_gemm(kind, rows, _address(a), depth, _address(blocks), columns, _address(out), int(add_to is not None))
     return out
 
 
