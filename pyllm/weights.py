@@ -27,7 +27,7 @@ class QuantizedMatrix:
     format: Format
     shape: tuple[int, int]  # (N, K): the f32 matrix it stands for
     data: np.ndarray        # [N, format.row_bytes(K)] uint8, or [N, K] float16 / uint16 (bf16 bits)
-    interleaved: bool = False  # rows reordered by the CPU backend for its kernels (kernels/cpu/interleave.c)
+    interleaved: bool = False  # reordered by the CPU backend for its kernels, 16 rows a group (kernels/cpu/interleave.c)
 
     @classmethod
     def quantize(cls, matrix: np.ndarray, fmt: Format, name: str) -> "QuantizedMatrix":
@@ -41,11 +41,10 @@ class QuantizedMatrix:
 
     def dequantize(self, rows=None) -> np.ndarray:
         """-> f32 [N, K], or only `rows` (ids [T]) -> [T, K]: a gather dequantizes what it looks up."""
-        data = self.data if rows is None else self.data[rows]
         if self.interleaved:  # only the CPU backend's kernels make and read that layout
             from .backends import cpu_quant
-            return cpu_quant.dequantize(cpu_quant.kernel_type(self), data, self.shape[1])
-        return self.format.dequantize(data)
+            return cpu_quant.dequantize(cpu_quant.kernel_type(self), self.data, self.shape[1], rows=rows)
+        return self.format.dequantize(self.data if rows is None else self.data[rows])
 
     @property
     def nbytes(self) -> int:

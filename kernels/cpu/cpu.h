@@ -66,14 +66,18 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
 // Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
 // type: the GGML type id
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
-// INTERLEAVED | a 32-weight format's type: rows whose full groups of 16 blocks are in the
-// interleaved layout (interleave.c: the same bytes, reordered for quant_matmul), the rest as GGUF
+// INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
+// rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
 #define INTERLEAVED 0x100
 size_t row_bytes(int type, int K);  // bytes of a row of K weights (0: a type not known here)
 // w [rows, K] -> f32 [rows, K], as gguf.quants.dequantize; single-threaded, for inside pool tasks
 void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out);
 void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *out);  // F16, BF16
-void deinterleave_row(int type, const uint8_t *row, int K, uint8_t *out);  // interleave.c: back to GGUF's layout
+// rows first .. first + count - 1 of w [N, K] (or rows picked[0 .. count - 1]) -> f32 [count, K]; type may
+// carry INTERLEAVED
+void dequantize_matrix_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                            float *out);
+void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);  // interleave.c: row n as GGUF's
 // between quant.c and quant_k.c: the current quant_matmul call, xq's record size (quant.c), the
 // K-quants' rows of it and their dequantization, a row's output
 #define QX_GROUP 16     // blocks of 32 per xq record
@@ -85,7 +89,7 @@ struct quant_call {
   float *out;
   int type, M, K, N, accumulate, strip;  // M: xq records per group (rows x layers); strip: 1 or QUANT_STRIP
   int layers;           // 1, or 2: records M / 2 .. M - 1 are rows 0 .. M / 2 - 1's second layers
-  int interleaved;      // the rows' full groups in the interleaved layout (interleave.c)
+  int interleaved;      // the matrix in the interleaved layout: 16 rows a group (interleave.c)
   const uint8_t *tail;  // K / 32 % QX_GROUP blocks: xq's last records, lane j = lane j % that (M records)
 };
 // rows whose tails of `tail` blocks share a group's lanes, at most a batch (QUANT_STRIP); tail 0: none

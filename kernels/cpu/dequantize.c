@@ -9,8 +9,7 @@ static inline float f16(const uint8_t *p) {
   return _cvtsh_ss(h);
 }
 
-// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact;
-// rows in the interleaved layout, type | INTERLEAVED, are put back in GGUF's first):
+// dequantize_rows: w [rows, K] -> f32 [rows, K] as gguf.quants.dequantize computes it (bit-exact):
 // q4_1's d q + m is two roundings, not an FMA (keep()).
 
 static void dequantize_block32(int type, const uint8_t *b, float *out) {
@@ -51,23 +50,36 @@ void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
     dequantize_rows_k(type, w, rows, K, out);
     return;
   }
-  if (type & INTERLEAVED) {  // each row back in GGUF's layout first
-    const size_t bytes = row_bytes(type, K);
-    type &= ~INTERLEAVED;
-    uint8_t *gguf = malloc(bytes);
-    if (gguf == NULL) abort();
-    for (size_t r = 0; r < (size_t)rows; r++) {
-      deinterleave_row(type, w + r * bytes, K, gguf);
-      dequantize_rows(type, gguf, 1, K, out + r * K);
-    }
-    free(gguf);
-    return;
-  }
   const size_t stride = row_bytes(type, 32), blocks = (size_t)rows * (K / 32);
   for (size_t b = 0; b < blocks; b++) dequantize_block32(type, w + b * stride, out + b * 32);
 }
 
-EXPORT void dequantize(int type, const uint8_t *w, int rows, int K, float *out) {
-  dequantize_rows(type, w, rows, K, out);
+// rows first .. first + count - 1 of a matrix w [N, K] (picked NULL), or rows picked[0 .. count - 1],
+// -> f32 [count, K]; type | INTERLEAVED: a matrix in that layout (interleave.c), each row put back
+// in GGUF's layout first
+void dequantize_matrix_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                            float *out) {
+  const size_t bytes = row_bytes(type, K);
+  if (!(type & INTERLEAVED) && picked == NULL) {
+    dequantize_rows(type, w + (size_t)first * bytes, count, K, out);
+    return;
+  }
+  uint8_t *gguf = (type & INTERLEAVED) ? malloc(bytes) : NULL;
+  if ((type & INTERLEAVED) && gguf == NULL) abort();
+  for (int i = 0; i < count; i++) {
+    const int n = picked ? picked[i] : first + i;
+    const uint8_t *row = w + (size_t)n * bytes;
+    if (gguf) deinterleave_row(type & ~INTERLEAVED, w, N, K, n, gguf), row = gguf;
+    dequantize_rows(type & ~INTERLEAVED, row, 1, K, out + (size_t)i * K);
+  }
+  free(gguf);
+}
+
+EXPORT void dequantize(int type, const uint8_t *w, int rows, int K, float *out) {  // the whole matrix [rows, K]
+  dequantize_matrix_rows(type, w, rows, K, 0, rows, NULL, out);
+}
+
+EXPORT void dequantize_picked(int type, const uint8_t *w, int N, int K, const int32_t *rows, int count, float *out) {
+  dequantize_matrix_rows(type, w, N, K, 0, count, rows, out);
 }
 #endif

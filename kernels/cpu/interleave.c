@@ -1,10 +1,12 @@
-// The interleaved layout of the 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0): each row's full
-// groups of 16 blocks reordered so that quant_matmul loads a group's decoded vectors directly
-// (quant_blocks.h: interleaved_layout) instead of transposing 16 blocks and gathering their
-// scales at every decode step. The same bytes in another order: a row keeps its size, and its
-// tail (K / 32 % 16 blocks) stays as GGUF stores it.
+// The interleaved layout of the 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0): a matrix's rows
+// taken 16 at a time (a row group), and in each row group the 16 rows' block b (one per row) put
+// side by side as one group (quant_blocks.h: interleaved_layout, lane j = row j of the row group),
+// so that quant_matmul loads a group's decoded vectors directly and each lane's sum is its own
+// row's dot product: no transposes, gathers, row tails or horizontal sums in a decode step.
+// The same bytes in another order: row group r holds the bytes of rows 16r .. 16r + 15, its
+// groups in block order; rows past the last full row group (N % 16) stay as GGUF stores them.
 // interleave_rows reorders a matrix in place once, when the CPU backend takes a model's weights;
-// dequantize_rows (dequantize.c) reads such rows through deinterleave_row.
+// dequantize.c reads such a matrix's rows through deinterleave_row.
 #include "cpu.h"
 #include "quant_blocks.h"
 #ifdef __AVX512F__
@@ -16,35 +18,37 @@ static inline void move(uint8_t *block_at, uint8_t *group_at, int bytes, int to_
     memcpy(block_at, group_at, bytes);
 }
 
-// one group: GGUF's 16 blocks at gguf <-> the interleaved layout at group, either way (to_interleaved)
-static void move_group(int type, uint8_t *gguf, uint8_t *group, int to_interleaved) {
+// one GGUF block at `block` <-> lane j of the interleaved group at `group`, either way (to_interleaved)
+static void move_lane(int type, uint8_t *block, uint8_t *group, int j, int to_interleaved) {
   const struct interleaved_layout L = interleaved_layout(type);
-  const size_t stride = row_bytes(type, 32);
-  for (int j = 0; j < QX_GROUP; j++) {
-    uint8_t *block = gguf + j * stride;
-    for (int t = 0; t < L.qs_bytes / 4; t++) move(block + L.qs + 4 * t, group + 64 * t + 4 * j, 4, to_interleaved);
-    move(block, group + L.d + 2 * j, 2, to_interleaved);
-    if (L.m >= 0) move(block + 2, group + L.m + 2 * j, 2, to_interleaved);
-    if (L.qh >= 0) move(block + L.block_qh, group + L.qh + 4 * j, 4, to_interleaved);
-  }
+  for (int t = 0; t < L.qs_bytes / 4; t++) move(block + L.qs + 4 * t, group + 64 * t + 4 * j, 4, to_interleaved);
+  move(block, group + L.d + 2 * j, 2, to_interleaved);
+  if (L.m >= 0) move(block + 2, group + L.m + 2 * j, 2, to_interleaved);
+  if (L.qh >= 0) move(block + L.block_qh, group + L.qh + 4 * j, 4, to_interleaved);
 }
 
 // w [N, row_bytes(type, K)] of a 32-weight format, GGUF's layout -> the interleaved one, in place
 EXPORT void interleave_rows(int type, uint8_t *w, int N, int K) {
-  const size_t group_bytes = QX_GROUP * row_bytes(type, 32), bytes = row_bytes(type, K);
-  uint8_t gguf[QX_GROUP * 34];  // a group's blocks (q8_0's are the largest)
-  for (size_t n = 0; n < (size_t)N; n++)
-    for (int g = 0; g < K / 32 / QX_GROUP; g++) {
-      uint8_t *group = w + n * bytes + g * group_bytes;
-      memcpy(gguf, group, group_bytes);
-      move_group(type, gguf, group, 1);
-    }
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = QX_GROUP * stride;
+  uint8_t *rows = malloc(QX_GROUP * bytes);  // a row group as GGUF holds it
+  if (rows == NULL) abort();
+  for (size_t n0 = 0; n0 + QX_GROUP <= (size_t)N; n0 += QX_GROUP) {
+    uint8_t *row_group = w + n0 * bytes;
+    memcpy(rows, row_group, QX_GROUP * bytes);
+    for (int b = 0; b < K / 32; b++)
+      for (int j = 0; j < QX_GROUP; j++) move_lane(type, rows + j * bytes + b * stride, row_group + b * group_bytes, j, 1);
+  }
+  free(rows);
 }
 
-// one interleaved row of K -> the same row in GGUF's layout at out [row_bytes(type, K)]
-void deinterleave_row(int type, const uint8_t *row, int K, uint8_t *out) {
-  const size_t group_bytes = QX_GROUP * row_bytes(type, 32), full = K / 32 / QX_GROUP;
-  for (size_t g = 0; g < full; g++) move_group(type, out + g * group_bytes, (uint8_t *)row + g * group_bytes, 0);
-  memcpy(out + full * group_bytes, row + full * group_bytes, row_bytes(type, K) - full * group_bytes);
+// row n of an interleaved matrix w [N, K] -> that row in GGUF's layout at out [row_bytes(type, K)]
+void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out) {
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = QX_GROUP * stride;
+  if (n >= N / QX_GROUP * QX_GROUP) {
+    memcpy(out, w + (size_t)n * bytes, bytes);
+    return;
+  }
+  uint8_t *row_group = (uint8_t *)w + (size_t)(n - n % QX_GROUP) * bytes;
+  for (int b = 0; b < K / 32; b++) move_lane(type, out + b * stride, row_group + b * group_bytes, n % QX_GROUP, 0);
 }
 #endif

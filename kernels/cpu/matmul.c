@@ -204,7 +204,7 @@ static void gemm_part(int part) {
     const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
     const float *w = gemm.w + (size_t)n * K;
     if (gemm.blocks) {
-      dequantize_rows(gemm.type, gemm.blocks + (size_t)n * row_bytes(gemm.type, K), R, K, strip);
+      dequantize_matrix_rows(gemm.type, gemm.blocks, gemm.N, K, n, R, NULL, strip);
       w = strip;
     }
     for (int p = 0; p < n_panels; p++) TILES[R](p, n, w);

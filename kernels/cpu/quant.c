@@ -27,7 +27,7 @@
 #include "cpu.h"
 #include "quant_blocks.h"
 #ifdef __AVX512F__
-#define PREFETCH_BYTES 4096  // how far ahead a thread prefetches its weights (per row, split over a strip)
+#define PREFETCH_BYTES 4096  // how far ahead a thread prefetches its weights (GGUF's layout: per row, split over a strip)
 #define XQ_IN_L1 32768       // xq bytes of a weight row that stay in L1 without strips
 
 EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROUP - 1) / QX_GROUP) * M * QX_RECORD; }
@@ -48,30 +48,36 @@ size_t row_bytes(int type, int K) {
 }
 
 // quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
-// Work split: each thread (the caller and the pool's workers) takes its own range of weight rows.
-// A thread takes them in batches of QUANT_STRIP rows. First the rows' full groups of 16 blocks:
-// two rows at a time, group by group (each xq vector loaded once for both: loads, not the dot
-// products, bound a group's work), or when a row's xq passes XQ_IN_L1 (M x K / 512 records: M = 16 at K = 4096
-// is 106 KB) the whole batch as a strip that takes each group in turn, so that group's xq (M
-// records, <= 13 KB) serves the strip from L1 instead of streaming from L2 for every row (q4_1 at
-// M = 16: 9.3 GB/s against 7.4; at M = 1 strips cost the hardware prefetcher its streams: 41
-// against 50; 50 MB of weights, from L3, 2-core Xeon). Then the rows' tails (K / 32 % 16 blocks:
-// 2 at K = 576, where a padded group would cost as much as a full one): quant_tail_rows rows' tails
-// share a group, lanes 0 .. tail - 1 the first row's, against call.tail (xq's last records with
-// lane j holding block j % tail; made per call), and each row takes its lanes' sums back into its
-// accumulator (quant_add_tail). Last, the batch's 16-lane sums at once (quant_store). Software
-// prefetch runs PREFETCH_BYTES ahead per row (over a strip: that divided among its rows); the
-// weights are read from memory once for all M.
-// Per group of 16 blocks (of one weight row, or of the tails of several):
-//   decode: W[8] = its 512 weights as u8 in xq's layout (vector u, lane j: weights 4u..4u+3 of
-//     block j), dw (and mw) = its f32 scales (and mins) per lane: 8 + 2 zmm, live through
-//   the activation rows: per row m, 8 vpdpbusd (xq from L1) in two chains of 4 (2 zmm), the
-//     block's offset or min and scales in f32, into the row's 16-lane f32 accumulator (of the
-//     batch's rows x M on the stack, in L1); the 16 lanes added at the batch's end.
+// Work split: each thread (the caller and the pool's workers) takes its own range of weight rows
+// (of an interleaved matrix: of row groups, 16 rows each; the last thread also its N % 16 rows in
+// GGUF's layout). The weights are read from memory once for all M; software prefetch runs
+// PREFETCH_BYTES ahead into L2 (_MM_HINT_T1: L2 tracks more misses at once than L1 does).
+//
+// An interleaved matrix (interleave.c: what the CPU backend makes of every 32-weight matrix), per
+// row group, block by block:
+//   decode: W[8] = the 16 rows' block b as u8 in xq's layout (vector u, lane j: weights 4u..4u+3
+//     of row j's block), d (and m) = their f32 scales (and mins) per lane: 8 + 2 zmm, live through
+//   the activation records: per record m, 8 vpdpbusd, each of block b's xq dwords broadcast to all
+//     lanes (in two chains of 4), the block's offset or min and scales in f32, into the record's
+//     16-lane accumulator, in a register where M is constant; lane j is row j's output, stored
+//     (two layers: added) after the last block. No transposes, gathers or horizontal sums.
+//
+// GGUF's layout (the rows past the last row group, and matrices the backend did not interleave),
+// in batches of QUANT_STRIP rows: first the rows' full groups of 16 blocks (lane j: block j), two
+// rows at a time, group by group (each xq vector loaded once for both), or when a row's xq passes
+// XQ_IN_L1 (M x K / 512 records: M = 16 at K = 4096 is 106 KB) the whole batch as a strip that
+// takes each group in turn, so that group's xq (M records, <= 13 KB) serves the strip from L1.
+// Then the rows' tails (K / 32 % 16 blocks: 2 at K = 576, where a padded group would cost as much
+// as a full one): quant_tail_rows rows' tails share a group, lanes 0 .. tail - 1 the first row's,
+// against call.tail (xq's last records with lane j holding block j % tail; made per call), and
+// each row takes its lanes' sums back into its accumulator (quant_add_tail). Last, the batch's
+// 16-lane sums at once (quant_store). The blocks' bytes are transposed into the lanes and their
+// scales gathered (quant_blocks.h) at every call.
+//
 // Numerics: each block's sum(q xq) is exact in int32; d dx sum(q xq) (+ m dx sum(xq)) in f32;
-// summed per lane (block j of every group) in k order, then the 16 lanes: next to an f32 dot
-// product with the dequantized weights, only the activations' int8 rounding and the summation
-// order differ.
+// summed in k order (interleaved: each row's blocks in its lane; GGUF's layout: per lane, block j
+// of every group, then the 16 lanes): next to an f32 dot product with the dequantized weights,
+// only the activations' int8 rounding and the summation order differ.
 //
 // The 32-weight formats' decoding: quant_blocks.h.
 // Offsets, not signs: q4_0 is d (q - 8) with q in 0..15, q5_0 d (q - 16), and q8_0 is signed: it
@@ -152,6 +158,15 @@ EXPORT void quantize_activations(int M, int layers, int K, const float *x, void 
     }
 }
 
+static inline __attribute__((always_inline)) void as_unsigned(__m512i W[8]) {  // q8_0 as q + 128 for vpdpbusd
+  for (int u = 0; u < 8; u++) W[u] = _mm512_xor_si512(W[u], _mm512_set1_epi8((char)0x80));
+}
+
+// log2 of c, the offset-format weights' shift to unsigned (q4_0: q - 8, q5_0: q - 16, q8_0: q + 128 - 128)
+static inline __attribute__((always_inline)) int offset_shift(const int type) {
+  return type == Q4_0 ? 3 : type == Q5_0 ? 4 : 7;
+}
+
 // The activation side, per row m of xq (record x + m QX_RECORD), for n (1, 2) weight groups:
 // q4_0, q5_0, q8_0: d dx (sum((q + c) xq) - c sum(xq)), c = 1 << shift; q4_1, q5_1: d dx sum(q xq)
 // + m dx sum(xq).
@@ -168,45 +183,38 @@ static inline __attribute__((always_inline)) void groups_times_offset(const int 
   }
 }
 
-// n (1, 2) groups of `count` blocks, group i at w[i] (lanes: as BLOCK; interleaved: full groups in
-// that layout), against M rows of xq at x into acc[i]: a pair of weight rows shares each xq load.
-static inline __attribute__((always_inline)) void groups32(const int type, const int interleaved, const int n,
-                                                           const uint8_t *const *w, const int32_t *lanes,
-                                                           const int count, int M, const uint8_t *x,
-                                                           __m512 *const *acc) {
+// n (1, 2) groups of `count` blocks in GGUF's layout, group i at w[i] (lanes: as BLOCK), against M
+// rows of xq at x into acc[i]: a pair of weight rows shares each xq load.
+static inline __attribute__((always_inline)) void groups32(const int type, const int n, const uint8_t *const *w,
+                                                           const int32_t *lanes, const int count, int M,
+                                                           const uint8_t *x, __m512 *const *acc) {
   struct block_group g[2];
   const __m512i *W[2];
   __m512 d[2], mins[2];
   for (int i = 0; i < n; i++) {
-    if (interleaved)
-      decode_interleaved32(type, w[i], &g[i]);
-    else
-      decode_blocks32(type, w[i], lanes, count, &g[i]);
-    if (type == Q8_0)  // as q + 128: unsigned bytes for vpdpbusd
-      for (int u = 0; u < 8; u++) g[i].W[u] = _mm512_xor_si512(g[i].W[u], _mm512_set1_epi8((char)0x80));
+    decode_blocks32(type, w[i], lanes, count, &g[i]);
+    if (type == Q8_0) as_unsigned(g[i].W);
     W[i] = g[i].W, d[i] = g[i].d, mins[i] = g[i].m;
   }
   if (type == Q4_1 || type == Q5_1)
     groups_times_min(n, W, d, mins, M, x, acc);
   else
-    groups_times_offset(n, W, d, type == Q4_0 ? 3 : type == Q5_0 ? 4 : 7, M, x, acc);
+    groups_times_offset(n, W, d, offset_shift(type), M, x, acc);
 }
 
 // one group (as groups32's) of one weight row
-static inline __attribute__((always_inline)) void group32(const int type, const int interleaved, const uint8_t *w,
-                                                          const int32_t *lanes, const int count, int M,
-                                                          const uint8_t *x, __m512 *acc) {
-  groups32(type, interleaved, 1, &w, lanes, count, M, x, &acc);
+static inline __attribute__((always_inline)) void group32(const int type, const uint8_t *w, const int32_t *lanes,
+                                                          const int count, int M, const uint8_t *x, __m512 *acc) {
+  groups32(type, 1, &w, lanes, count, M, x, &acc);
 }
 
 static struct quant_call call;  // the current quant_matmul call
 
-// A thread's weight rows lo .. hi - 1, in batches of QUANT_STRIP rows: each row's full groups (strips of
-// call.strip rows take each group in turn), then the rows' tails packed into groups (lanes 0 ..
-// tail - 1 row r, the next tail lanes row r + 1, ...) against call.tail; M constant where it is 1
-// or 2; interleaved: the full groups in that layout (the tails are GGUF's in either).
-static inline __attribute__((always_inline)) void rows32_m(const int type, const int interleaved, const int M, int lo,
-                                                           int hi) {
+// A thread's weight rows lo .. hi - 1 in GGUF's layout, in batches of QUANT_STRIP rows: each row's
+// full groups (strips of call.strip rows take each group in turn), then the rows' tails packed into
+// groups (lanes 0 .. tail - 1 row r, the next tail lanes row r + 1, ...) against call.tail; M
+// constant where it is 1 or 2.
+static inline __attribute__((always_inline)) void rows32_m(const int type, const int M, int lo, int hi) {
   const int blocks = call.K / 32, full = blocks / QX_GROUP, tail = blocks % QX_GROUP, strip = call.strip;
   const int per = quant_tail_rows(tail);
   const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, call.K), group_bytes = QX_GROUP * stride;
@@ -226,11 +234,11 @@ static inline __attribute__((always_inline)) void rows32_m(const int type, const
           __m512 *accs[2] = {acc[r], acc[r + 1]};
           for (int i = 0; i < 2 && r + i < rows; i++)
             for (size_t line = 0; line < group_bytes; line += 64)
-              _mm_prefetch((const char *)pair[i] + PREFETCH_BYTES + line, _MM_HINT_T0);
+              _mm_prefetch((const char *)pair[i] + PREFETCH_BYTES + line, _MM_HINT_T1);
           if (r + 1 < rows)
-            groups32(type, interleaved, 2, pair, NULL, QX_GROUP, M, x, accs);
+            groups32(type, 2, pair, NULL, QX_GROUP, M, x, accs);
           else
-            group32(type, interleaved, b, NULL, QX_GROUP, M, x, acc[r]);
+            group32(type, b, NULL, QX_GROUP, M, x, acc[r]);
         }
     else  // strips of QUANT_STRIP rows take each group in turn
       for (int s = 0; s < rows; s += QUANT_STRIP)
@@ -238,41 +246,95 @@ static inline __attribute__((always_inline)) void rows32_m(const int type, const
           for (int r = s; r < s + QUANT_STRIP && r < rows; r++) {
             const uint8_t *b = w + r * bytes + g * group_bytes;
             for (size_t line = 0; line < group_bytes; line += 64)
-              _mm_prefetch((const char *)b + PREFETCH_BYTES / QUANT_STRIP + line, _MM_HINT_T0);
-            group32(type, interleaved, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
+              _mm_prefetch((const char *)b + PREFETCH_BYTES / QUANT_STRIP + line, _MM_HINT_T1);
+            group32(type, b, NULL, QX_GROUP, M, call.xq + (size_t)g * M * QX_RECORD, acc[r]);
           }
     for (int r = 0; r < rows && tail; r += per) {
       const int n = rows - r < per ? rows - r : per;
       __m512 sums[MAX_QUANT_ROWS];
       for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_ps();
-      group32(type, 0, w + r * bytes + full * group_bytes, packed, n * tail, M, call.tail, sums);
+      group32(type, w + r * bytes + full * group_bytes, packed, n * tail, M, call.tail, sums);
       for (int i = 0; i < n; i++) quant_add_tail(M, sums, i * tail, tail, acc[r + i]);
     }
     quant_store(&call, n0, rows, acc);
   }
 }
 
-static inline __attribute__((always_inline)) void rows32_layout(const int type, const int interleaved, int lo, int hi) {
-  if (call.M == 1)
-    rows32_m(type, interleaved, 1, lo, hi);
-  else if (call.M == 2)  // one row in two layers
-    rows32_m(type, interleaved, 2, lo, hi);
-  else
-    rows32_m(type, interleaved, call.M, lo, hi);
+// A thread's row groups lo .. hi - 1 of an interleaved matrix (interleave.c): per row group, block
+// by block, the group of the 16 rows' block b decoded once (lane j: row j) against block b of each
+// of the M records, each of its xq dwords broadcast to every lane (one vpdpbusd a vector); a
+// lane's f32 accumulator is its row's output (the records' two layers added at the end). M
+// constant where the caller makes it one.
+static inline __attribute__((always_inline)) void row_groups32_m(const int type, const int M, int lo, int hi) {
+  const int blocks = call.K / 32, x_rows = call.layers == 2 ? M / 2 : M;
+  const size_t group_bytes = QX_GROUP * row_bytes(type, 32);
+  for (int rg = lo; rg < hi; rg++) {
+    const uint8_t *w = call.w + (size_t)rg * blocks * group_bytes;
+    __m512 acc[MAX_QUANT_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++, w += group_bytes) {
+      for (size_t line = 0; line < group_bytes; line += 64)
+        _mm_prefetch((const char *)w + PREFETCH_BYTES + line, _MM_HINT_T1);
+      struct block_group g;
+      decode_interleaved32(type, w, &g);
+      if (type == Q8_0) as_unsigned(g.W);
+      const uint8_t *x = call.xq + (size_t)(b / QX_GROUP) * M * QX_RECORD + 4 * (b % QX_GROUP);  // block b's lane
+      for (int m = 0; m < M; m++, x += QX_RECORD) {
+        __m512i lo_sum = _mm512_setzero_si512(), hi_sum = _mm512_setzero_si512();  // two chains
+        for (int u = 0; u < 4; u++) {
+          lo_sum = _mm512_dpbusd_epi32(lo_sum, g.W[u], _mm512_set1_epi32(*(const int32_t *)(x + 64 * u)));
+          hi_sum = _mm512_dpbusd_epi32(hi_sum, g.W[4 + u], _mm512_set1_epi32(*(const int32_t *)(x + 64 * (4 + u))));
+        }
+        const __m512i s = _mm512_add_epi32(lo_sum, hi_sum);
+        const __m512 dx = _mm512_set1_ps(*(const float *)(x + QX_D));
+        if (type == Q4_1 || type == Q5_1)
+          acc[m] = _mm512_fmadd_ps(g.m, _mm512_set1_ps(*(const float *)(x + QX_DSUM)),
+                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dx), g.d, acc[m]));
+        else {
+          const __m512i offset = _mm512_set1_epi32(*(const int32_t *)(x + QX_SUM) << offset_shift(type));
+          acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offset)), dx), g.d, acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < x_rows; m++) {
+      float *out = call.out + (size_t)m * call.N + (size_t)rg * QX_GROUP;
+      __m512 sums = x_rows < M ? _mm512_add_ps(acc[m], acc[m + x_rows]) : acc[m];
+      if (call.accumulate) sums = _mm512_add_ps(sums, _mm512_loadu_ps(out));
+      _mm512_storeu_ps(out, sums);
+    }
+  }
 }
 
-static inline __attribute__((always_inline)) void rows32(const int type, int lo, int hi) {
-  if (call.interleaved)
-    rows32_layout(type, 1, lo, hi);
-  else
-    rows32_layout(type, 0, lo, hi);
+// a thread's share of the call: row groups lo .. hi - 1 (interleaved) or rows lo .. hi - 1 (GGUF's
+// layout), with M constant for a decode step's usual record counts: 1, 2 (one row in two layers), 8, 16
+static inline __attribute__((always_inline)) void rows32(const int type, const int row_groups, int lo, int hi) {
+#define BY_M(m) (row_groups ? row_groups32_m(type, m, lo, hi) : rows32_m(type, m, lo, hi))
+  switch (call.M) {
+    case 1: BY_M(1); break;
+    case 2: BY_M(2); break;
+    case 8: BY_M(8); break;
+    case 16: BY_M(16); break;
+    default: BY_M(call.M);
+  }
+#undef BY_M
 }
 
-static void rows_q4_0(int lo, int hi) { rows32(Q4_0, lo, hi); }
-static void rows_q4_1(int lo, int hi) { rows32(Q4_1, lo, hi); }
-static void rows_q5_0(int lo, int hi) { rows32(Q5_0, lo, hi); }
-static void rows_q5_1(int lo, int hi) { rows32(Q5_1, lo, hi); }
-static void rows_q8_0(int lo, int hi) { rows32(Q8_0, lo, hi); }
+static void rows_q4_0(int row_groups, int lo, int hi) { rows32(Q4_0, row_groups, lo, hi); }
+static void rows_q4_1(int row_groups, int lo, int hi) { rows32(Q4_1, row_groups, lo, hi); }
+static void rows_q5_0(int row_groups, int lo, int hi) { rows32(Q5_0, row_groups, lo, hi); }
+static void rows_q5_1(int row_groups, int lo, int hi) { rows32(Q5_1, row_groups, lo, hi); }
+static void rows_q8_0(int row_groups, int lo, int hi) { rows32(Q8_0, row_groups, lo, hi); }
+
+static void rows_of(int type, int row_groups, int lo, int hi) {
+  switch (type) {
+    case Q4_0: rows_q4_0(row_groups, lo, hi); break;
+    case Q4_1: rows_q4_1(row_groups, lo, hi); break;
+    case Q5_0: rows_q5_0(row_groups, lo, hi); break;
+    case Q5_1: rows_q5_1(row_groups, lo, hi); break;
+    case Q8_0: rows_q8_0(row_groups, lo, hi); break;
+    default: quant_rows_k(&call, lo, hi);
+  }
+}
 
 _Static_assert(QUANT_STRIP == 8, "quant_store sums 8 rows at a time");
 
@@ -302,17 +364,16 @@ void quant_store(const struct quant_call *c, int n0, int rows, __m512 (*acc)[MAX
   }
 }
 
-static void quant_part(int part) {  // weight rows split evenly among the threads
-  const int lo = (int)((long long)call.N * part / pool_threads);
-  const int hi = (int)((long long)call.N * (part + 1) / pool_threads);
-  switch (call.type) {
-    case Q4_0: rows_q4_0(lo, hi); break;
-    case Q4_1: rows_q4_1(lo, hi); break;
-    case Q5_0: rows_q5_0(lo, hi); break;
-    case Q5_1: rows_q5_1(lo, hi); break;
-    case Q8_0: rows_q8_0(lo, hi); break;
-    default: quant_rows_k(&call, lo, hi);
+// weight rows split evenly among the threads; an interleaved matrix's by row groups, its last N % 16
+// rows (GGUF's layout) the last thread's too
+static void quant_part(int part) {
+  if (call.interleaved) {
+    const int groups = call.N / QX_GROUP;
+    rows_of(call.type, 1, (int)((long long)groups * part / pool_threads), (int)((long long)groups * (part + 1) / pool_threads));
+    if (part == pool_threads - 1 && groups * QX_GROUP < call.N) rows_of(call.type, 0, groups * QX_GROUP, call.N);
+    return;
   }
+  rows_of(call.type, 0, (int)((long long)call.N * part / pool_threads), (int)((long long)call.N * (part + 1) / pool_threads));
 }
 
 // out [M, N] (+)= x @ dequant(w)^T, x as xq (quantize_activations of M rows of K in `layers`), w

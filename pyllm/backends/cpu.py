@@ -102,8 +102,8 @@ class CpuBackend(ReferenceBackend):
             print(f"pyllm: {message}", file=sys.stderr)
 
     def upload(self, weight):
-        """Weights stay on the host; a 32-weight block format's rows are interleaved in place for
-        the kernels (kernels/cpu/interleave.c); a format without a kernel is named once."""
+        """Weights stay on the host; a 32-weight block format's matrix is interleaved in place for
+        the kernels, 16 rows a group (kernels/cpu/interleave.c); a format without a kernel is named once."""
         if isinstance(weight, tuple):
             return tuple(self.upload(part) for part in weight)
         if not isinstance(weight, QuantizedMatrix) or not cpu_kernels.available():
@@ -150,7 +150,7 @@ class CpuBackend(ReferenceBackend):
     @staticmethod
     def gather(table, ids):
         if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
-            return cpu_quant.dequantize(cpu_quant.kernel_type(table), stored_bytes(table)[ids], table.shape[1])
+            return cpu_quant.dequantize(cpu_quant.kernel_type(table), stored_bytes(table), table.shape[1], rows=ids)
         return reference.gather(table, ids)
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):

@@ -1,7 +1,8 @@
 """ctypes wrappers of kernels/cpu/quant.c, quant_k.c, half.c and interleave.c: decode matmuls on
 weights as GGUF stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations,
-f16 and bf16; and dequantization. A 32-weight format's rows may be interleaved once (interleave:
-the same bytes in the order quant_matmul loads them); the kernels then take its type | INTERLEAVED.
+f16 and bf16; and dequantization. A 32-weight format's matrix may be interleaved once (interleave:
+the same bytes, 16 rows a group, in the order quant_matmul loads them); the kernels then take its
+type | INTERLEAVED.
 
     xq = quantize_activations(x, layers)          # x [M, K] f32 -> opaque uint8 buffer (1 or 2 int8 layers)
     out = quant_matmul(gguf_type, xq, M, K, w, layers=layers)  # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
@@ -36,9 +37,9 @@ def _quant_library():
     if library is None:
         return None
     try:
-        size, quantize, matmul, dequantize, interleave = (library.activation_bytes, library.quantize_activations,
-                                                          library.quant_matmul, library.dequantize,
-                                                          library.interleave_rows)
+        size, quantize, matmul, interleave = (library.activation_bytes, library.quantize_activations,
+                                              library.quant_matmul, library.interleave_rows)
+        dequantize, picked = library.dequantize, library.dequantize_picked
         half, takes_bf16 = library.half_matmul, library.half_takes_bf16
     except AttributeError:
         return None
@@ -55,6 +56,10 @@ def _quant_library():
     # type, w, rows, K, out
     dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dequantize.restype = None
+    # type, w, N, K, rows, count, out
+    picked.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p]
+    picked.restype = None
     # type, M, x, K, w, N, out, accumulate
     half.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                      ctypes.c_void_p, ctypes.c_int]
@@ -177,18 +182,26 @@ def half_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     return out
 
 
-def dequantize(gguf_type, w, K: int) -> np.ndarray:
-    """uint8 [rows, row_bytes] in gguf_type -> f32 [rows, K], bit-exact to gguf.quants.dequantize
-    (f16, bf16: their bytes, w.view(np.uint8))."""
+def dequantize(gguf_type, w, K: int, rows=None) -> np.ndarray:
+    """uint8 [N, row_bytes] in gguf_type -> f32 [N, K], or only `rows` (ids [T]) -> [T, K]; bit-exact
+    to gguf.quants.dequantize (f16, bf16: their bytes, w.view(np.uint8)). With INTERLEAVED, w is a
+    whole interleaved matrix (its rows are not w's rows)."""
     _check_weights(gguf_type, w, K)
-    out = np.empty((w.shape[0], K), np.float32)
-    _kernels().dequantize(int(gguf_type), _address(w), w.shape[0], K, _address(out))
-    return out
+    if rows is None:
+        out = np.empty((w.shape[0], K), np.float32)
+        _kernels().dequantize(int(gguf_type), _address(w), w.shape[0], K, _address(out))
+        return out
+    ids = np.ascontiguousarray(rows, dtype=np.int32).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        raise ValueError(f"rows {rows} are not all in 0 .. {w.shape[0] - 1}")
+    out = np.empty((ids.size, K), np.float32)
+    _kernels().dequantize_picked(int(gguf_type), _address(w), w.shape[0], K, _address(ids), ids.size, _address(out))
+    return out.reshape(*np.shape(rows), K)
 
 
 def interleave(gguf_type, w, K: int) -> np.ndarray:
-    """w uint8 [N, row_bytes] of a 32-weight format in GGUF's layout -> the same array, its rows
-    now interleaved (in place; the kernels take gguf_type | INTERLEAVED)."""
+    """w uint8 [N, row_bytes] of a 32-weight format in GGUF's layout -> the same array, now in the
+    interleaved layout (in place: 16 rows a group; the kernels take gguf_type | INTERLEAVED)."""
     _check_weights(int(gguf_type) | INTERLEAVED, w, K)
     if not w.flags.writeable:
         raise ValueError("w must be writeable: it is interleaved in place")
