@@ -13,12 +13,13 @@
 // weight row, two of each activation row and two FMAs into that row's two accumulators (two
 // chains, so one activation row keeps two FMAs in flight; 16 of the 32 zmm registers at 8 rows).
 // Software prefetch runs PREFETCH_FLOATS ahead, which the hardware prefetcher alone does not reach
-// at this compute density on some CPUs (a 2-core Xeon).
+// at this compute density on some CPUs (a 2-core Xeon), into L2 (_MM_HINT_T1: L2 tracks more
+// misses at once than L1 does, so the prefetches are not dropped while L1 waits on its own).
 // Numerics: f32 products and sums; each output is 32 partial sums (16 lanes x 2 chains) added at
 // the end, plus the K % 32 tail, the same for any M: a row's result does not depend on its batch.
 #include "cpu.h"
 #ifdef __AVX512F__
-#define PREFETCH_FLOATS 2048
+#define PREFETCH_FLOATS 4096
 
 static float *grown(float *buffer, size_t *allocated, size_t floats) {  // scratch kept between calls, grown to fit
   if (floats <= *allocated) return buffer;
@@ -35,8 +36,8 @@ static inline void one_row(const int M, const float *x, int K, const float *w, f
   for (int m = 0; m < M; m++) a[m] = b[m] = _mm512_setzero_ps();
   int k = 0;
   for (; k + 32 <= K; k += 32) {
-    _mm_prefetch((const char *)(w + k + PREFETCH_FLOATS), _MM_HINT_T0);
-    _mm_prefetch((const char *)(w + k + 16 + PREFETCH_FLOATS), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w + k + PREFETCH_FLOATS), _MM_HINT_T1);
+    _mm_prefetch((const char *)(w + k + 16 + PREFETCH_FLOATS), _MM_HINT_T1);
     const __m512 u = _mm512_loadu_ps(w + k), v = _mm512_loadu_ps(w + k + 16);
     for (int m = 0; m < M; m++) {
       a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)m * K + k), u, a[m]);
