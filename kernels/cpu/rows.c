@@ -1,11 +1,13 @@
 // Row kernels, rms_norm, swiglu and qkv_rope: a row (a token) is 16 lanes at a time with a masked
 // tail. Rows are split evenly among the threads, or all run on the caller when the call is too
-// small to pay for the handoff (a decode step's few rows of rms_norm and swiglu; qkv_rope always
-// splits: its rows read the k and v columns the decode matmul's last thread wrote and write KV-cache
-// lines no cache holds, both of which cost the caller alone more than the handoff).
+// small to pay for the handoff (a decode step's few rows of rms_norm and swiglu). qkv_rope splits
+// from far fewer floats (QKV_SERIAL_FLOATS): its rows read the k and v columns the decode matmul's
+// last thread wrote and write KV-cache lines no cache holds, which cost the caller alone more than
+// the handoff once a row is a few KB (SmolLM2's: 3.75 KB; a tiny test model's 0.5 KB stays serial).
 #include "cpu.h"
 #ifdef __AVX512F__
 #define SERIAL_FLOATS 32768
+#define QKV_SERIAL_FLOATS 512
 
 static struct {  // the current row kernel call
   void (*row)(int r);
@@ -140,7 +142,7 @@ EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const f
   qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
   qkv.tables = tables, qkv.sequence = per_row, qkv.position = per_row + T;
   qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer, qkv.layers = layers;
-  for_each_row(qkv_row, T, SERIAL_FLOATS);
+  for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D * (SERIAL_FLOATS / QKV_SERIAL_FLOATS));
   pool_unlock();
   free(per_row);
 }
