@@ -141,6 +141,17 @@ static inline __attribute__((always_inline)) void xq_sums(const int n, const __m
   for (int i = 0; i < n; i++) s[i] = M >= 4 ? lo[i] : _mm512_add_epi32(lo[i], hi[i]);
 }
 
+// a block's terms added to acc, per lane, from its exact sum s = sum(q xq) and its xq's dx:
+// offset formats d dx (s - offset), offset = c sum(xq); formats with a min d dx s + m dsum, dsum = dx sum(xq)
+static inline __attribute__((always_inline)) __m512 plus_offset_terms(__m512 acc, __m512i s, __m512i offset, __m512 dx,
+                                                                      __m512 d) {
+  return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offset)), dx), d, acc);
+}
+static inline __attribute__((always_inline)) __m512 plus_min_terms(__m512 acc, __m512i s, __m512 dx, __m512 d, __m512 m,
+                                                                   __m512 dsum) {
+  return _mm512_fmadd_ps(m, dsum, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dx), d, acc));
+}
+
 // formats with a per-block min (q4_1, q5_1, q4_k, q5_k), for n (1, 2) weight groups (W[i], scales
 // dw[i], mins mw[i]): acc[i][m] += dw dx sum(q xq) + mw dx sum(xq), per lane
 static inline __attribute__((always_inline)) void groups_times_min(const int n, const __m512i *const *W, const __m512 *dw,
@@ -151,7 +162,7 @@ static inline __attribute__((always_inline)) void groups_times_min(const int n, 
     xq_sums(n, W, x, M, s);
     const __m512 dx = _mm512_loadu_ps((const float *)(x + QX_D)), dsum = _mm512_loadu_ps((const float *)(x + QX_DSUM));
     for (int i = 0; i < n; i++)
-      acc[i][m] = _mm512_fmadd_ps(mw[i], dsum, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s[i]), dx), dw[i], acc[i][m]));
+      acc[i][m] = plus_min_terms(acc[i][m], s[i], dx, dw[i], mw[i], dsum);
   }
 }
 

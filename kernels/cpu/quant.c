@@ -179,7 +179,7 @@ static inline __attribute__((always_inline)) void groups_times_offset(const int 
     const __m512i offset = _mm512_sll_epi32(_mm512_loadu_si512(x + QX_SUM), _mm_cvtsi32_si128(shift));
     const __m512 dx = _mm512_loadu_ps((const float *)(x + QX_D));
     for (int i = 0; i < n; i++)
-      acc[i][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[i], offset)), dx), dw[i], acc[i][m]);
+      acc[i][m] = plus_offset_terms(acc[i][m], s[i], offset, dx, dw[i]);
   }
 }
 
@@ -288,12 +288,10 @@ static inline __attribute__((always_inline)) void row_groups32_m(const int type,
         const __m512i s = _mm512_add_epi32(lo_sum, hi_sum);
         const __m512 dx = _mm512_set1_ps(*(const float *)(x + QX_D));
         if (type == Q4_1 || type == Q5_1)
-          acc[m] = _mm512_fmadd_ps(g.m, _mm512_set1_ps(*(const float *)(x + QX_DSUM)),
-                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dx), g.d, acc[m]));
-        else {
-          const __m512i offset = _mm512_set1_epi32(*(const int32_t *)(x + QX_SUM) << offset_shift(type));
-          acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offset)), dx), g.d, acc[m]);
-        }
+          acc[m] = plus_min_terms(acc[m], s, dx, g.d, g.m, _mm512_set1_ps(*(const float *)(x + QX_DSUM)));
+        else
+          acc[m] = plus_offset_terms(acc[m], s, _mm512_set1_epi32(*(const int32_t *)(x + QX_SUM) << offset_shift(type)),
+                                     dx, g.d);
       }
     }
     for (int m = 0; m < x_rows; m++) {
@@ -389,7 +387,8 @@ EXPORT void quant_matmul(int type, int M, int layers, const void *xq, int K, con
   call.accumulate = accumulate;
   call.strip = activation_bytes(M, K) > XQ_IN_L1 ? QUANT_STRIP : 1;
   const int blocks = K / 32, full = blocks / QX_GROUP;
-  if (blocks % QX_GROUP) {  // the tail records, lane j = lane j % tail: one row's tail per `tail` lanes
+  if (blocks % QX_GROUP && (!call.interleaved || N % QX_GROUP)) {  // rows in GGUF's layout have tails:
+    // the tail records, lane j = lane j % tail: one row's tail per `tail` lanes
     int32_t lane[QX_GROUP];
     for (int j = 0; j < QX_GROUP; j++) lane[j] = j % (blocks % QX_GROUP);
     const __m512i index = _mm512_loadu_si512(lane);
