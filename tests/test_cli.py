@@ -23,9 +23,12 @@ from pyllm.chat_repl import repl
 
 
 def cli(*args, stdin: str = "", timeout=60):
+    """-> (exit code, stdout, stderr without the backend's "pyllm: ..." notices, which a CPU
+    without AVX-512 prints at load)."""
     proc = subprocess.run([sys.executable, "-m", "pyllm", *map(str, args)], input=stdin.encode(),
                           capture_output=True, timeout=timeout, cwd=REPO)
-    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    err = "".join(line for line in proc.stderr.decode().splitlines(keepends=True) if not line.startswith("pyllm: "))
+    return proc.returncode, proc.stdout.decode(), err
 
 
 @pytest.fixture(scope="module")

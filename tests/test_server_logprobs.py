@@ -92,7 +92,8 @@ def test_echo_prompt_logprobs_equal_transformers(served, tiny):
     one = c.completions.create(model=MODEL, prompt=[ids, ids[:4]], max_tokens=1, echo=True, logprobs=1,
                                temperature=0)
     assert [ch.index for ch in one.choices] == [0, 1]
-    assert one.choices[0].logprobs.token_logprobs[:-1] == lp.token_logprobs
+    # batched with another prompt: the same up to BLAS's summation order (NumPy's GEMM without the C kernels)
+    assert one.choices[0].logprobs.token_logprobs[1:-1] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     assert one.choices[0].logprobs.token_logprobs[-1] == pytest.approx(reference[-1].max(), abs=1e-3)
     assert len(one.choices[1].logprobs.tokens) == 5
     long = [int(t) for t in np.random.default_rng(0).integers(2, 258, 300)]  # prefilled in two chunks

@@ -10,9 +10,15 @@
 //                the 32-weight formats' rows reordered at load for quant_matmul
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
-// Without AVX-512 the sources compile to nothing and the NumPy path serves.
+//   avx2.c       avx2_block_matmul: the decode matmul on the 32-weight block formats for CPUs with
+//                AVX2 but without AVX-512, where the rest of a step stays on the NumPy ops
+// Without AVX-512 the sources above compile to nothing and the NumPy path serves; with AVX2, FMA
+// and F16C (PYLLM_AVX2: every AVX-512 CPU has them too) avx2.c, pool.c and stream.c are built.
 #pragma once
-#ifdef __AVX512F__
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PYLLM_AVX2 1
+#endif
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
 #include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -30,6 +36,13 @@ void pool_lock(void);  // one call at a time, whichever thread makes it
 void pool_unlock(void);
 void pool_run(void (*task)(int part));
 void pool_run_sized(void (*task)(int part), size_t bytes);  // the same, on the caller alone for a small call
+
+// Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
+// type: the GGML type id
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+#endif
+
+#ifdef __AVX512F__
 
 #define BLOCK_TOKENS 16  // tokens per block of a KV pool [blocks, layers, KV, BLOCK_TOKENS, D] (pyllm/backends/base.py)
 
@@ -63,9 +76,6 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
 #endif
 
 #ifdef __AVX512F__
-// Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
-// type: the GGML type id
-enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 // INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
 // rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
 #define INTERLEAVED 0x100

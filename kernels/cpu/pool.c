@@ -3,7 +3,7 @@
 // thread each time (tens of microseconds in a VM) would cost more than the split gains: workers
 // spin for SPIN_NS after a call before they sleep on the condition variable.
 #include "cpu.h"
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>

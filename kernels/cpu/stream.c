@@ -1,6 +1,6 @@
 // stream_read: the machine's memory-read roofline, measured the way a decode step reads weights.
-// Each of the pool's threads sums its contiguous share of a large buffer with AVX-512 loads (four
-// independent accumulators, so the adds never wait on each other); the sum is returned so the
+// Each of the pool's threads sums its contiguous share of a large buffer with AVX-512 loads (on a
+// CPU without AVX-512: AVX2's, two per zmm's 64 bytes; four independent accumulators, so the adds never wait on each other); the sum is returned so the
 // loads cannot be optimised away. Bytes read / seconds of this call is what "the same-run C
 // streaming roofline" means in the benchmarks.
 //
@@ -9,7 +9,7 @@
 // `rounds` x 12 independent vpdpbusd on registers (64 multiply-adds each); 768 x rounds x threads
 // multiply-adds / seconds of this call is the peak the quantized kernels work against.
 #include "cpu.h"
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
 
 static struct {  // the current stream_read call
   const float *data;
@@ -20,8 +20,9 @@ static struct {  // the current stream_read call
 static void stream_part(int part) {
   const size_t lo = stream.floats * part / pool_threads / 64 * 64;
   const size_t hi = part + 1 == pool_threads ? stream.floats : stream.floats * (part + 1) / pool_threads / 64 * 64;
-  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
   size_t i = lo;
+#ifdef __AVX512F__
+  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
   for (; i + 64 <= hi; i += 64) {
     a = _mm512_add_ps(a, _mm512_loadu_ps(stream.data + i));
     b = _mm512_add_ps(b, _mm512_loadu_ps(stream.data + i + 16));
@@ -29,6 +30,20 @@ static void stream_part(int part) {
     d = _mm512_add_ps(d, _mm512_loadu_ps(stream.data + i + 48));
   }
   double sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+#else
+  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+  for (; i + 64 <= hi; i += 64)
+    for (int h = 0; h < 64; h += 32) {
+      a = _mm256_add_ps(a, _mm256_loadu_ps(stream.data + i + h));
+      b = _mm256_add_ps(b, _mm256_loadu_ps(stream.data + i + h + 8));
+      c = _mm256_add_ps(c, _mm256_loadu_ps(stream.data + i + h + 16));
+      d = _mm256_add_ps(d, _mm256_loadu_ps(stream.data + i + h + 24));
+    }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+  double sum = 0.0;
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+#endif
   for (; i < hi; i++) sum += stream.data[i];
   stream.sums[part] = sum;
 }

@@ -1,5 +1,7 @@
 """The CPU backend: the reference backend's operators, with the C kernels of kernels/cpu/ in
-their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py).
+their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py). A
+CPU with AVX2 but not AVX-512 gets one of them, the decode matmul on the 32-weight block formats
+(cpu_avx2.py), without which each step would dequantize every such matrix.
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
 does not take the input; what falls back for a whole model is said once, while it loads.
@@ -15,7 +17,7 @@ import sys
 import numpy as np
 
 from ..weights import QuantizedMatrix
-from . import cpu_kernels, cpu_layers, cpu_quant, reference
+from . import cpu_avx2, cpu_kernels, cpu_layers, cpu_quant, reference
 from .base import Step
 from .reference import ReferenceBackend
 
@@ -63,11 +65,26 @@ def _matrix_product(a, b, xq, add_to):
     return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to, interleaved=b.interleaved)
 
 
+def _avx2_product(a, b, add_to):
+    """Without the AVX-512 kernels: a decode step's rows on a 32-weight block format through
+    avx2.c, else None (NumPy serves: f32 by BLAS, the rest dequantized)."""
+    if (not isinstance(b, QuantizedMatrix) or a.shape[0] > cpu_avx2.MAX_ROWS or not cpu_avx2.takes(b.format)
+            or not cpu_avx2.available()):
+        return None
+    return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None,
+                                 layers=activation_layers(a.shape[0]))
+
+
 def product(a, b, add_to=None):
     """a [M, K] @ b [N, K]^T (b one matrix or a tuple: products side by side) -> [M, N] f32, added
     into add_to [M, N] when given (returned); None where a kernel is missing for any part."""
-    if a.ndim != 2 or not cpu_kernels.available():
+    if a.ndim != 2:
         return None
+    if not cpu_kernels.available():
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if isinstance(b, tuple):  # parts in different formats: NumPy's
+            return None
+        return _avx2_product(a, b, add_to)
     a = np.ascontiguousarray(a, dtype=np.float32)
     xq = [None]
     if not isinstance(b, tuple):
@@ -92,8 +109,11 @@ class CpuBackend(ReferenceBackend):
         self.config = config
         self._said = set()  # what fell back, said once
         self._layer_table = None  # (the model's layer list, its layers.c form), built at the first step
-        if not cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
-            self._say("the C kernels are not available here (they need AVX-512 and a C compiler, "
+        if not cpu_kernels.available() and cpu_avx2.available():  # built (once per machine) or loaded now
+            self._say("no AVX-512 here: decode steps multiply q4_0, q4_1, q5_0, q5_1 and q8_0 weights in C "
+                      "(AVX2), and the reference NumPy operators serve the rest")
+        elif not cpu_kernels.available():
+            self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")
 
     def _say(self, message):

@@ -5,7 +5,8 @@ prefill, or a mix).
 Built once by the host C compiler ($CC, else cc) with -O3 -march=native into the build cache
 (keyed by the sources, the compiler and this CPU) and loaded with ctypes; the kernels share each
 call among their own threads, one per core. Nothing depends on them: with no compiler, no
-AVX-512, or PYLLM_CPU_KERNELS=0, every function here gives None and the NumPy path serves.
+AVX-512, or PYLLM_CPU_KERNELS=0, every function here but stream_read (built with AVX2 too) gives
+None and the NumPy path serves (with AVX2: cpu_avx2.py's matmul beside it).
 """
 
 import ctypes
@@ -67,19 +68,34 @@ def _build(compiler: list[str]):
 
 
 @functools.lru_cache(maxsize=None)  # thread-safe enough: a second first call builds to its own file
-def _library():
+def built():
+    """The kernels' library as this CPU builds it, its threads started: the AVX-512 kernels, or on
+    a CPU with AVX2 but not AVX-512 avx2.c's (cpu_avx2.py) and stream_read; None without a
+    compiler, sources or either instruction set, or with PYLLM_CPU_KERNELS=0."""
     if os.environ.get("PYLLM_CPU_KERNELS", "1") == "0":
         return None
     try:
         library = _build(shlex.split(os.environ.get("CC", "cc")))  # CC may be "ccache gcc"
-        start, skinny, matmul, attention = (library.start_threads, library.skinny_matmul, library.matmul,
-                                            library.attention)
-        quant_gemm, stream, layers = library.quant_gemm, library.stream_read, library.decoder_layers
+        start, stream = library.start_threads, library.stream_read
+    except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
+        return None  # no compiler or no kernel sources; AttributeError: built without AVX2 or AVX-512
+    start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
+    stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
+    start(kernel_threads())
+    return library
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """built(), where it holds the AVX-512 kernels; else None."""
+    library = built()
+    try:
+        skinny, matmul, attention = library.skinny_matmul, library.matmul, library.attention
+        quant_gemm, layers = library.quant_gemm, library.decoder_layers
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
-    except (OSError, ValueError, PyllmError, subprocess.CalledProcessError, AttributeError):
-        return None  # no compiler or no kernel sources; AttributeError: built without AVX-512
-    start.argtypes, start.restype = [ctypes.c_int], ctypes.c_int
+    except AttributeError:
+        return None  # None built, or built without AVX-512
     # M, x, K, w, N, out (, accumulate)
     skinny.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     matmul.argtypes = skinny.argtypes + [ctypes.c_int]
@@ -93,7 +109,6 @@ def _library():
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
     timing.argtypes, timing.restype = [ctypes.c_int], ctypes.c_double  # keep timing
-    stream.argtypes, stream.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_double  # data, floats
     dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
     if dot_loop is not None:  # rounds, threads (out)
         dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
@@ -107,7 +122,6 @@ def _library():
     # S, H, KV, D, scale, layer, layers, q, k pool, v pool, block tables, lengths, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
-    start(kernel_threads())
     return library
 
 
@@ -183,7 +197,7 @@ def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
 def stream_read(data) -> float:
     """The sum of a contiguous f32 array, read once by every core (the memory-read roofline's
     measure: time it); None without the kernels."""
-    library = _library()
+    library = built()
     if library is None or not _contiguous_f32(data):
         return None
     return library.stream_read(_address(data), data.size)

@@ -51,7 +51,7 @@ def rope(x, positions, cos, sin):
 def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
     """C = alpha * A @ B^T (+ bias) + beta * C: a [M, K], b [N, K] (array, QuantizedMatrix, or a
     tuple of them: their products side by side), bias [N], c [M, N] (updated in place)."""
-    product = a @ dense(b).T  # [M, N]
+    product = times_transposed(a, b)  # [M, N]
     if alpha != 1.0:
         product *= np.float32(alpha)
     if bias is not None:
@@ -62,6 +62,22 @@ def matmul_transb(a, b, alpha=1.0, beta=0.0, c=None, bias=None):
         c *= np.float32(beta)
     c += product
     return c
+
+
+DENSE_ROWS = 4096  # rows of a QuantizedMatrix dequantized at a time: no f32 copy of a whole matrix
+
+
+def times_transposed(a, b):
+    """a [M, K] @ b^T -> [M, N] f32 (b as in matmul_transb)."""
+    if isinstance(b, tuple):
+        return np.concatenate([times_transposed(a, part) for part in b], axis=1)
+    if not isinstance(b, QuantizedMatrix):
+        return a @ b.T
+    out = np.empty((a.shape[0], b.shape[0]), np.float32)
+    for n in range(0, b.shape[0], DENSE_ROWS):
+        rows = np.arange(n, min(n + DENSE_ROWS, b.shape[0]))
+        out[:, rows[0]:rows[-1] + 1] = a @ b.dequantize(rows).T
+    return out
 
 
 def dense(b):
