@@ -1,7 +1,7 @@
 // stream_read: the machine's memory-read roofline, measured the way a decode step reads weights.
 // Each of the pool's threads sums its contiguous share of a large buffer with AVX-512 loads (on a
-// CPU without AVX-512: AVX2's, two per zmm's 64 bytes; four independent accumulators, so the adds never wait on each other); the sum is returned so the
-// loads cannot be optimised away. Bytes read / seconds of this call is what "the same-run C
+// CPU without AVX-512: AVX2's, two per zmm's 64 bytes; four independent accumulators, so the adds
+// never wait on each other); the sum is returned so the loads cannot be optimised away. Bytes read / seconds of this call is what "the same-run C
 // streaming roofline" means in the benchmarks.
 //
 // int8_dot_loop: the int8 compute roofline, the ceiling of a batched decode step (whose weights

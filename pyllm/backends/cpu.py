@@ -80,12 +80,9 @@ def product(a, b, add_to=None):
     into add_to [M, N] when given (returned); None where a kernel is missing for any part."""
     if a.ndim != 2:
         return None
-    if not cpu_kernels.available():
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if isinstance(b, tuple):  # parts in different formats: NumPy's
-            return None
-        return _avx2_product(a, b, add_to)
     a = np.ascontiguousarray(a, dtype=np.float32)
+    if not cpu_kernels.available():  # a tuple (parts in different formats) is NumPy's there
+        return _avx2_product(a, b, add_to)
     xq = [None]
     if not isinstance(b, tuple):
         return _matrix_product(a, b, xq, add_to)
@@ -109,10 +106,12 @@ class CpuBackend(ReferenceBackend):
         self.config = config
         self._said = set()  # what fell back, said once
         self._layer_table = None  # (the model's layer list, its layers.c form), built at the first step
-        if not cpu_kernels.available() and cpu_avx2.available():  # built (once per machine) or loaded now
+        if cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
+            return
+        if cpu_avx2.available():
             self._say("no AVX-512 here: decode steps multiply q4_0, q4_1, q5_0, q5_1 and q8_0 weights in C "
                       "(AVX2), and the reference NumPy operators serve the rest")
-        elif not cpu_kernels.available():
+        else:
             self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")
 

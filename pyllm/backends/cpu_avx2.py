@@ -14,6 +14,7 @@ import numpy as np
 
 from ..formats import FORMATS
 from .cpu_kernels import _address, built
+from .cpu_quant import _output
 
 FORMATS_32 = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size == 32}  # what it takes
 MAX_ROWS = 16  # rows of x per call
@@ -59,12 +60,6 @@ def block_matmul(gguf_type, x, w, out=None, accumulate=False, layers: int = 1) -
             or w.shape[0] == 0 or w.shape[1] != fmt.row_bytes(K)):
         raise ValueError(f"w must be a C-contiguous uint8 array [N, {fmt.row_bytes(K)}] for K = {K} in {fmt.name}")
     N = w.shape[0]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate needs out")
-        out = np.empty((M, N), np.float32)
-    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
-          or not out.flags.c_contiguous or not out.flags.writeable):
-        raise ValueError(f"out must be a writeable C-contiguous f32 array [{M}, {N}]")
+    out = _output(out, M, N, accumulate)
     kernel(fmt.gguf_type, M, layers, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
     return out

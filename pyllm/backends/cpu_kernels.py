@@ -89,13 +89,15 @@ def built():
 def _library():
     """built(), where it holds the AVX-512 kernels; else None."""
     library = built()
+    if library is None:
+        return None
     try:
         skinny, matmul, attention = library.skinny_matmul, library.matmul, library.attention
         quant_gemm, layers = library.quant_gemm, library.decoder_layers
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except AttributeError:
-        return None  # None built, or built without AVX-512
+        return None  # built without AVX-512
     # M, x, K, w, N, out (, accumulate)
     skinny.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     matmul.argtypes = skinny.argtypes + [ctypes.c_int]

@@ -75,8 +75,8 @@ def times_transposed(a, b):
         return a @ b.T
     out = np.empty((a.shape[0], b.shape[0]), np.float32)
     for n in range(0, b.shape[0], DENSE_ROWS):
-        rows = np.arange(n, min(n + DENSE_ROWS, b.shape[0]))
-        out[:, rows[0]:rows[-1] + 1] = a @ b.dequantize(rows).T
+        stop = min(n + DENSE_ROWS, b.shape[0])
+        out[:, n:stop] = a @ b.dequantize(np.arange(n, stop)).T
     return out
 
 
