@@ -10,8 +10,9 @@
 //                the 32-weight formats' rows reordered at load for quant_matmul
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
-//   avx2.c       avx2_block_matmul: the decode matmul on the 32-weight block formats for CPUs with
-//                AVX2 but without AVX-512, where the rest of a step stays on the NumPy ops
+//   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int16
+//                activations) for CPUs with AVX2 but without AVX-512, where the rest of a step
+//                stays on the NumPy ops
 // Without AVX-512 the sources above compile to nothing and the NumPy path serves; with AVX2, FMA
 // and F16C (PYLLM_AVX2: every AVX-512 CPU has them too) avx2.c, pool.c and stream.c are built.
 #pragma once
@@ -40,6 +41,25 @@ void pool_run_sized(void (*task)(int part), size_t bytes);  // the same, on the 
 // Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
 // type: the GGML type id
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+// INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
+// rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
+#define INTERLEAVED 0x100
+
+// bytes of a row of K weights (0: a type not known here)
+static inline size_t row_bytes(int type, int K) {
+  switch (type & ~INTERLEAVED) {
+    case F16: case BF16: return (size_t)K * 2;
+    case Q4_0: return (size_t)K / 32 * 18;
+    case Q4_1: return (size_t)K / 32 * 20;
+    case Q5_0: return (size_t)K / 32 * 22;
+    case Q5_1: return (size_t)K / 32 * 24;
+    case Q8_0: return (size_t)K / 32 * 34;
+    case Q4_K: return (size_t)K / 256 * 144;
+    case Q5_K: return (size_t)K / 256 * 176;
+    case Q6_K: return (size_t)K / 256 * 210;
+    default: return 0;
+  }
+}
 #endif
 
 #ifdef __AVX512F__
@@ -76,10 +96,6 @@ static inline __m512 exp512(__m512 x) {  // for swiglu and softmax
 #endif
 
 #ifdef __AVX512F__
-// INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
-// rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
-#define INTERLEAVED 0x100
-size_t row_bytes(int type, int K);  // bytes of a row of K weights (0: a type not known here)
 // w [rows, K] -> f32 [rows, K], as gguf.quants.dequantize; single-threaded, for inside pool tasks
 void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out);
 void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *out);  // F16, BF16

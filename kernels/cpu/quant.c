@@ -32,21 +32,6 @@
 
 EXPORT size_t activation_bytes(int M, int K) { return (size_t)((K / 32 + QX_GROUP - 1) / QX_GROUP) * M * QX_RECORD; }
 
-size_t row_bytes(int type, int K) {
-  switch (type & ~INTERLEAVED) {
-    case F16: case BF16: return (size_t)K * 2;
-    case Q4_0: return (size_t)K / 32 * 18;
-    case Q4_1: return (size_t)K / 32 * 20;
-    case Q5_0: return (size_t)K / 32 * 22;
-    case Q5_1: return (size_t)K / 32 * 24;
-    case Q8_0: return (size_t)K / 32 * 34;
-    case Q4_K: return (size_t)K / 256 * 144;
-    case Q5_K: return (size_t)K / 256 * 176;
-    case Q6_K: return (size_t)K / 256 * 210;
-    default: return 0;
-  }
-}
-
 // quant_matmul: out [M, N] (+)= x @ dequant(w)^T for a decode step's few rows (M <= 16).
 // Work split: each thread (the caller and the pool's workers) takes its own range of weight rows
 // (of an interleaved matrix: of row groups, 16 rows each; the last thread also its N % 16 rows in

@@ -1,6 +1,6 @@
 """The CPU backend: the reference backend's operators, with the C kernels of kernels/cpu/ in
 their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py). A
-CPU with AVX2 but not AVX-512 gets one of them, the decode matmul on the 32-weight block formats
+CPU with AVX2 but not AVX-512 gets one of them, the decode matmul on the GGML block formats
 (cpu_avx2.py), without which each step would dequantize every such matrix.
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
@@ -66,13 +66,12 @@ def _matrix_product(a, b, xq, add_to):
 
 
 def _avx2_product(a, b, add_to):
-    """Without the AVX-512 kernels: a decode step's rows on a 32-weight block format through
-    avx2.c, else None (NumPy serves: f32 by BLAS, the rest dequantized)."""
+    """Without the AVX-512 kernels: a decode step's rows on a GGML block format through avx2.c,
+    else None (NumPy serves: f32 by BLAS, the rest dequantized)."""
     if (not isinstance(b, QuantizedMatrix) or a.shape[0] > cpu_avx2.MAX_ROWS or not cpu_avx2.takes(b.format)
             or not cpu_avx2.available()):
         return None
-    return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None,
-                                 layers=activation_layers(a.shape[0]))
+    return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
 
 
 def product(a, b, add_to=None):
@@ -109,8 +108,8 @@ class CpuBackend(ReferenceBackend):
         if cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
             return
         if cpu_avx2.available():
-            self._say("no AVX-512 here: decode steps multiply q4_0, q4_1, q5_0, q5_1 and q8_0 weights in C "
-                      "(AVX2), and the reference NumPy operators serve the rest")
+            self._say("no AVX-512 here: decode steps multiply GGML block-format weights in C (AVX2), and the "
+                      "reference NumPy operators serve the rest")
         else:
             self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")

@@ -1,10 +1,12 @@
-"""ctypes wrapper of kernels/cpu/avx2.c: a decode step's matmul on the 32-weight block formats
-(q4_0, q4_1, q5_0, q5_1, q8_0, rows as GGUF stores them) for CPUs with AVX2 but without AVX-512,
-where the AVX-512 kernels (cpu_quant.py) are not built and the other ops stay on the reference.
+"""ctypes wrapper of kernels/cpu/avx2.c: a decode step's matmul on GGML's block formats (q4_0,
+q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, rows as GGUF stores them) for CPUs with AVX2 but
+without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built and the other ops stay on
+the reference.
 
-    out = block_matmul(gguf_type, x, w, layers=2)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
+    out = block_matmul(gguf_type, x, w)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
 
-The C side trusts its inputs: everything is checked here (ValueError).
+x is quantized inside the call to int16 blocks of 32. The C side trusts its inputs: everything is
+checked here (ValueError).
 """
 
 import ctypes
@@ -16,7 +18,7 @@ from ..formats import FORMATS
 from .cpu_kernels import _address, built
 from .cpu_quant import _output
 
-FORMATS_32 = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size == 32}  # what it takes
+BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # what it takes
 MAX_ROWS = 16  # rows of x per call
 
 
@@ -24,9 +26,9 @@ MAX_ROWS = 16  # rows of x per call
 def _kernel():
     library = built()
     kernel = getattr(library, "avx2_block_matmul", None) if library is not None else None
-    if kernel is not None:  # type, M, layers, x, K, w, N, out, accumulate
-        kernel.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    if kernel is not None:  # type, M, x, K, w, N, out, accumulate
+        kernel.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int]
         kernel.restype = None
     return kernel
 
@@ -37,29 +39,27 @@ def available() -> bool:
 
 
 def takes(fmt) -> bool:
-    return fmt.gguf_type in FORMATS_32
+    return fmt.gguf_type in BLOCK_FORMATS
 
 
-def block_matmul(gguf_type, x, w, out=None, accumulate=False, layers: int = 1) -> np.ndarray:
+def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     """x [M, K] f32 @ dequant(w)^T -> out [M, N] f32 (added into out when accumulate); w uint8
-    [N, row_bytes] in gguf_type (a 32-weight format); x quantized to int8 blocks of 32 in
-    `layers` (1, 2) layers inside the call; 1 <= M <= 16."""
+    [N, row_bytes] in gguf_type (a GGML block format); 1 <= M <= 16, K a multiple of its block."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the AVX2 block kernel is not available (no compiler, or no AVX2/FMA/F16C)")
-    fmt = FORMATS_32.get(int(gguf_type))
+    fmt = BLOCK_FORMATS.get(int(gguf_type))
     if fmt is None:
-        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(FORMATS_32)}")
+        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(BLOCK_FORMATS)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < 32 or x.shape[1] % 32:
-        raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS} and K a positive multiple of 32")
-    if layers not in (1, 2):
-        raise ValueError(f"layers = {layers!r} is not 1 or 2")
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < fmt.block_size or x.shape[1] % fmt.block_size:
+        raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS} and K a positive multiple of "
+                         f"{fmt.name}'s block of {fmt.block_size}")
     M, K = x.shape
     if (not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or not w.flags.c_contiguous
             or w.shape[0] == 0 or w.shape[1] != fmt.row_bytes(K)):
         raise ValueError(f"w must be a C-contiguous uint8 array [N, {fmt.row_bytes(K)}] for K = {K} in {fmt.name}")
     N = w.shape[0]
     out = _output(out, M, N, accumulate)
-    kernel(fmt.gguf_type, M, layers, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
+    kernel(fmt.gguf_type, M, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
     return out
