@@ -1,6 +1,7 @@
-"""kernels/cpu/attention.c and rows.c's qkv_rope read and write K/V through block tables, against
-the reference backend (pyllm/backends/reference.py): ragged steps (decode, prefill, a mix) over a
-KV pool whose blocks come shuffled, some shared by several sequences, last blocks partly full."""
+"""kernels/cpu/attention.c and rows.c's qkv_rope (AVX2 alone: avx2_attention.c, avx2_rows.c) read
+and write K/V through block tables, against the reference backend (pyllm/backends/reference.py):
+ragged steps (decode, prefill, a mix) over a KV pool whose blocks come shuffled, some shared by
+several sequences, last blocks partly full."""
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ from pyllm.backends import cpu_kernels
 from pyllm.backends import reference as ref
 from pyllm.backends.base import BLOCK_TOKENS, CacheSlot, Step
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
-                                reason="no C compiler or no AVX-512 here: the reference serves")
+pytestmark = pytest.mark.skipif(not cpu_kernels.step_kernels_available(),
+                                reason="no C compiler or neither AVX2 nor AVX-512 here: the reference serves")
 
 rng = np.random.default_rng(0)
 

@@ -30,11 +30,13 @@ def randn(*shape):
 
 @pytest.fixture(params=["c", "numpy"])
 def kernels(request, monkeypatch):
-    """Runs a test through kernels/cpu/ (skipped where it cannot be built) and through NumPy alone."""
+    """Runs a test through kernels/cpu/ (skipped where it cannot be built: AVX-512, or a decode
+    step's kernels with AVX2 alone) and through NumPy alone."""
     if request.param == "numpy":
         monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
-    elif not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+        monkeypatch.setattr(cpu_kernels, "_step_library", lambda: None)
+    elif not cpu_kernels.step_kernels_available():
+        pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the NumPy path serves")
     return request.param
 
 
@@ -100,8 +102,8 @@ def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim
 
 def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
     """The C side trusts its shapes, so the wrapper checks them: rows vs new tokens, and room in the table."""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
+    if not cpu_kernels.step_kernels_available():
+        pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the NumPy path serves")
     cos = sin = np.zeros((64, 8), np.float32)
     pool, table = np.zeros((1, 1, 2, BLOCK_TOKENS, 16), np.float32), np.zeros(1, np.int32)  # one block of 1 layer
     qkv = randn(3, 8 * 16)  # 4 query heads, 2 KV heads of 16
@@ -171,10 +173,10 @@ def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
 def test_matmul_c_kernels(m, n, k):
     """kernels/cpu/matmul.c: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
     16), and more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a ragged
-    last one), alone and added into a result."""
+    last one), alone and added into a result. With AVX2 alone: avx2_skinny.c's up to 16 rows."""
     a, b, c = randn(m, k), randn(n, k), randn(m, n)
     expected = a.astype(np.float64) @ b.T
-    if not cpu_kernels.available():
+    if not cpu_kernels.available() and not (m <= cpu_kernels.MAX_ROWS and cpu_kernels.step_kernels_available()):
         pytest.skip("no C compiler or no AVX-512 here: the NumPy path serves")
     np.testing.assert_allclose(cpu_kernels.matmul_transb(a, b), expected, atol=1e-4)
     added = c.copy()
@@ -202,8 +204,8 @@ def _forked_child_results(a, b, calls=3):
 def test_skinny_matmul_c_kernel_threads_survive_fork():
     """fork() keeps none of the kernel's worker threads: a child starts its own, and must not
     inherit the parent's sleeping workers as waiters nor a lock held by a call in flight."""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the reference serves")
+    if not cpu_kernels.step_kernels_available():
+        pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the reference serves")
     a, b = randn(8, 64), randn(301, 64)
     cpu_kernels.matmul_transb(a, b)
     time.sleep(0.01)  # the parent's workers are asleep
@@ -226,8 +228,8 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
 
 def test_attention_kernel_refuses_caches_that_do_not_fit():
     """The C side trusts its shapes and block ids, so the wrapper checks them."""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler or no AVX-512 here: the model attends per sequence in NumPy")
+    if not cpu_kernels.step_kernels_available():
+        pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the model attends per sequence in NumPy")
     pool, q = randn(4, 2, 2, BLOCK_TOKENS, 16), randn(3, 4, 16)  # 4 blocks, 2 layers, 2 KV heads; 4 query heads
 
     def slot(table, rows, n_new, keys=pool, values=pool):
@@ -247,19 +249,33 @@ def test_attention_kernel_refuses_caches_that_do_not_fit():
             cpu_kernels.attention(q, slots, layer)
 
 
-@pytest.mark.parametrize("environment", [
-    {"CC": "cc -mno-avx512f"}, {"CC": "no-such-compiler"}, {"PYLLM_CPU_KERNELS": "0"}])
+@pytest.mark.parametrize("environment", [{"CC": "cc -mno-avx2"}, {"CC": "no-such-compiler"}, {"PYLLM_CPU_KERNELS": "0"}])
 def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
-    """Built without AVX-512 (the source compiles to nothing), no compiler, or turned off."""
+    """Built without AVX2 (the sources compile to nothing), no compiler, or turned off."""
     script = ("import numpy as np\n"
               "from pyllm.backends import cpu_kernels\n"
               "from pyllm.backends.cpu import CpuBackend\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
-              "assert not cpu_kernels.available()\n"
+              "assert not cpu_kernels.available() and not cpu_kernels.step_kernels_available()\n"
               "pool, table = np.ones((1, 1, 1, 16, 16), np.float32), np.zeros(1, np.int32)\n"
               "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(pool, pool, table, 1, 1)], 0) is None\n"
               "assert cpu_kernels.rms_norm(a, a[0], 1e-5) is None and cpu_kernels.swiglu(a) is None\n"
               "assert (CpuBackend.matmul_transb(a, b) == 64).all()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **environment}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_with_avx2_alone_a_decode_step_has_its_kernels(tmp_path):
+    """Built without AVX-512 (AVX2 alone, as on Zen 1-3): a step's kernels, but not the prompt GEMM."""
+    script = ("import numpy as np\n"
+              "from pyllm.backends import cpu_kernels\n"
+              "from pyllm.backends.cpu import CpuBackend\n"
+              "assert not cpu_kernels.available() and cpu_kernels.step_kernels_available()\n"
+              "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
+              "assert (cpu_kernels.matmul_transb(a, b) == 64).all() and cpu_kernels.swiglu(a).shape == (4, 32)\n"
+              "assert cpu_kernels.matmul_transb(np.ones((17, 64), np.float32), b) is None\n"
+              "assert (CpuBackend.matmul_transb(np.ones((17, 64), np.float32), b) == 64).all()\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CC": "cc -mno-avx512f"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

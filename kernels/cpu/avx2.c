@@ -46,9 +46,7 @@ static struct x_block quantize_block(const float *v) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 top = _mm256_setzero_ps();
   for (int i = 0; i < 32; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-  b.d = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t))) / 32767.0f;
+  b.d = max8(top) / 32767.0f;
   if (b.d == 0.0f) return b;
   __m256i sum = _mm256_setzero_si256();
   for (int i = 0; i < 32; i += 16) {  // cvtps rounds half to even (the MXCSR default); |x / d| <= 32767
@@ -166,12 +164,6 @@ static inline __attribute__((always_inline)) struct weight_block decode_block(co
   return w;
 }
 
-static inline float lane_sum(__m256 v) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 // weight rows lo .. hi - 1 against the M rows of x, P rows at once (P, M constant where the caller makes them)
 static inline __attribute__((always_inline)) void rows_avx2(const int type, const int P, const int M, int lo, int hi) {
   const int blocks = avx2.K / 32;
@@ -198,7 +190,7 @@ static inline __attribute__((always_inline)) void rows_avx2(const int type, cons
       }
     for (int r = 0; r < rows; r++)
       for (int m = 0; m < M; m++) {
-        const float sum = lane_sum(acc[r][m]) + constant[r][m];
+        const float sum = sum8(acc[r][m]) + constant[r][m];
         float *out = avx2.out + (size_t)m * avx2.N + n0 + r;
         *out = avx2.accumulate ? *out + sum : sum;
       }

@@ -10,11 +10,13 @@
 //                the 32-weight formats' rows reordered at load for quant_matmul
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
+//   layers.c     decoder_layers: every decoder layer of a decode step in one call
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int16
-//                activations) for CPUs with AVX2 but without AVX-512, where the rest of a step
-//                stays on the NumPy ops
-// Without AVX-512 the sources above compile to nothing and the NumPy path serves; with AVX2, FMA
-// and F16C (PYLLM_AVX2: every AVX-512 CPU has them too) avx2.c, pool.c and stream.c are built.
+//                activations) for CPUs with AVX2 but without AVX-512; avx2_skinny.c,
+//                avx2_rows.c, avx2_attention.c: skinny_matmul, the row kernels and attention there
+// Without AVX-512 the AVX-512 sources compile to nothing; with AVX2, FMA and F16C (PYLLM_AVX2:
+// every AVX-512 CPU has them too) avx2*.c, layers.c, pool.c and stream.c are built, so a decode
+// step runs in C and a prompt's matmuls on NumPy.
 #pragma once
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PYLLM_AVX2 1
@@ -60,9 +62,6 @@ static inline size_t row_bytes(int type, int K) {
     default: return 0;
   }
 }
-#endif
-
-#ifdef __AVX512F__
 
 #define BLOCK_TOKENS 16  // tokens per block of a KV pool [blocks, layers, KV, BLOCK_TOKENS, D] (pyllm/backends/base.py)
 
@@ -70,6 +69,77 @@ static inline size_t row_bytes(int type, int K) {
 static inline size_t kv_block(int block, int layers, int layer, int KV, int g, int D) {
   return (((size_t)block * layers + layer) * KV + g) * BLOCK_TOKENS * D;
 }
+
+// A step's rows as qkv_rope takes them: sequence s owns count[s] consecutive rows, the last of its
+// length[s] tokens -> per row its sequence [T], then its position [T] (malloc'd: the caller frees)
+static inline int *rows_of_step(int S, const int *length, const int *count, int T) {
+  int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));
+  if (per_row == NULL) abort();
+  for (int s = 0, t = 0; s < S; s++)
+    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = length[s] - count[s] + i;
+  return per_row;
+}
+
+// where head h of row t's q|k|v [(H + 2 KV) D] goes: a query head into q [T, H, D], key head
+// g = h - H into k, value head g - KV into v, KV pools [blocks, layers, KV, BLOCK_TOKENS, D], at
+// the layer, in the position's block and row
+static inline float *qkv_destination(int h, int t, int H, int KV, int D, int block, int position, int layer,
+                                     int layers, float *q, float *k, float *v) {
+  const int g = h - H;
+  if (g < 0) return q + ((size_t)t * H + h) * D;
+  return (g < KV ? k : v) + kv_block(block, layers, layer, KV, g % KV, D) + (size_t)(position % BLOCK_TOKENS) * D;
+}
+
+// The step's ops as both instruction sets build them (AVX-512: matmul.c, rows.c, attention.c;
+// AVX2 alone: avx2_skinny.c, avx2_rows.c, avx2_attention.c), one contract, called by layers.c.
+void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
+void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
+void swiglu(int T, int width, const float *gate_up, float *out);
+void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
+              const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables, const int *length,
+              const int *count, float *q);
+void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
+               const float *v, const int32_t *const *tables, const int *length, const int *count, float *out);
+void avx2_block_matmul(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out, int accumulate);
+#endif
+
+#ifdef PYLLM_AVX2
+// 8-lane helpers (avx2*.c): a tail of `left` < 8 floats through a lane mask
+static inline __m256i lanes8(int left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline float sum8(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline float max8(__m256 v) {
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline __m256 exp256(__m256 x) {  // exp512's method (below) in 8 lanes: within 2 ulp of expf
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));  // 2^n stays a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+#ifdef __AVX512F__
 
 static inline __m512 keep(__m512 v) {  // v as computed: hides a product from contraction into an FMA
   __asm__("" : "+v"(v));

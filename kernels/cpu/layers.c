@@ -7,10 +7,12 @@
 // Each matrix (or each part of q|k|v and gate|up, where their formats differ) is f32 rows (type
 // F32_ROWS: skinny_matmul, then added for the residual), f16 or bf16 rows (half.c: half_matmul)
 // or GGML blocks (quant.c: the activation quantized once to xq, then quant_matmul); the last two
-// accumulate the residual themselves.
+// accumulate the residual themselves. With AVX2 alone the ops are avx2_*.c's and a block-format
+// matrix goes through avx2.c's avx2_block_matmul (no f16 / bf16 kernel there: such a model goes op
+// by op).
 // Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
 #include "cpu.h"
-#ifdef __AVX512F__
+#ifdef PYLLM_AVX2
 #include <time.h>
 #define F32_ROWS (-1)
 
@@ -46,23 +48,24 @@ struct layer {           // one decoder layer's weights
   int qkv_parts, gate_up_parts;                               // [hidden, H D], [2 inter, hidden], [hidden, inter]
 };
 
-void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
+#ifdef __AVX512F__
 void quantize_activations(int M, int layers, int K, const float *x, void *xq);
 void quant_matmul(int type, int M, int layers, const void *xq, int K, const uint8_t *w, int N, float *out,
                   int accumulate);
 void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int N, float *out, int accumulate);
-void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
-void swiglu(int T, int width, const float *gate_up, float *out);
-void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
-              const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables, const int *length,
-              const int *count, float *q);
-void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
-               const float *v, const int32_t *const *tables, const int *length, const int *count, float *out);
+#endif
 
 // out [T, N] = x [T, K] @ m^T, or added into out when accumulate; scratch: [T, N] floats, xq: room
 // for x's int8 blocks in `layers` layers (quant.c)
 static void apply_untimed(const struct matrix *m, int T, int layers, const float *x, int K, float *out,
                           int accumulate, float *scratch, void *xq) {
+#ifndef __AVX512F__  // AVX2 alone: f32 rows or a block format (avx2.c quantizes x itself)
+  (void)layers, (void)xq;
+  if (m->type != F32_ROWS) {
+    avx2_block_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
+    return;
+  }
+#else
   if (m->type == F16 || m->type == BF16) {
     half_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
     return;
@@ -72,6 +75,7 @@ static void apply_untimed(const struct matrix *m, int T, int layers, const float
     quant_matmul(m->type, T, layers, xq, K, m->data, m->N, out, accumulate);
     return;
   }
+#endif
   if (!accumulate) {
     skinny_matmul(T, x, K, m->data, m->N, out);
     return;

@@ -107,9 +107,7 @@ static void qkv_row(int t) {
   for (int h = 0; h < qkv.H + 2 * qkv.KV; h++) {
     const float *x = row + (size_t)h * D, *b = qkv.bias ? qkv.bias + (size_t)h * D : NULL;
     const int g = h - qkv.H;  // past the query heads: key head g, then value head g - KV
-    float *out = g < 0 ? qkv.q + ((size_t)t * qkv.H + h) * D
-                       : (g < qkv.KV ? qkv.k : qkv.v) + kv_block(block, qkv.layers, qkv.layer, qkv.KV, g % qkv.KV, D)
-                             + (size_t)(position % BLOCK_TOKENS) * D;
+    float *out = qkv_destination(h, t, qkv.H, qkv.KV, D, block, position, qkv.layer, qkv.layers, qkv.q, qkv.k, qkv.v);
     for (int i = 0; i < half; i += 16) {
       const __mmask16 m = lanes(half - i);
       __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
@@ -134,10 +132,7 @@ EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const f
                      const int *length, const int *count, float *q) {
   int T = 0;
   for (int s = 0; s < S; s++) T += count[s];
-  int *per_row = malloc(sizeof(int) * 2 * (size_t)(T > 0 ? T : 1));  // sequences, then positions
-  if (per_row == NULL) abort();
-  for (int s = 0, t = 0; s < S; s++)
-    for (int i = 0; i < count[s]; i++, t++) per_row[t] = s, per_row[T + t] = length[s] - count[s] + i;
+  int *per_row = rows_of_step(S, length, count, T);  // sequences, then positions
   pool_lock();
   qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
   qkv.tables = tables, qkv.sequence = per_row, qkv.position = per_row + T;

@@ -1,7 +1,8 @@
 """The CPU backend: the reference backend's operators, with the C kernels of kernels/cpu/ in
 their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py). A
-CPU with AVX2 but not AVX-512 gets one of them, the decode matmul on the GGML block formats
-(cpu_avx2.py), without which each step would dequantize every such matrix.
+CPU with AVX2 but not AVX-512 gets a decode step's kernels (cpu_kernels.py's row kernels,
+attention and f32 matmul, cpu_avx2.py's matmul on the GGML block formats); its prompts' matmuls
+are NumPy's (f32 by BLAS, block formats dequantized).
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
 does not take the input; what falls back for a whole model is said once, while it loads.
@@ -41,6 +42,13 @@ def has_kernel(fmt) -> bool:
     return fmt.block_size > 1 or cpu_quant.takes_half(fmt.gguf_type)
 
 
+def decode_kernel(fmt) -> bool:
+    """A decode step's matmul on fmt runs in C: has_kernel's, or without AVX-512 avx2.c's block formats."""
+    if cpu_quant.available():
+        return has_kernel(fmt)
+    return cpu_avx2.takes(fmt) and cpu_avx2.available()
+
+
 def stored_bytes(m):
     """A QuantizedMatrix's data as the C kernels read it: uint8 [N, row bytes]."""
     return m.data if m.data.dtype == np.uint8 else m.data.view(np.uint8)
@@ -65,11 +73,15 @@ def _matrix_product(a, b, xq, add_to):
     return cpu_kernels.quant_gemm(b.format, a, stored_bytes(b), add_to=add_to, interleaved=b.interleaved)
 
 
-def _avx2_product(a, b, add_to):
-    """Without the AVX-512 kernels: a decode step's rows on a GGML block format through avx2.c,
-    else None (NumPy serves: f32 by BLAS, the rest dequantized)."""
-    if (not isinstance(b, QuantizedMatrix) or a.shape[0] > cpu_avx2.MAX_ROWS or not cpu_avx2.takes(b.format)
-            or not cpu_avx2.available()):
+def _avx2_matrix_product(a, b, xq, add_to):
+    """Without the AVX-512 kernels, _matrix_product for a decode step's rows: f32 through
+    avx2_skinny.c, a GGML block format through avx2.c; else None (NumPy serves: f32 by BLAS, the
+    rest dequantized). xq: unused (avx2.c quantizes a itself)."""
+    if a.shape[0] > cpu_avx2.MAX_ROWS:
+        return None
+    if isinstance(b, np.ndarray):
+        return cpu_kernels.matmul_transb(a, b, add_to=add_to)
+    if not decode_kernel(b.format):
         return None
     return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
 
@@ -80,12 +92,11 @@ def product(a, b, add_to=None):
     if a.ndim != 2:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
-    if not cpu_kernels.available():  # a tuple (parts in different formats) is NumPy's there
-        return _avx2_product(a, b, add_to)
+    matrix_product = _matrix_product if cpu_kernels.available() else _avx2_matrix_product
     xq = [None]
     if not isinstance(b, tuple):
-        return _matrix_product(a, b, xq, add_to)
-    outs = [_matrix_product(a, part, xq, None) for part in b]
+        return matrix_product(a, b, xq, add_to)
+    outs = [matrix_product(a, part, xq, None) for part in b]
     if any(out is None for out in outs):
         return None
     out = np.concatenate(outs, axis=1)
@@ -107,9 +118,9 @@ class CpuBackend(ReferenceBackend):
         self._layer_table = None  # (the model's layer list, its layers.c form), built at the first step
         if cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
             return
-        if cpu_avx2.available():
-            self._say("no AVX-512 here: decode steps multiply GGML block-format weights in C (AVX2), and the "
-                      "reference NumPy operators serve the rest")
+        if cpu_kernels.step_kernels_available() and cpu_avx2.available():
+            self._say("no AVX-512 here: decode steps run in C (AVX2: f32 and GGML block-format weights), "
+                      "prompts' matmuls on NumPy")
         else:
             self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")
@@ -124,7 +135,12 @@ class CpuBackend(ReferenceBackend):
         the kernels, 16 rows a group (kernels/cpu/interleave.c); a format without a kernel is named once."""
         if isinstance(weight, tuple):
             return tuple(self.upload(part) for part in weight)
-        if not isinstance(weight, QuantizedMatrix) or not cpu_kernels.available():
+        if not isinstance(weight, QuantizedMatrix):
+            return weight
+        if not cpu_kernels.available():  # AVX2 alone: GGUF's own layout
+            if cpu_kernels.step_kernels_available() and not decode_kernel(weight.format):
+                self._say(f"no C kernel for {weight.format.name} weights here: the reference dequantizes them "
+                          "at each use")
             return weight
         if not has_kernel(weight.format):
             self._say(f"no C kernel for {weight.format.name} weights: the reference dequantizes them at each use")
@@ -137,7 +153,8 @@ class CpuBackend(ReferenceBackend):
         """A decode step's x [T, hidden] through every layer in one C call (layers.c): the same
         kernels, in the same order, as the op-by-op path, without ~9 Python calls per layer."""
         if self._layer_table is None or self._layer_table[0] is not layers:
-            self._layer_table = (layers, cpu_layers.layer_table(layers) if cpu_quant.available() else None)
+            self._layer_table = (layers, cpu_layers.layer_table(layers) if cpu_kernels.step_kernels_available()
+                                 else None)
         table = self._layer_table[1]
         if table is None or x.shape[0] > MAX_QUANT_ROWS:
             return None

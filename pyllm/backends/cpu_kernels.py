@@ -4,9 +4,10 @@ prefill, or a mix).
 
 Built once by the host C compiler ($CC, else cc) with -O3 -march=native into the build cache
 (keyed by the sources, the compiler and this CPU) and loaded with ctypes; the kernels share each
-call among their own threads, one per core. Nothing depends on them: with no compiler, no
-AVX-512, or PYLLM_CPU_KERNELS=0, every function here but stream_read (built with AVX2 too) gives
-None and the NumPy path serves (with AVX2: cpu_avx2.py's matmul beside it).
+call among their own threads, one per core. Nothing depends on them: with no compiler, or
+PYLLM_CPU_KERNELS=0, every function here gives None and the NumPy path serves. A CPU with AVX2
+but not AVX-512 builds a decode step's kernels (the functions here on up to MAX_ROWS rows, and
+cpu_avx2.py's block matmul); a prompt's many-row matmuls are NumPy's there.
 """
 
 import ctypes
@@ -86,34 +87,27 @@ def built():
 
 
 @functools.lru_cache(maxsize=None)
-def _library():
-    """built(), where it holds the AVX-512 kernels; else None."""
+def _step_library():
+    """built(), with the kernels of a decode step, which both instruction sets build (AVX-512:
+    matmul.c, rows.c, attention.c; AVX2 alone: avx2_*.c) and layers.c runs in one call; else None."""
     library = built()
     if library is None:
         return None
     try:
-        skinny, matmul, attention = library.skinny_matmul, library.matmul, library.attention
-        quant_gemm, layers = library.quant_gemm, library.decoder_layers
+        skinny, attention, layers = library.skinny_matmul, library.attention, library.decoder_layers
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except AttributeError:
-        return None  # built without AVX-512
-    # M, x, K, w, N, out (, accumulate)
+        return None  # built with neither
+    # M, x, K, w, N, out
     skinny.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    matmul.argtypes = skinny.argtypes + [ctypes.c_int]
-    # type, M, x, K, w blocks, N, out, accumulate
-    quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_int]
-    skinny.restype = matmul.restype = quant_gemm.restype = None
+    skinny.restype = None
     # L, layers, T, activation layers, hidden, inter, H, KV, D, eps, scale, x, S, cos, sin, k pool, v pool,
     # block tables, lengths, counts, h, qkv, q, a, gate_up, act, spare, xq
     layers.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p]
                        + [ctypes.c_int] + [ctypes.c_void_p] * 15)
     layers.restype = None
     timing.argtypes, timing.restype = [ctypes.c_int], ctypes.c_double  # keep timing
-    dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
-    if dot_loop is not None:  # rounds, threads (out)
-        dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
     # T, width, x, weight, eps, out
     norm.argtypes, norm.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                    ctypes.c_void_p], None
@@ -124,6 +118,29 @@ def _library():
     # S, H, KV, D, scale, layer, layers, q, k pool, v pool, block tables, lengths, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
+    return library
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """_step_library(), where it holds the AVX-512 kernels as well; else None."""
+    library = _step_library()
+    if library is None:
+        return None
+    try:
+        matmul, quant_gemm = library.matmul, library.quant_gemm
+    except AttributeError:
+        return None  # built without AVX-512
+    # M, x, K, w, N, out, accumulate
+    matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int]
+    # type, M, x, K, w blocks, N, out, accumulate
+    quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int]
+    matmul.restype = quant_gemm.restype = None
+    dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
+    if dot_loop is not None:  # rounds, threads (out)
+        dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
     return library
 
 
@@ -141,16 +158,23 @@ def _contiguous_f32(*arrays):
 
 
 def available() -> bool:
+    """The AVX-512 kernels: every op of the CPU backend, prompts included."""
     return _library() is not None
+
+
+def step_kernels_available() -> bool:
+    """A decode step's kernels (AVX-512, or AVX2 alone): every op of a step of up to MAX_ROWS rows."""
+    return _step_library() is not None
 
 
 def matmul_transb(a, b, add_to=None):
     """a [M, K] @ b [N, K]^T -> [M, N] f32 on every core, or that product added into add_to [M, N]
     (returned); None where the kernels are not available (or b is not a contiguous f32 matrix):
-    the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights."""
+    the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights
+    (AVX-512 or AVX2), more the AVX-512 GEMM."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0 or not _contiguous_f32(b):
         return None
-    library = _library()
+    library = _step_library() if a.shape[0] <= MAX_ROWS else _library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -221,7 +245,7 @@ def int8_dot_peak(rounds=20_000_000) -> float | None:
 
 def rms_norm(x, weight, eps):
     """x [T, hidden], weight [hidden] -> [T, hidden] f32, or None (no kernels, or not contiguous f32)."""
-    library = _library()
+    library = _step_library()
     if library is None or x.ndim != 2 or weight.shape != x.shape[1:] or not _contiguous_f32(x, weight):
         return None
     out = np.empty_like(x)  # [T, hidden]
@@ -231,7 +255,7 @@ def rms_norm(x, weight, eps):
 
 def swiglu(gate_up):
     """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter] f32, or None (as rms_norm)."""
-    library = _library()
+    library = _step_library()
     if library is None or gate_up.ndim != 2 or gate_up.shape[1] % 2 or not _contiguous_f32(gate_up):
         return None
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)  # [T, inter]
@@ -244,7 +268,7 @@ def qkv_rope(qkv, bias, slots, layer, cos, sin):
     with rope, each sequence's rope(k) and v written into its blocks at `layer`; slots (a step's
     CacheSlots), cos and sin as reference.qkv_rope_cache. None where the kernels are not available
     (or qkv, bias, cos or sin is not contiguous f32)."""
-    library = _library()
+    library = _step_library()
     if library is None or qkv.ndim != 2 or not _contiguous_f32(qkv, cos, sin, *([] if bias is None else [bias])):
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
@@ -306,7 +330,7 @@ def attention(q, slots, layer):
     [blocks, layers, KV, BLOCK_TOKENS, D], its block table, rows to attend, new tokens among them),
     the same list for every layer of a step -> [T, H, D] f32, or None where the kernel is not
     available (or D is not a multiple of 16)."""
-    library = _library()
+    library = _step_library()
     if library is None or q.shape[-1] % 16 or q.dtype != np.float32:
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)

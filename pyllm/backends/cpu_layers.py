@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from .cpu_kernels import MAX_ROWS, _address, _contiguous_f32, _library, _step_caches
+from .cpu_kernels import MAX_ROWS, _address, _contiguous_f32, _step_caches, _step_library
 
 F32_ROWS = -1  # layers.c: a matrix of f32 rows
 
@@ -26,16 +26,16 @@ class Layer(ctypes.Structure):  # layers.c's struct layer
 
 def layer_table(layers):
     """The model's layers in layers.c's form (a ctypes array, built once), or None if a matrix (or
-    a part of q|k|v, gate|up) is neither f32 rows nor in a format of the kernels (cpu.has_kernel):
-    then op by op."""
-    from .cpu import has_kernel  # here: cpu builds on this module
+    a part of q|k|v, gate|up) is neither f32 rows nor in a format of the decode kernels
+    (cpu.decode_kernel): then op by op."""
+    from .cpu import decode_kernel  # here: cpu builds on this module
     from .cpu_quant import kernel_type
 
     def matrix(m):
         if isinstance(m, np.ndarray) and _contiguous_f32(m):
             return Matrix(_address(m), F32_ROWS, m.shape[0])
         fmt = getattr(m, "format", None)
-        if fmt is None or not has_kernel(fmt) or not m.data.flags.c_contiguous:
+        if fmt is None or not decode_kernel(fmt) or not m.data.flags.c_contiguous:
             return None
         return Matrix(_address(m.data), kernel_type(m), m.shape[0])
     def parts(m):
@@ -56,15 +56,15 @@ def layer_table(layers):
 def decoder_matmul_seconds(keep_timing: bool) -> float | None:
     """The seconds decoder_layers has spent in its matmuls since the last call (counted only while
     timing is on), then timing on or off from now; None without the kernels. For the benchmarks."""
-    library = _library()
+    library = _step_library()
     return None if library is None else library.decoder_matmul_seconds(int(keep_timing))
 
 
 def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     """x [T, hidden] (T <= MAX_ROWS) through every layer of `table` (layer_table) in one call, the
     step's caches as attention's slots, block-format matrices taking x in `activation_layers` int8
-    layers (quant.c) -> x advanced in place, or None (no kernels)."""
-    library = _library()
+    layers (quant.c; AVX2 alone: avx2.c's int16 blocks) -> x advanced in place, or None (no kernels)."""
+    library = _step_library()
     if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
@@ -75,9 +75,10 @@ def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     widest = max(hidden, inter, n_heads * head_dim, (n_heads + 2 * n_kv) * head_dim, 2 * inter)
     scratch = [np.empty((rows, n), np.float32) for n in (hidden, (n_heads + 2 * n_kv) * head_dim, n_heads * head_dim,
                                                         n_heads * head_dim, 2 * inter, inter, widest)]
-    from .cpu_quant import activation_buffer  # here: cpu_quant builds on this module
-    xq = activation_buffer(rows, max(hidden, inter, n_heads * head_dim), activation_layers)
+    from . import cpu_quant  # here: cpu_quant builds on this module
+    xq = (cpu_quant.activation_buffer(rows, max(hidden, inter, n_heads * head_dim), activation_layers)
+          if cpu_quant.available() else None)
     library.decoder_layers(len(table), ctypes.addressof(table), rows, activation_layers, hidden, inter, n_heads, n_kv, head_dim, config.rms_norm_eps,
                            head_dim ** -0.5, _address(x), len(slots), _address(cos), _address(sin), *caches,
-                           *[_address(s) for s in scratch], _address(xq))
+                           *[_address(s) for s in scratch], None if xq is None else _address(xq))
     return x
