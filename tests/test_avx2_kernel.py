@@ -1,5 +1,5 @@
 """kernels/cpu/avx2.c (through pyllm.backends.cpu_avx2), the decode matmul for CPUs with AVX2 but
-not AVX-512, against gguf's dequantized weights: x quantized as the kernel rounds it (per 32:
+not AVX-512, against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as the kernel rounds it (per 32:
 d = max|x| / 32767 in f32, q = round-half-even(x / d) in int16) and multiplied in float64, where
 only the kernel's f32 summation may differ (1e-4 of the output's scale); and against the exact
 product, where the int16 rounding adds ~1/113000 of a block's max per activation. Weights as in
@@ -62,6 +62,15 @@ def test_accumulate(qtype):
     np.testing.assert_allclose(added, base + out, atol=1e-5 * np.abs(base + out).max(), rtol=0)
 
 
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_dequantize_is_gguf_bit_for_bit(qtype):
+    """avx2_dequantize (a prompt's weight strips) against gguf's dequantizer, 37 rows (split among
+    the threads unevenly) at every depth."""
+    for K in depths(qtype):
+        w = weights(qtype, 37, K)
+        np.testing.assert_array_equal(cpu_avx2.dequantize(qtype, w, K), gguf.quants.dequantize(w, qtype))
+
+
 def test_wrapper_errors():
     w = weights(T.Q4_0, 4, 64)
     x = np.ones((2, 64), np.float32)
@@ -71,6 +80,9 @@ def test_wrapper_errors():
                 lambda: cpu_avx2.block_matmul(T.Q4_K, x, w),  # K not whole superblocks
                 lambda: cpu_avx2.block_matmul(T.Q4_0, np.ones((2, 96), np.float32), w),  # w's rows are 64
                 lambda: cpu_avx2.block_matmul(T.Q4_0, x, w, accumulate=True),  # nothing to add into
-                lambda: cpu_avx2.block_matmul(T.Q4_0, x, w, out=np.empty((2, 5), np.float32))):
+                lambda: cpu_avx2.block_matmul(T.Q4_0, x, w, out=np.empty((2, 5), np.float32)),
+                lambda: cpu_avx2.dequantize(T.Q4_0, w, 96),  # w's rows are 64
+                lambda: cpu_avx2.dequantize(T.Q4_K, w, 64),  # K not whole superblocks
+                lambda: cpu_avx2.dequantize(T.BF16, w, 64)):  # not a block format
         with pytest.raises(ValueError):
             bad()

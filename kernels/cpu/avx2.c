@@ -242,4 +242,38 @@ EXPORT void avx2_block_matmul(int type, int M, const float *x, int K, const uint
   pool_run_sized(avx2_part, (size_t)N * row_bytes(type, K));
   pool_unlock();
 }
+
+// avx2_dequantize: w [rows, K] in `type` -> out [rows, K] f32, as gguf.quants.dequantize (each weight
+// f q + c of its decoded block: the products are exact, so one rounding, as gguf's): a prompt's
+// strips of weights for the BLAS GEMM. Rows are split among the pool's threads.
+static struct {  // the current avx2_dequantize call
+  const uint8_t *w;
+  float *out;
+  int type, rows, K;
+} dq;
+
+static void dequantize_part(int part) {
+  const int lo = (int)((long long)dq.rows * part / pool_threads), hi = (int)((long long)dq.rows * (part + 1) / pool_threads);
+  const size_t bytes = row_bytes(dq.type, dq.K);
+  for (int n = lo; n < hi; n++) {
+    struct superblock scales = {0};
+    float *out = dq.out + (size_t)n * dq.K;
+    for (int b = 0; b < dq.K / 32; b++) {
+      const struct weight_block w = decode_block(dq.type, dq.w + (size_t)n * bytes, b, &scales);
+      const __m256 f = _mm256_set1_ps(w.factor), c = _mm256_set1_ps(w.constant);
+      const __m256i half[2] = {w.low, w.high};
+      for (int i = 0; i < 4; i++) {  // 8 weights at a time: int16 -> int32 -> f32
+        const __m128i q = i % 2 ? _mm256_extracti128_si256(half[i / 2], 1) : _mm256_castsi256_si128(half[i / 2]);
+        _mm256_storeu_ps(out + 32 * b + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q)), f, c));
+      }
+    }
+  }
+}
+
+EXPORT void avx2_dequantize(int type, const uint8_t *w, int rows, int K, float *out) {
+  pool_lock();
+  dq.w = w, dq.out = out, dq.type = type, dq.rows = rows, dq.K = K;
+  pool_run_sized(dequantize_part, (size_t)rows * K * sizeof(float));
+  pool_unlock();
+}
 #endif

@@ -74,16 +74,25 @@ def _matrix_product(a, b, xq, add_to):
 
 
 def _avx2_matrix_product(a, b, xq, add_to):
-    """Without the AVX-512 kernels, _matrix_product for a decode step's rows: f32 through
-    avx2_skinny.c, a GGML block format through avx2.c; else None (NumPy serves: f32 by BLAS, the
-    rest dequantized). xq: unused (avx2.c quantizes a itself)."""
-    if a.shape[0] > cpu_avx2.MAX_ROWS:
-        return None
+    """Without the AVX-512 kernels, _matrix_product: a decode step's rows on f32 through
+    avx2_skinny.c, on a GGML block format through avx2.c; a prompt's rows on a block format by BLAS
+    on strips of it dequantized by avx2.c; else None (NumPy serves: f32 by BLAS, f16 and bf16
+    dequantized). xq: unused (avx2.c quantizes a itself)."""
+    rows = a.shape[0]
     if isinstance(b, np.ndarray):
-        return cpu_kernels.matmul_transb(a, b, add_to=add_to)
+        return cpu_kernels.matmul_transb(a, b, add_to=add_to) if rows <= cpu_avx2.MAX_ROWS else None
     if not decode_kernel(b.format):
         return None
-    return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
+    if rows <= cpu_avx2.MAX_ROWS:
+        return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
+    out = np.empty((rows, b.shape[0]), np.float32) if add_to is None else add_to  # [M, N]
+    for n in range(0, b.shape[0], reference.DENSE_ROWS):
+        strip = a @ cpu_avx2.dequantize(b.format.gguf_type, b.data[n:n + reference.DENSE_ROWS], b.shape[1]).T
+        if add_to is None:
+            out[:, n:n + reference.DENSE_ROWS] = strip
+        else:
+            out[:, n:n + reference.DENSE_ROWS] += strip
+    return out
 
 
 def product(a, b, add_to=None):
@@ -186,6 +195,8 @@ class CpuBackend(ReferenceBackend):
     def gather(table, ids):
         if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
             return cpu_quant.dequantize(cpu_quant.kernel_type(table), stored_bytes(table), table.shape[1], rows=ids)
+        if isinstance(table, QuantizedMatrix) and decode_kernel(table.format):  # AVX2 alone
+            return cpu_avx2.dequantize(table.format.gguf_type, table.data[np.asarray(ids)], table.shape[1])
         return reference.gather(table, ids)
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):

@@ -1,9 +1,10 @@
 """ctypes wrapper of kernels/cpu/avx2.c: a decode step's matmul on GGML's block formats (q4_0,
 q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, rows as GGUF stores them) for CPUs with AVX2 but
-without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built and the other ops stay on
-the reference.
+without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built, and their dequantization
+for a prompt's matmuls.
 
     out = block_matmul(gguf_type, x, w)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
+    dense = dequantize(gguf_type, w, K)   # -> f32 [N, K]: a prompt's strips for the BLAS GEMM
 
 x is quantized inside the call to int16 blocks of 32. The C side trusts its inputs: everything is
 checked here (ValueError).
@@ -33,6 +34,16 @@ def _kernel():
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _dequantizer():
+    library = built()
+    kernel = getattr(library, "avx2_dequantize", None) if library is not None else None
+    if kernel is not None:  # type, w, rows, K, out
+        kernel.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        kernel.restype = None
+    return kernel
+
+
 def available() -> bool:
     """The kernel built: a compiler, and a CPU with AVX2, FMA and F16C."""
     return _kernel() is not None
@@ -42,23 +53,43 @@ def takes(fmt) -> bool:
     return fmt.gguf_type in BLOCK_FORMATS
 
 
+def _format(gguf_type):
+    fmt = BLOCK_FORMATS.get(int(gguf_type))
+    if fmt is None:
+        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(BLOCK_FORMATS)}")
+    return fmt
+
+
+def _check_rows(w, fmt, K):
+    if (not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or not w.flags.c_contiguous
+            or w.shape[0] == 0 or w.shape[1] != fmt.row_bytes(K)):
+        raise ValueError(f"w must be a C-contiguous uint8 array [N, {fmt.row_bytes(K)}] for K = {K} in {fmt.name}")
+
+
+def dequantize(gguf_type, w, K) -> np.ndarray:
+    """w uint8 [N, row_bytes] in gguf_type, rows of K weights -> f32 [N, K], as gguf.quants.dequantize."""
+    fmt = _format(gguf_type)
+    if K < fmt.block_size or K % fmt.block_size:
+        raise ValueError(f"K = {K} is not a positive multiple of {fmt.name}'s block of {fmt.block_size}")
+    _check_rows(w, fmt, K)
+    out = np.empty((w.shape[0], K), np.float32)
+    _dequantizer()(fmt.gguf_type, _address(w), w.shape[0], K, _address(out))
+    return out
+
+
 def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     """x [M, K] f32 @ dequant(w)^T -> out [M, N] f32 (added into out when accumulate); w uint8
     [N, row_bytes] in gguf_type (a GGML block format); 1 <= M <= 16, K a multiple of its block."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the AVX2 block kernel is not available (no compiler, or no AVX2/FMA/F16C)")
-    fmt = BLOCK_FORMATS.get(int(gguf_type))
-    if fmt is None:
-        raise ValueError(f"GGML type {gguf_type!r} is not one of {sorted(BLOCK_FORMATS)}")
+    fmt = _format(gguf_type)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < fmt.block_size or x.shape[1] % fmt.block_size:
         raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS} and K a positive multiple of "
                          f"{fmt.name}'s block of {fmt.block_size}")
     M, K = x.shape
-    if (not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2 or not w.flags.c_contiguous
-            or w.shape[0] == 0 or w.shape[1] != fmt.row_bytes(K)):
-        raise ValueError(f"w must be a C-contiguous uint8 array [N, {fmt.row_bytes(K)}] for K = {K} in {fmt.name}")
+    _check_rows(w, fmt, K)
     N = w.shape[0]
     out = _output(out, M, N, accumulate)
     kernel(fmt.gguf_type, M, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
