@@ -107,12 +107,16 @@ static inline void k4_scales(const uint8_t *p, struct superblock *s) {
   }
 }
 
-// block b of a row at `row` in `type` (K-quants: s holds its superblock's scales, decoded here at its first block)
+// blocks a K-quant superblock holds (1: a 32-weight format)
+static inline int group_blocks(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? 8 : 1; }
+
+// block b + j of a row at `row` in `type`, b a multiple of group_blocks (K-quants: j the block in
+// its superblock, constant where the caller unrolls j; s holds the superblock's scales, decoded
+// here at its first block)
 static inline __attribute__((always_inline)) struct weight_block decode_block(const int type, const uint8_t *row, int b,
-                                                                               struct superblock *s) {
+                                                                               const int j, struct superblock *s) {
   struct weight_block w;
-  if (type == Q4_K || type == Q5_K || type == Q6_K) {
-    const int j = b % 8;  // the block in its superblock
+  if (group_blocks(type) == 8) {
     const uint8_t *p = row + (size_t)(b / 8) * row_bytes(type, 256);
     if (type == Q6_K) {  // ql[128], qh[64], scales[16], d; block j = 4 h + i: ql[64 h + 32 (i % 2) ..], nibble i / 2; qh[32 h ..] bits 2i
       if (j == 0) {
@@ -143,7 +147,7 @@ static inline __attribute__((always_inline)) struct weight_block decode_block(co
     w.factor = s->factor[j], w.constant = s->constant[j];
     return w;
   }
-  const uint8_t *p = row + (size_t)b * row_bytes(type, 32);  // d, [m], [qh], qs
+  const uint8_t *p = row + (size_t)(b + j) * row_bytes(type, 32);  // d, [m], [qh], qs
   w.factor = f16_at(p);
   if (type == Q8_0) {
     w.low = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 2)));
@@ -175,19 +179,22 @@ static inline __attribute__((always_inline)) void rows_avx2(const int type, cons
     struct superblock scales[2] = {0};  // set at each superblock's first block
     for (int r = 0; r < P; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_ps(), constant[r][m] = 0.0f;
-    for (int b = 0; b < blocks; b++)
-      for (int r = 0; r < P; r++) {
-        const uint8_t *row = avx2.w + (size_t)(n0 + (r < rows ? r : 0)) * bytes;  // a missing last row repeats the first
-        _mm_prefetch((const char *)row + (size_t)(b + 8) * row_bytes(type, 256) / 8, _MM_HINT_T0);  // 8 blocks ahead
-        const struct weight_block w = decode_block(type, row, b, &scales[r]);
-        for (int m = 0; m < M; m++) {
-          const struct x_block *x = avx2.x + (size_t)m * blocks + b;
-          const __m256i dots = _mm256_add_epi32(_mm256_madd_epi16(w.low, _mm256_loadu_si256((const __m256i *)x->q)),
-                                                _mm256_madd_epi16(w.high, _mm256_loadu_si256((const __m256i *)(x->q + 16))));
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(w.factor * x->d), acc[r][m]);
-          constant[r][m] += w.constant * x->dsum;
+    for (int b0 = 0; b0 < blocks; b0 += group_blocks(type))
+#pragma GCC unroll 8
+      for (int j = 0; j < group_blocks(type); j++)
+        for (int r = 0; r < P; r++) {
+          const int b = b0 + j;
+          const uint8_t *row = avx2.w + (size_t)(n0 + (r < rows ? r : 0)) * bytes;  // a missing last row repeats the first
+          _mm_prefetch((const char *)row + (size_t)(b + 8) * row_bytes(type, 256) / 8, _MM_HINT_T0);  // 8 blocks ahead
+          const struct weight_block w = decode_block(type, row, b0, j, &scales[r]);
+          for (int m = 0; m < M; m++) {
+            const struct x_block *x = avx2.x + (size_t)m * blocks + b;
+            const __m256i dots = _mm256_add_epi32(_mm256_madd_epi16(w.low, _mm256_loadu_si256((const __m256i *)x->q)),
+                                                  _mm256_madd_epi16(w.high, _mm256_loadu_si256((const __m256i *)(x->q + 16))));
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(w.factor * x->d), acc[r][m]);
+            constant[r][m] += w.constant * x->dsum;
+          }
         }
-      }
     for (int r = 0; r < rows; r++)
       for (int m = 0; m < M; m++) {
         const float sum = sum8(acc[r][m]) + constant[r][m];
@@ -259,7 +266,8 @@ static void dequantize_part(int part) {
     struct superblock scales = {0};
     float *out = dq.out + (size_t)n * dq.K;
     for (int b = 0; b < dq.K / 32; b++) {
-      const struct weight_block w = decode_block(dq.type, dq.w + (size_t)n * bytes, b, &scales);
+      const int j = b % group_blocks(dq.type);
+      const struct weight_block w = decode_block(dq.type, dq.w + (size_t)n * bytes, b - j, j, &scales);
       const __m256 f = _mm256_set1_ps(w.factor), c = _mm256_set1_ps(w.constant);
       const __m256i half[2] = {w.low, w.high};
       for (int i = 0; i < 4; i++) {  // 8 weights at a time: int16 -> int32 -> f32

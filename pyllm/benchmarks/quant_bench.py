@@ -105,7 +105,8 @@ def decode_teacher_forced(llm, ids, copies=1):
 
 def quality(path, llm, ids, peer):
     """Perplexities of ids under each engine, and pyllm's argmax agreement with transformers:
-    decoding one sequence (activations in two int8 layers) and in a batch that takes one layer."""
+    decoding one sequence (AVX-512: activations in two int8 layers) and in a batch of
+    TWO_LAYER_ROWS + 1 (one layer; AVX2: int16 blocks at both)."""
     from pyllm.backends.cpu import TWO_LAYER_ROWS
     import torch
     from transformers import AutoModelForCausalLM
@@ -156,10 +157,12 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                      f"{ratio('decode_b1_tok_s')} | {gb_s:.1f} ({gb_s / roof:.0%}; {gb_s / r['same_size_read_gb_s']:.0%}) | "
                      f"{ours['prefill_tok_s']:.1f} | "
                      f"{value(peer, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {batched} | {r['rss_bytes'] / 1e6:.0f} |")
-    lines += ["", "Decode: one sequence (activations as two int8 layers) and a batch of 5 (one int8 layer); "
+    scheme = ("activations as two int8 layers, a batch of 5 one int8 layer" if results.get("kernels") == "AVX-512"
+              else "activations as int16 blocks of 32 at both (AVX2 kernels)")
+    lines += ["", f"Kernels: {results.get('kernels')}. Decode: one sequence and a batch of 5 ({scheme}); "
               "agreement: teacher-forced argmax against transformers on the same file.", "",
-              "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode, 2 layers) | agreement | "
-              "pyllm ppl (batch of 5, 1 layer) | agreement | llama.cpp ppl |", "|---" * 8 + "|"]
+              "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode b1) | agreement | "
+              "pyllm ppl (decode, batch of 5) | agreement | llama.cpp ppl |", "|---" * 8 + "|"]
     for name, r in results["files"].items():
         q = r["quality"]
         rel = lambda key: f"{q[key]:.3f} ({q[key] / q['transformers_ppl'] - 1:+.2%})"  # noqa: E731
@@ -260,7 +263,10 @@ def main(argv=None):
         if peer is not None:
             measures.update(llama_cpp_measures(peer, ids, args.decode_tokens, name))
     best = interleaved_best(measures, args.rounds)
-    results = {"machine": f"{platform.machine()}, {CORES} cores", "rounds": args.rounds, "batches": batches,
+    kernels = ("AVX-512" if cpu_kernels.available() else "AVX2" if cpu_kernels.step_kernels_available()
+               else "NumPy")
+    results = {"machine": f"{platform.machine()}, {CORES} cores", "kernels": kernels, "rounds": args.rounds,
+               "batches": batches,
                "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                "roofline_gb_s": ROOFLINE_BYTES / best["roofline"] / 1e9, "files": {}}
     if "int8 dot" in best:
