@@ -2,7 +2,7 @@
 their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py). A
 CPU with AVX2 but not AVX-512 gets a decode step's kernels (cpu_kernels.py's row kernels,
 attention and f32 matmul, cpu_avx2.py's matmul on the GGML block formats); its prompts' matmuls
-are NumPy's (f32 by BLAS, block formats dequantized).
+are BLAS's (block formats on strips dequantized in C).
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
 does not take the input; what falls back for a whole model is said once, while it loads.
@@ -129,7 +129,7 @@ class CpuBackend(ReferenceBackend):
             return
         if cpu_kernels.step_kernels_available() and cpu_avx2.available():
             self._say("no AVX-512 here: decode steps run in C (AVX2: f32 and GGML block-format weights), "
-                      "prompts' matmuls on NumPy")
+                      "prompts' matmuls by BLAS")
         else:
             self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")
