@@ -1,34 +1,10 @@
-// rows.c's kernels, rms_norm, swiglu and qkv_rope, for CPUs with AVX2 but without AVX-512: the
-// same contracts (cpu.h), a row 8 lanes at a time with a masked tail. A decode step's rows run on
-// the caller; a prompt's many are split evenly among the pool's threads (pool_run_sized).
+// rows.c's kernels, rms_norm, swiglu and qkv_rope (rows.h: their arguments, split and calls), for
+// CPUs with AVX2 but without AVX-512: a row (a token) is 8 lanes at a time with a masked tail.
 #include "cpu.h"
 #if defined(PYLLM_AVX2) && !defined(__AVX512F__)
+#include "rows.h"
 
-static struct {  // the current row kernel call
-  void (*row)(int r);
-  int rows;
-} each_row;
-
-static void rows_part(int part) {
-  const int lo = (int)((long long)each_row.rows * part / pool_threads);
-  const int hi = (int)((long long)each_row.rows * (part + 1) / pool_threads);
-  for (int r = lo; r < hi; r++) each_row.row(r);
-}
-
-static void for_each_row(void (*row)(int r), int rows, size_t bytes) {  // with the pool taken
-  each_row.row = row, each_row.rows = rows;
-  pool_run_sized(rows_part, bytes);
-}
-
-static struct {  // the current rms_norm call
-  const float *x, *weight;
-  float *out;
-  int width;
-  float eps;
-} norm;
-
-// rms_norm: out [T, width] = x / sqrt(mean(x^2) + eps) * weight, as HF's LlamaRMSNorm (f32
-// statistics: 8 partial sums of squares, added at the end)
+// a row's sum of squares: 8 partial sums, added at the end
 static void norm_row(int r) {
   const float *x = norm.x + (size_t)r * norm.width;
   float *out = norm.out + (size_t)r * norm.width;
@@ -45,20 +21,6 @@ static void norm_row(int r) {
   }
 }
 
-EXPORT void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out) {
-  pool_lock();
-  norm.x = x, norm.weight = weight, norm.out = out, norm.width = width, norm.eps = eps;
-  for_each_row(norm_row, T, sizeof(float) * (size_t)T * width);
-  pool_unlock();
-}
-
-static struct {  // the current swiglu call
-  const float *gate_up;
-  float *out;
-  int width;
-} glu;
-
-// swiglu: out [T, width] = silu(gate) * up = gate / (1 + exp(-gate)) * up, gate_up [T, 2 width] (gate | up)
 static void glu_row(int r) {
   const float *gate = glu.gate_up + (size_t)r * 2 * glu.width, *up = gate + glu.width;
   float *out = glu.out + (size_t)r * glu.width;
@@ -70,22 +32,6 @@ static void glu_row(int r) {
   }
 }
 
-EXPORT void swiglu(int T, int width, const float *gate_up, float *out) {
-  pool_lock();
-  glu.gate_up = gate_up, glu.out = out, glu.width = width;
-  for_each_row(glu_row, T, sizeof(float) * 2 * (size_t)T * width);
-  pool_unlock();
-}
-
-static struct {  // the current qkv_rope call
-  const float *qkv, *bias, *cos, *sin;
-  float *k, *v, *q;  // k, v: the KV pool
-  const int32_t *const *tables;
-  const int *sequence, *position;  // per row: its sequence, and its position
-  int H, KV, D, layer, layers;
-} qkv;
-
-// qkv_rope, one token (rows.c states the rule): rope on its query and key heads, values copied
 static void qkv_row(int t) {
   const int D = qkv.D, half = D / 2, position = qkv.position[t];
   const int block = qkv.tables[qkv.sequence[t]][position / BLOCK_TOKENS];
@@ -109,21 +55,5 @@ static void qkv_row(int t) {
       _mm256_maskstore_ps(out + half + i, m, x2);
     }
   }
-}
-
-// A step's rows through the KV pool's block tables, as rows.c's qkv_rope. D % 2 == 0.
-EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
-                     const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables,
-                     const int *length, const int *count, float *q) {
-  int T = 0;
-  for (int s = 0; s < S; s++) T += count[s];
-  int *per_row = rows_of_step(S, length, count, T);  // sequences, then positions
-  pool_lock();
-  qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
-  qkv.tables = tables, qkv.sequence = per_row, qkv.position = per_row + T;
-  qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer, qkv.layers = layers;
-  for_each_row(qkv_row, T, sizeof(float) * (size_t)T * (H + 2 * KV) * D);
-  pool_unlock();
-  free(per_row);
 }
 #endif

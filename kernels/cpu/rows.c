@@ -1,44 +1,12 @@
-// Row kernels, rms_norm, swiglu and qkv_rope: a row (a token) is 16 lanes at a time with a masked
-// tail. Rows are split evenly among the threads, or all run on the caller when the call is too
-// small to pay for the handoff (a decode step's few rows of rms_norm and swiglu). qkv_rope splits
-// from far fewer floats (QKV_SERIAL_FLOATS): its rows read the k and v columns the decode matmul's
-// last thread wrote and write KV-cache lines no cache holds, which cost the caller alone more than
-// the handoff once a row is a few KB (SmolLM2's: 3.75 KB; a tiny test model's 0.5 KB stays serial).
+// Row kernels, rms_norm, swiglu and qkv_rope (rows.h: their arguments, split and calls): a row (a
+// token) is 16 lanes at a time with a masked tail.
 #include "cpu.h"
 #ifdef __AVX512F__
-#define SERIAL_FLOATS 32768
-#define QKV_SERIAL_FLOATS 512
-
-static struct {  // the current row kernel call
-  void (*row)(int r);
-  int rows;
-} each_row;
-
-static void rows_part(int part) {
-  const int lo = (int)((long long)each_row.rows * part / pool_threads);
-  const int hi = (int)((long long)each_row.rows * (part + 1) / pool_threads);
-  for (int r = lo; r < hi; r++) each_row.row(r);
-}
-
-static void for_each_row(void (*row)(int r), int rows, long floats) {  // with call_lock held
-  each_row.row = row, each_row.rows = rows;
-  if (floats < SERIAL_FLOATS)
-    for (int r = 0; r < rows; r++) row(r);
-  else
-    pool_run(rows_part);
-}
+#include "rows.h"
 
 static inline __mmask16 lanes(int left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
-static struct {  // the current rms_norm call
-  const float *x, *weight;
-  float *out;
-  int width;
-  float eps;
-} norm;
-
-// rms_norm: out [T, width] = x / sqrt(mean(x^2) + eps) * weight, as HF's LlamaRMSNorm (f32 statistics:
-// 16 partial sums of squares, added at the end)
+// a row's sum of squares: 16 partial sums, added at the end
 static void norm_row(int r) {
   const float *x = norm.x + (size_t)r * norm.width;
   float *out = norm.out + (size_t)r * norm.width;
@@ -55,20 +23,6 @@ static void norm_row(int r) {
   }
 }
 
-EXPORT void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out) {
-  pool_lock();
-  norm.x = x, norm.weight = weight, norm.out = out, norm.width = width, norm.eps = eps;
-  for_each_row(norm_row, T, (long)T * width);
-  pool_unlock();
-}
-
-static struct {  // the current swiglu call
-  const float *gate_up;
-  float *out;
-  int width;
-} glu;
-
-// swiglu: out [T, width] = silu(gate) * up = gate / (1 + exp(-gate)) * up, gate_up [T, 2 width] (gate | up)
 static void glu_row(int r) {
   const float *gate = glu.gate_up + (size_t)r * 2 * glu.width, *up = gate + glu.width;
   float *out = glu.out + (size_t)r * glu.width;
@@ -80,25 +34,6 @@ static void glu_row(int r) {
   }
 }
 
-EXPORT void swiglu(int T, int width, const float *gate_up, float *out) {
-  pool_lock();
-  glu.gate_up = gate_up, glu.out = out, glu.width = width;
-  for_each_row(glu_row, T, (long)T * width);
-  pool_unlock();
-}
-
-static struct {  // the current qkv_rope call
-  const float *qkv, *bias, *cos, *sin;
-  float *k, *v, *q;  // k, v: the KV pool
-  const int32_t *const *tables;
-  const int *sequence, *position;  // per row: its sequence, and its position
-  int H, KV, D, layer, layers;
-} qkv;
-
-// qkv_rope: one token's fused projections qkv [(H + 2 KV) * D] (+ bias): rope (HF's rotate_half
-// layout: the first and second halves of a head are the pairs) on its H query heads -> q [H, D],
-// and on its KV key heads -> k at the layer, in its position's block and row; its value heads ->
-// the same place in v. Its position also picks the row of the cos, sin tables [positions, D / 2].
 static void qkv_row(int t) {
   const int D = qkv.D, half = D / 2, position = qkv.position[t];
   const int block = qkv.tables[qkv.sequence[t]][position / BLOCK_TOKENS];
@@ -124,21 +59,4 @@ static void qkv_row(int t) {
   }
 }
 
-// A step's rows: sequence s owns count[s] consecutive rows, the last of its length[s] tokens, and
-// writes them at layer `layer` of the KV pool k, v [blocks, layers, KV, BLOCK_TOKENS, D] through
-// its block table tables[s], as attention reads them (writers of one call write distinct rows). D % 2 == 0.
-EXPORT void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *qkv_in, const float *bias,
-                     const float *cos, const float *sin, float *k, float *v, const int32_t *const *tables,
-                     const int *length, const int *count, float *q) {
-  int T = 0;
-  for (int s = 0; s < S; s++) T += count[s];
-  int *per_row = rows_of_step(S, length, count, T);  // sequences, then positions
-  pool_lock();
-  qkv.qkv = qkv_in, qkv.bias = bias, qkv.cos = cos, qkv.sin = sin, qkv.k = k, qkv.v = v, qkv.q = q;
-  qkv.tables = tables, qkv.sequence = per_row, qkv.position = per_row + T;
-  qkv.H = H, qkv.KV = KV, qkv.D = D, qkv.layer = layer, qkv.layers = layers;
-  for_each_row(qkv_row, T, (long)T * (H + 2 * KV) * D * (SERIAL_FLOATS / QKV_SERIAL_FLOATS));
-  pool_unlock();
-  free(per_row);
-}
 #endif

@@ -85,14 +85,12 @@ def _avx2_matrix_product(a, b, xq, add_to):
         return None
     if rows <= cpu_avx2.MAX_ROWS:
         return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
-    out = np.empty((rows, b.shape[0]), np.float32) if add_to is None else add_to  # [M, N]
-    for n in range(0, b.shape[0], reference.DENSE_ROWS):
-        strip = a @ cpu_avx2.dequantize(b.format.gguf_type, b.data[n:n + reference.DENSE_ROWS], b.shape[1]).T
-        if add_to is None:
-            out[:, n:n + reference.DENSE_ROWS] = strip
-        else:
-            out[:, n:n + reference.DENSE_ROWS] += strip
-    return out
+    out = reference.times_dense_strips(  # [M, N]
+        a, b.shape[0], lambda n, stop: cpu_avx2.dequantize(b.format.gguf_type, b.data[n:stop], b.shape[1]))
+    if add_to is None:
+        return out
+    add_to += out
+    return add_to
 
 
 def product(a, b, add_to=None):

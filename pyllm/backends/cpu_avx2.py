@@ -24,29 +24,30 @@ MAX_ROWS = 16  # rows of x per call
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
+def _library():
+    """built(), where it holds avx2.c's kernels; else None."""
     library = built()
-    kernel = getattr(library, "avx2_block_matmul", None) if library is not None else None
-    if kernel is not None:  # type, M, x, K, w, N, out, accumulate
-        kernel.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_int]
-        kernel.restype = None
-    return kernel
+    if library is None or not hasattr(library, "avx2_block_matmul"):
+        return None
+    # type, M, x, K, w, N, out, accumulate
+    library.avx2_block_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    # type, w, rows, K, out
+    library.avx2_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    library.avx2_block_matmul.restype = library.avx2_dequantize.restype = None
+    return library
 
 
-@functools.lru_cache(maxsize=None)
-def _dequantizer():
-    library = built()
-    kernel = getattr(library, "avx2_dequantize", None) if library is not None else None
-    if kernel is not None:  # type, w, rows, K, out
-        kernel.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        kernel.restype = None
-    return kernel
+def _kernels():
+    library = _library()
+    if library is None:
+        raise RuntimeError("the AVX2 block kernels are not available (no compiler, or no AVX2/FMA/F16C)")
+    return library
 
 
 def available() -> bool:
-    """The kernel built: a compiler, and a CPU with AVX2, FMA and F16C."""
-    return _kernel() is not None
+    """The kernels built: a compiler, and a CPU with AVX2, FMA and F16C."""
+    return _library() is not None
 
 
 def takes(fmt) -> bool:
@@ -68,22 +69,19 @@ def _check_rows(w, fmt, K):
 
 def dequantize(gguf_type, w, K) -> np.ndarray:
     """w uint8 [N, row_bytes] in gguf_type, rows of K weights -> f32 [N, K], as gguf.quants.dequantize."""
-    fmt = _format(gguf_type)
+    library, fmt = _kernels(), _format(gguf_type)
     if K < fmt.block_size or K % fmt.block_size:
         raise ValueError(f"K = {K} is not a positive multiple of {fmt.name}'s block of {fmt.block_size}")
     _check_rows(w, fmt, K)
     out = np.empty((w.shape[0], K), np.float32)
-    _dequantizer()(fmt.gguf_type, _address(w), w.shape[0], K, _address(out))
+    library.avx2_dequantize(fmt.gguf_type, _address(w), w.shape[0], K, _address(out))
     return out
 
 
 def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     """x [M, K] f32 @ dequant(w)^T -> out [M, N] f32 (added into out when accumulate); w uint8
     [N, row_bytes] in gguf_type (a GGML block format); 1 <= M <= 16, K a multiple of its block."""
-    kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("the AVX2 block kernel is not available (no compiler, or no AVX2/FMA/F16C)")
-    fmt = _format(gguf_type)
+    library, fmt = _kernels(), _format(gguf_type)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < fmt.block_size or x.shape[1] % fmt.block_size:
         raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS} and K a positive multiple of "
@@ -92,5 +90,5 @@ def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     _check_rows(w, fmt, K)
     N = w.shape[0]
     out = _output(out, M, N, accumulate)
-    kernel(fmt.gguf_type, M, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
+    library.avx2_block_matmul(fmt.gguf_type, M, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
     return out

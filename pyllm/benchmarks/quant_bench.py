@@ -157,8 +157,8 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                      f"{ratio('decode_b1_tok_s')} | {gb_s:.1f} ({gb_s / roof:.0%}; {gb_s / r['same_size_read_gb_s']:.0%}) | "
                      f"{ours['prefill_tok_s']:.1f} | "
                      f"{value(peer, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {batched} | {r['rss_bytes'] / 1e6:.0f} |")
-    scheme = ("activations as two int8 layers, a batch of 5 one int8 layer" if results.get("kernels") == "AVX-512"
-              else "activations as int16 blocks of 32 at both (AVX2 kernels)")
+    scheme = {"AVX-512": "activations as two int8 layers, a batch of 5 one int8 layer",
+              "AVX2": "activations as int16 blocks of 32 at both"}.get(results.get("kernels"), "f32 NumPy at both")
     lines += ["", f"Kernels: {results.get('kernels')}. Decode: one sequence and a batch of 5 ({scheme}); "
               "agreement: teacher-forced argmax against transformers on the same file.", "",
               "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode b1) | agreement | "
