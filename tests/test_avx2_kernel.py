@@ -1,9 +1,10 @@
 """kernels/cpu/avx2.c (through pyllm.backends.cpu_avx2), the decode matmul for CPUs with AVX2 but
-not AVX-512, against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as the kernel rounds it (per 32:
-d = max|x| / 32767 in f32, q = round-half-even(x / d) in int16) and multiplied in float64, where
+not AVX-512, against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as
+the kernel rounds it (per 32: d = max|x| / 127 in f32, q = round-half-even(x / d) in int8,
+llama.cpp's Q8_0; in two layers also the rounding error's blocks) and multiplied in float64, where
 only the kernel's f32 summation may differ (1e-4 of the output's scale); and against the exact
-product, where the int16 rounding adds ~1/113000 of a block's max per activation. Weights as in
-test_quant_kernels.py (gguf's quantizer where it has one, else random bytes with sane f16 scales).
+product, where the rounding adds up to 1/254 of a block's max per activation (two layers: 1/254^2). Weights as in test_quant_kernels.py (gguf's quantizer where it has one, else random
+bytes with sane f16 scales).
 It is built on every AVX2 CPU, AVX-512 ones included, so CI tests it on both.
 """
 
@@ -20,35 +21,60 @@ pytestmark = pytest.mark.skipif(not cpu_avx2.available(), reason="the AVX2 kerne
 rng = np.random.default_rng(1)
 
 
-def rounded(x):
-    """x [M, K] -> its int16 blocks times their scales, f64 [M, K], as the kernel rounds."""
+def int8_blocks(x):
+    """x [M, K] -> (q, d) as the kernel rounds it: per block of 32, q [M, K / 32, 32] f32 integers, d [M, K / 32, 1] f32."""
     blocks = x.reshape(x.shape[0], -1, 32)
-    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(32767)
-    q = np.clip(np.rint(blocks / np.where(d == 0, np.float32(1), d)), -32767, 32767)
-    return np.where(d == 0, 0.0, q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.rint(blocks / np.where(d == 0, np.float32(1), d)), -127, 127)
+    return np.where(d == 0, np.float32(0), q).astype(np.float32), d
 
 
-def check(out, x, w, qtype):
+def rounded(x, layers):
+    """x [M, K] -> what the kernel's int8 layers carry of it, f64 [M, K]: one layer's d q, or two:
+    (254 q + q2) d / 254, q2 the rounding error x - d q (d q in f32) on the grid d / 254."""
+    q, d = int8_blocks(x)
+    if layers == 1:
+        return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+    fine = d / np.float32(254)
+    error = x.reshape(q.shape) - q * d  # f32, as the kernel rounds d q
+    q2 = np.clip(np.rint(error / np.where(fine == 0, np.float32(1), fine)), -127, 127)
+    return ((254 * q + q2).astype(np.float64) * fine.astype(np.float64)).reshape(x.shape)
+
+
+def check(out, x, w, qtype, layers):
     dense = gguf.quants.dequantize(w, qtype).astype(np.float64)
-    want = rounded(x) @ dense.T
+    want = rounded(x, layers) @ dense.T
     assert np.abs(out - want).max() <= 1e-4 * np.abs(want).max(), f"{qtype.name} {x.shape} x {w.shape}"
-    # an activation's int16 rounding error: at most its block's max / 65534, ~1e-5 of a typical output
-    typical = np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(dense, axis=1)) / np.sqrt(x.shape[1])
-    assert (np.abs(out - x.astype(np.float64) @ dense.T) <= 1e-3 * typical).all(), f"{qtype.name}: int16 too far off"
+    # an activation's rounding error is at most half its block's step, max / 254 (two layers:
+    # max / 254^2): at most that times the block's |weights| summed, per block of the output's dot product
+    half_steps = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1, 32).max(axis=-1) / 254 ** layers  # [M, K / 32]
+    bound = half_steps @ np.abs(dense).reshape(dense.shape[0], -1, 32).sum(axis=-1).T  # [M, N]
+    error = np.abs(out - x.astype(np.float64) @ dense.T)
+    assert (error <= 1.001 * bound + 1e-4 * np.abs(want).max()).all(), f"{qtype.name}: {layers} int8 layers too far off"
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])
-def test_block_matmul_matches_the_reference(qtype, M):
-    """Rows not a multiple of the threads' shares or of two (N = 1, 37), one block to 48 (K-quants:
-    one superblock to three), a block of zeros, a norm's outlier channels."""
+@pytest.mark.parametrize("M, layers", [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (8, 1), (16, 1),
+                                       (1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (16, 2)])
+def test_block_matmul_matches_the_reference(qtype, M, layers):
+    """Rows not a multiple of the threads' shares or of a tile's 4 (N = 1, 37), one block to 48
+    (K-quants: one superblock to three; odd block counts), a block of zeros, a norm's outlier channels."""
     for K in depths(qtype):
         for N in (1, 37):
             w = weights(qtype, N, K)
             x = rng.standard_normal((M, K)).astype(np.float32)
             x[0, :32] = 0.0  # d = 0
             x[-1, [5, K // 2]] = [40.0, -60.0]
-            check(cpu_avx2.block_matmul(qtype, x, w), x, w, qtype)
+            check(cpu_avx2.block_matmul(qtype, x, w, layers=layers), x, w, qtype, layers)
+
+
+def test_two_layers_carry_more_of_x():
+    """The second layer: the output moves ~100x closer to x's exact product."""
+    w = weights(T.Q8_0, 64, 256)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    exact = x.astype(np.float64) @ gguf.quants.dequantize(w, T.Q8_0).astype(np.float64).T
+    one, two = (np.abs(cpu_avx2.block_matmul(T.Q8_0, x, w, layers=layers) - exact).max() for layers in (1, 2))
+    assert two < one / 30, (one, two)
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
@@ -76,6 +102,7 @@ def test_wrapper_errors():
     x = np.ones((2, 64), np.float32)
     for bad in (lambda: cpu_avx2.block_matmul(T.F16, x, w),  # not a block format
                 lambda: cpu_avx2.block_matmul(T.Q4_0, np.ones((17, 64), np.float32), w),  # too many rows
+                lambda: cpu_avx2.block_matmul(T.Q4_0, x, w, layers=3),
                 lambda: cpu_avx2.block_matmul(T.Q4_0, np.ones((2, 48), np.float32), w),  # K not whole blocks
                 lambda: cpu_avx2.block_matmul(T.Q4_K, x, w),  # K not whole superblocks
                 lambda: cpu_avx2.block_matmul(T.Q4_0, np.ones((2, 96), np.float32), w),  # w's rows are 64

@@ -139,8 +139,8 @@ def test_cpu_kernels_agree_with_transformers(tiny_gguf):
     One sequence (its activations as two int8 layers): argmax agreement >= 99% and perplexity
     within 0.5%. Five at once (one int8 layer, llama.cpp's Q8 scheme, where a step is compute-
     bound): >= 94% and 1%, since these random models' top two logits are often closer than a
-    trained model's. A prompt (the dequantizing GEMM): ~exact. With AVX2 alone: int16 activations
-    at every batch size, and the prompt dequantized through NumPy."""
+    trained model's. A prompt (the dequantizing GEMM): ~exact. With AVX2 alone the same layers
+    (avx2.c), and the prompt's strips dequantized by avx2.c for BLAS."""
     if not cpu_kernels.step_kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the CPU backend is the reference")
     path, reference = tiny_gguf

@@ -11,9 +11,11 @@
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
 //   layers.c     decoder_layers: every decoder layer of a decode step in one call
-//   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int16
-//                activations) for CPUs with AVX2 but without AVX-512; avx2_skinny.c,
-//                avx2_rows.c, avx2_attention.c: skinny_matmul, the row kernels and attention there
+//   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
+//                activations in quant.c's one or two layers) for CPUs with AVX2 but without
+//                AVX-512; avx2_skinny.c, avx2_rows.c, avx2_attention.c: skinny_matmul, the row
+//                kernels and attention there; avx2_blocks.h: the block formats decoded in
+//                ymm, for avx2.c and avx2_dequantize.c (a prompt's weight strips)
 // Without AVX-512 the AVX-512 sources compile to nothing; with AVX2, FMA and F16C (PYLLM_AVX2:
 // every AVX-512 CPU has them too) avx2*.c, layers.c, pool.c and stream.c are built, so a decode
 // step runs in C and a prompt's matmuls by BLAS (block formats on strips avx2.c dequantizes).
@@ -100,7 +102,8 @@ void qkv_rope(int S, int H, int KV, int D, int layer, int layers, const float *q
               const int *count, float *q);
 void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
                const float *v, const int32_t *const *tables, const int *length, const int *count, float *out);
-void avx2_block_matmul(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out, int accumulate);
+void avx2_block_matmul(int type, int M, int layers, const float *x, int K, const uint8_t *w, int N, float *out,
+                       int accumulate);
 #endif
 
 // exp in vector lanes (exp512, exp256): exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2

@@ -60,9 +60,9 @@ void half_matmul(int type, int M, const float *x, int K, const uint16_t *w, int 
 static void apply_untimed(const struct matrix *m, int T, int layers, const float *x, int K, float *out,
                           int accumulate, float *scratch, void *xq) {
 #ifndef __AVX512F__  // AVX2 alone: f32 rows or a block format (avx2.c quantizes x itself)
-  (void)layers, (void)xq;
+  (void)xq;
   if (m->type != F32_ROWS) {
-    avx2_block_matmul(m->type, T, x, K, m->data, m->N, out, accumulate);
+    avx2_block_matmul(m->type, T, layers, x, K, m->data, m->N, out, accumulate);
     return;
   }
 #else

@@ -84,7 +84,8 @@ def _avx2_matrix_product(a, b, xq, add_to):
     if not decode_kernel(b.format):
         return None
     if rows <= cpu_avx2.MAX_ROWS:
-        return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None)
+        return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None,
+                                     layers=activation_layers(rows))
     out = reference.times_dense_strips(  # [M, N]
         a, b.shape[0], lambda n, stop: cpu_avx2.dequantize(b.format.gguf_type, b.data[n:stop], b.shape[1]))
     if add_to is None:

@@ -3,11 +3,12 @@ q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, rows as GGUF stores them) for CPUs wit
 without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built, and their dequantization
 for a prompt's matmuls.
 
-    out = block_matmul(gguf_type, x, w)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
-    dense = dequantize(gguf_type, w, K)   # -> f32 [N, K]: a prompt's strips for the BLAS GEMM
+    out = block_matmul(gguf_type, x, w, layers=2)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
+    dense = dequantize(gguf_type, w, K)             # -> f32 [N, K]: a prompt's strips for the BLAS GEMM
 
-x is quantized inside the call to int16 blocks of 32. The C side trusts its inputs: everything is
-checked here (ValueError).
+x is quantized inside the call to int8 blocks of 32 (llama.cpp's Q8_0), in one layer or two (as
+cpu_quant's: the second is the first's rounding error, here on the grid d / 254, so that a block
+travels as one int16 254 q + q2). The C side trusts its inputs: everything is checked here (ValueError).
 """
 
 import ctypes
@@ -29,9 +30,9 @@ def _library():
     library = built()
     if library is None or not hasattr(library, "avx2_block_matmul"):
         return None
-    # type, M, x, K, w, N, out, accumulate
-    library.avx2_block_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    # type, M, layers, x, K, w, N, out, accumulate
+    library.avx2_block_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                          ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     # type, w, rows, K, out
     library.avx2_dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     library.avx2_block_matmul.restype = library.avx2_dequantize.restype = None
@@ -78,11 +79,14 @@ def dequantize(gguf_type, w, K) -> np.ndarray:
     return out
 
 
-def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
+def block_matmul(gguf_type, x, w, out=None, accumulate=False, layers=1) -> np.ndarray:
     """x [M, K] f32 @ dequant(w)^T -> out [M, N] f32 (added into out when accumulate); w uint8
-    [N, row_bytes] in gguf_type (a GGML block format); 1 <= M <= 16, K a multiple of its block."""
+    [N, row_bytes] in gguf_type (a GGML block format); x in `layers` (1, 2) int8 layers; 1 <= M <= 16,
+    K a multiple of its block."""
     library, fmt = _kernels(), _format(gguf_type)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if layers not in (1, 2):
+        raise ValueError(f"layers must be 1 or 2, not {layers!r}")
     if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] < fmt.block_size or x.shape[1] % fmt.block_size:
         raise ValueError(f"x {x.shape} must be [M, K] with 1 <= M <= {MAX_ROWS} and K a positive multiple of "
                          f"{fmt.name}'s block of {fmt.block_size}")
@@ -90,5 +94,6 @@ def block_matmul(gguf_type, x, w, out=None, accumulate=False) -> np.ndarray:
     _check_rows(w, fmt, K)
     N = w.shape[0]
     out = _output(out, M, N, accumulate)
-    library.avx2_block_matmul(fmt.gguf_type, M, _address(x), K, _address(w), N, _address(out), int(bool(accumulate)))
+    library.avx2_block_matmul(fmt.gguf_type, M, layers, _address(x), K, _address(w), N, _address(out),
+                              int(bool(accumulate)))
     return out

@@ -63,7 +63,7 @@ def decoder_matmul_seconds(keep_timing: bool) -> float | None:
 def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     """x [T, hidden] (T <= MAX_ROWS) through every layer of `table` (layer_table) in one call, the
     step's caches as attention's slots, block-format matrices taking x in `activation_layers` int8
-    layers (quant.c; AVX2 alone: avx2.c's int16 blocks) -> x advanced in place, or None (no kernels)."""
+    layers (quant.c; AVX2 alone: avx2.c) -> x advanced in place, or None (no kernels)."""
     library = _step_library()
     if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
         return None

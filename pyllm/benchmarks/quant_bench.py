@@ -105,8 +105,8 @@ def decode_teacher_forced(llm, ids, copies=1):
 
 def quality(path, llm, ids, peer):
     """Perplexities of ids under each engine, and pyllm's argmax agreement with transformers:
-    decoding one sequence (AVX-512: activations in two int8 layers) and in a batch of
-    TWO_LAYER_ROWS + 1 (one layer; AVX2: int16 blocks at both)."""
+    decoding one sequence (activations in two int8 layers) and in a batch of TWO_LAYER_ROWS + 1
+    (one layer)."""
     from pyllm.backends.cpu import TWO_LAYER_ROWS
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,8 +157,8 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                      f"{ratio('decode_b1_tok_s')} | {gb_s:.1f} ({gb_s / roof:.0%}; {gb_s / r['same_size_read_gb_s']:.0%}) | "
                      f"{ours['prefill_tok_s']:.1f} | "
                      f"{value(peer, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {batched} | {r['rss_bytes'] / 1e6:.0f} |")
-    scheme = {"AVX-512": "activations as two int8 layers, a batch of 5 one int8 layer",
-              "AVX2": "activations as int16 blocks of 32 at both"}.get(results.get("kernels"), "f32 NumPy at both")
+    scheme = ("activations as two int8 layers, a batch of 5 one int8 layer" if results.get("kernels") in ("AVX-512", "AVX2")
+              else "f32 NumPy at both")
     lines += ["", f"Kernels: {results.get('kernels')}. Decode: one sequence and a batch of 5 ({scheme}); "
               "agreement: teacher-forced argmax against transformers on the same file.", "",
               "| file | transformers ppl | pyllm ppl (prompt) | pyllm ppl (decode b1) | agreement | "
