@@ -4,12 +4,12 @@
 // stream per thread); a row meets the activation rows 4 at a time while it is in L1: per 16 k,
 // two loads of the weight row, two of each activation row and two FMAs into that row's two
 // accumulators (two chains: an FMA's latency is covered at 4 rows by the other rows' chains, at 1
-// row by the pair). Prefetch runs PREFETCH_FLOATS ahead into L2.
+// row by the pair). No software prefetch: the hardware's follows each thread's one stream, and
+// prefetching ahead of it measured slower (benchmarks/results/avx2/).
 // Numerics: f32 products and sums; each output is 16 partial sums (8 lanes x 2 chains) added at the
 // end, plus the K % 16 tail, the same for any M: a row's result does not depend on its batch.
 #include "cpu.h"
 #if defined(PYLLM_AVX2) && !defined(__AVX512F__)
-#define PREFETCH_FLOATS 2048
 
 // out[m * ldo] = x[m] . w for M <= 4 activation rows x [M, K] and one weight row w [K]
 static inline __attribute__((always_inline)) void one_row(const int M, const float *x, int K, const float *w,
@@ -18,7 +18,6 @@ static inline __attribute__((always_inline)) void one_row(const int M, const flo
   for (int m = 0; m < M; m++) a[m] = b[m] = _mm256_setzero_ps();
   int k = 0;
   for (; k + 16 <= K; k += 16) {
-    _mm_prefetch((const char *)(w + k + PREFETCH_FLOATS), _MM_HINT_T1);
     const __m256 u = _mm256_loadu_ps(w + k), v = _mm256_loadu_ps(w + k + 8);
     for (int m = 0; m < M; m++) {
       a[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (size_t)m * K + k), u, a[m]);
