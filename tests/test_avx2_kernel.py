@@ -14,7 +14,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from test_quant_kernels import FORMATS, depths, weights
 
-from pyllm.backends import cpu_avx2
+from pyllm.backends import cpu_avx2, cpu_kernels
+from pyllm.formats import FORMATS as BY_NAME
 
 pytestmark = pytest.mark.skipif(not cpu_avx2.available(), reason="the AVX2 kernel is not built (no AVX2, FMA, F16C)")
 
@@ -113,3 +114,28 @@ def test_wrapper_errors():
                 lambda: cpu_avx2.dequantize(T.BF16, w, 64)):  # not a block format
         with pytest.raises(ValueError):
             bad()
+
+
+@pytest.mark.parametrize("M, N, K", [(17, 1, 32), (33, 7, 40), (512, 13, 576), (100, 37, 1536)])
+def test_gemm_f32(M, N, K):
+    """gemm.c (16-row panels and runs of 6 weight rows on AVX2, 32 and 12 on AVX-512), f32: M a
+    partial panel, N not a multiple of a run, K not a multiple of 8; each output one f32 sum."""
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    scale = np.sqrt(K) * 1e-6 * np.abs(x).max() * np.abs(w).max()
+    np.testing.assert_allclose(cpu_kernels.matmul_transb(x, w), want, atol=scale, rtol=0)
+    base = rng.standard_normal((M, N)).astype(np.float32)
+    np.testing.assert_allclose(cpu_kernels.matmul_transb(x, w, add_to=base.copy()), base + want, atol=scale, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_gemm_on_blocks_is_the_f32_gemm_on_gguf_weights(qtype):
+    """quant_gemm: the f32 GEMM on strips dequantized as gguf does (AVX2: avx2_dequantize.c's), bit
+    for bit the f32 GEMM on gguf's dequantized matrix."""
+    for K in depths(qtype):
+        w = weights(qtype, 37, K)
+        x = rng.standard_normal((40, K)).astype(np.float32)
+        dense = gguf.quants.dequantize(w, qtype).astype(np.float32)
+        fmt = next(f for f in BY_NAME.values() if f.gguf_type == qtype)
+        np.testing.assert_array_equal(cpu_kernels.quant_gemm(fmt, x, w), cpu_kernels.matmul_transb(x, dense))

@@ -267,14 +267,16 @@ def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
 
 
 def test_with_avx2_alone_a_decode_step_has_its_kernels(tmp_path):
-    """Built without AVX-512 (AVX2 alone, as on Zen 1-3): a step's kernels, but not the prompt GEMM."""
+    """Built without AVX-512 (AVX2 alone, as on Zen 1-3): a step's kernels and the prompt GEMM in 8
+    lanes, but not the AVX-512 quantized kernels."""
     script = ("import numpy as np\n"
-              "from pyllm.backends import cpu_kernels\n"
+              "from pyllm.backends import cpu_kernels, cpu_quant\n"
               "from pyllm.backends.cpu import CpuBackend\n"
               "assert not cpu_kernels.available() and cpu_kernels.step_kernels_available()\n"
+              "assert not cpu_quant.available()\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
               "assert (cpu_kernels.matmul_transb(a, b) == 64).all() and cpu_kernels.swiglu(a).shape == (4, 32)\n"
-              "assert cpu_kernels.matmul_transb(np.ones((17, 64), np.float32), b) is None\n"
+              "assert (cpu_kernels.matmul_transb(np.ones((17, 64), np.float32), b) == 64).all()\n"
               "assert (CpuBackend.matmul_transb(np.ones((17, 64), np.float32), b) == 64).all()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CC": "cc -mno-avx512f"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

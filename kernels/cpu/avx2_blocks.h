@@ -14,6 +14,9 @@
 
 #define TILE 8  // blocks of 32 decoded together, one per lane
 
+// rows lo .. hi - 1 of w [N, K] in `type` -> out [hi - lo, K] f32, as gguf dequantizes (avx2_dequantize.c)
+void avx2_dequantize_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out);
+
 static inline float f16_at(const uint8_t *p) {
   uint16_t h;
   memcpy(&h, p, 2);

@@ -1,9 +1,52 @@
 // avx2_dequantize: w [rows, K] in `type` -> out [rows, K] f32, as gguf.quants.dequantize (each weight
 // f q + c of its decoded block, q6_k's d (sc (q - 32)): the products are exact, so one rounding, as
-// gguf's): a prompt's strips of weights for the BLAS GEMM on CPUs without AVX-512, and the rows
+// gguf's): a prompt's weight strips for avx2_gemm.c on CPUs without AVX-512, and the rows
 // `gather` looks up. Rows are split among the pool's threads.
 #include "avx2_blocks.h"
 #ifdef PYLLM_AVX2
+
+// rows lo .. hi - 1 of w [N, K] in `type` -> out [hi - lo, K] (type constant where the caller makes it)
+static inline __attribute__((always_inline)) void rows_of(const int type, const uint8_t *w, int K, int lo, int hi,
+                                                          float *out) {
+  const int blocks = K / 32;
+  const size_t bytes = row_bytes(type, K);
+  for (int n = lo; n < hi; n++)
+    for (int b0 = 0; b0 < blocks; b0 += TILE) {  // a superblock, or 8 blocks of the row
+      const uint8_t *p = w + (size_t)n * bytes + (size_t)(b0 / TILE) * row_bytes(type, 32 * TILE), *at[TILE];
+      for (int i = 0; i < TILE; i++) at[i] = p + (size_t)(b0 + i < blocks ? i : blocks - 1 - b0) * row_bytes(type, 32);
+      const struct tile head = group_blocks(type) == TILE ? superblock_head(type, p) : block_heads(type, at);
+      float factor[TILE], constant[TILE];
+      _mm256_storeu_ps(factor, head.factor), _mm256_storeu_ps(constant, head.constant);
+      for (int j = 0; j < TILE && b0 + j < blocks; j++) {
+        uint8_t q[32];
+        const __m256i block = group_blocks(type) == TILE ? decode_block(type, p, j) : decode_block(type, at[j], 0);
+        _mm256_storeu_si256((__m256i *)q, block);
+        float *row = out + (size_t)(n - lo) * K + 32 * (b0 + j);
+        for (int i = 0; i < 4; i++) {  // 8 weights at a time: bytes -> int32 -> f32
+          const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * i));
+          __m256i v = type == Q8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
+          if (type == Q6_K)
+            v = _mm256_mullo_epi32(_mm256_sub_epi32(v, _mm256_set1_epi32(32)),
+                                   _mm256_set1_epi32((int8_t)p[192 + 2 * j + i / 2]));  // a half's scale
+          _mm256_storeu_ps(row + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(factor[j]),
+                                                        _mm256_set1_ps(constant[j])));
+        }
+      }
+    }
+}
+
+void avx2_dequantize_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out) {
+  switch (type) {
+    case Q4_0: rows_of(Q4_0, w, K, lo, hi, out); break;
+    case Q4_1: rows_of(Q4_1, w, K, lo, hi, out); break;
+    case Q5_0: rows_of(Q5_0, w, K, lo, hi, out); break;
+    case Q5_1: rows_of(Q5_1, w, K, lo, hi, out); break;
+    case Q4_K: rows_of(Q4_K, w, K, lo, hi, out); break;
+    case Q5_K: rows_of(Q5_K, w, K, lo, hi, out); break;
+    case Q6_K: rows_of(Q6_K, w, K, lo, hi, out); break;
+    default: rows_of(Q8_0, w, K, lo, hi, out);
+  }
+}
 
 static struct {  // the current avx2_dequantize call
   const uint8_t *w;
@@ -13,31 +56,7 @@ static struct {  // the current avx2_dequantize call
 
 static void dequantize_part(int part) {
   const int lo = (int)((long long)dq.rows * part / pool_threads), hi = (int)((long long)dq.rows * (part + 1) / pool_threads);
-  const int type = dq.type, blocks = dq.K / 32;
-  const size_t bytes = row_bytes(type, dq.K);
-  for (int n = lo; n < hi; n++)
-    for (int b0 = 0; b0 < blocks; b0 += TILE) {  // a superblock, or 8 blocks of the row
-      const uint8_t *p = dq.w + (size_t)n * bytes + (size_t)(b0 / TILE) * row_bytes(type, 32 * TILE), *at[TILE];
-      for (int i = 0; i < TILE; i++) at[i] = p + (size_t)(b0 + i < blocks ? i : blocks - 1 - b0) * row_bytes(type, 32);
-      const struct tile head = group_blocks(type) == TILE ? superblock_head(type, p) : block_heads(type, at);
-      float factor[TILE], constant[TILE];
-      _mm256_storeu_ps(factor, head.factor), _mm256_storeu_ps(constant, head.constant);
-      for (int j = 0; j < TILE && b0 + j < blocks; j++) {
-        uint8_t q[32];
-        const __m256i block = group_blocks(type) == TILE ? decode_block(type, p, j) : decode_block(type, at[j], 0);
-        _mm256_storeu_si256((__m256i *)q, block);
-        float *out = dq.out + (size_t)n * dq.K + 32 * (b0 + j);
-        for (int i = 0; i < 4; i++) {  // 8 weights at a time: bytes -> int32 -> f32
-          const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * i));
-          __m256i v = type == Q8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
-          if (type == Q6_K)
-            v = _mm256_mullo_epi32(_mm256_sub_epi32(v, _mm256_set1_epi32(32)),
-                                   _mm256_set1_epi32((int8_t)p[192 + 2 * j + i / 2]));  // a half's scale
-          _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(factor[j]),
-                                                        _mm256_set1_ps(constant[j])));
-        }
-      }
-    }
+  avx2_dequantize_rows(dq.type, dq.w, dq.K, lo, hi, dq.out + (size_t)lo * dq.K);
 }
 
 EXPORT void avx2_dequantize(int type, const uint8_t *w, int rows, int K, float *out) {

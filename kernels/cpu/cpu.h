@@ -14,11 +14,12 @@
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
 //                activations in quant.c's one or two layers) for CPUs with AVX2 but without
 //                AVX-512; avx2_skinny.c, avx2_rows.c, avx2_attention.c: skinny_matmul, the row
-//                kernels and attention there; avx2_blocks.h: the block formats decoded in
-//                ymm, for avx2.c and avx2_dequantize.c (a prompt's weight strips)
+//                kernels and attention there; avx2_gemm.c: a prompt's GEMM (f32, or on
+//                weight strips avx2_dequantize.c unpacks); avx2_blocks.h: the block formats
+//                decoded in ymm, for avx2.c and avx2_dequantize.c
 // Without AVX-512 the AVX-512 sources compile to nothing; with AVX2, FMA and F16C (PYLLM_AVX2:
-// every AVX-512 CPU has them too) avx2*.c, layers.c, pool.c and stream.c are built, so a decode
-// step runs in C and a prompt's matmuls by BLAS (block formats on strips avx2.c dequantizes).
+// every AVX-512 CPU has them too) avx2*.c, layers.c, pool.c and stream.c are built, so decode
+// steps and prompts run in C there too.
 #pragma once
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PYLLM_AVX2 1

@@ -1,6 +1,5 @@
-// Matmuls against a weight matrix w [N, K] (rows of K contiguous floats), all f32.
-//
-// skinny_matmul: out [M, N] = x [M, K] @ w [N, K]^T.
+// skinny_matmul: out [M, N] = x [M, K] @ w [N, K]^T for a decode step's few rows (M <= 16), all
+// f32, w [N, K] rows of K contiguous floats (gemm.c: a prompt's many rows).
 // Why: every decode step streams all the weights once, so at a few rows the matmul should run at
 // memory speed, but OpenBLAS computes an 8-row product at about half of its GEMV bandwidth (and
 // its GEMV, threads and all, at ~85% of this kernel's one-row speed).
@@ -20,15 +19,6 @@
 #include "cpu.h"
 #ifdef __AVX512F__
 #define PREFETCH_FLOATS 4096
-
-static float *grown(float *buffer, size_t *allocated, size_t floats) {  // scratch kept between calls, grown to fit
-  if (floats <= *allocated) return buffer;
-  free(buffer);
-  buffer = aligned_alloc(64, sizeof(float) * floats);
-  if (buffer == NULL) abort();
-  *allocated = floats;
-  return buffer;
-}
 
 // out[m * ldo] = x[m] . w for M <= 8 activation rows x [M, K] and one weight row w [K]
 static inline void one_row(const int M, const float *x, int K, const float *w, float *out, int ldo) {
@@ -84,156 +74,6 @@ EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, f
   pool_lock();
   mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
   pool_run_sized(matmul_part, (size_t)N * K * sizeof(float));
-  pool_unlock();
-}
-
-// matmul: out [M, N] (+)= x [M, K] @ w [N, K]^T for many rows (a prompt), all C-contiguous f32.
-// Why here and not OpenBLAS: OpenBLAS's threads spin after each call and take the second core
-// from this pool's kernels, which run between the matmuls of a prefill; and it reaches ~75% of
-// this CPU's FMA peak, which a plain AVX-512 kernel matches.
-// Layout: x is first packed into panels of 32 rows, k-major (panel [K][32]), so one k of a panel
-// is two zmm registers. A tile is 32 rows x W_ROWS weight rows: 2 x W_ROWS accumulators (24 zmm);
-// per k, two loads of the panel, W_ROWS broadcast weights and 2 x W_ROWS FMAs. The weights need
-// no packing: a tile reads W_ROWS rows of w sequentially, and tiles of the same weight rows meet
-// every panel in turn while those rows are in L1 (the panels, ~1 MB for a 512-token prompt, in L2).
-// Work split: packing by panels, then the tiles' weight rows, in runs of W_ROWS, among threads.
-// Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS, no blocking of k).
-//
-// quant_gemm: the same for weights in GGML blocks (quant.c): each thread dequantizes a run of
-// W_ROWS weight rows into its own strip of W_ROWS x K floats (L2-resident) right before the
-// tiles of that run read it, so a prompt computes in f32 on exactly the stored weights and no
-// f32 copy of a matrix exists beyond one strip per thread.
-#define PANEL 32
-#define W_ROWS 12
-
-static struct {  // the current matmul or quant_gemm call
-  const float *x, *w;     // w: f32 rows (matmul), or NULL when blocks holds the weights
-  const uint8_t *blocks;  // quant_gemm: rows of GGML blocks of `type`
-  int type;
-  float *out, *panels;  // panels [ceil(M / PANEL), K, PANEL]; kept between calls: the pages stay mapped
-  float *strips;        // quant_gemm: per thread [W_ROWS, K]; kept between calls like the panels
-  size_t panel_floats, strip_floats;  // allocated
-  int M, K, N, accumulate;
-} gemm;
-
-// rows [16] (row i: 16 floats) -> columns [16] (column j: element j of every row): three rounds of
-// in-lane unpacks, then two of 128-bit lane shuffles
-static inline void transpose16(const __m512 rows[16], __m512 columns[16]) {
-  __m512 a[16], b[16], x[2];
-  for (int i = 0; i < 8; i++) {  // a[2i], a[2i+1], lane L: rows 2i, 2i+1 interleaved at columns 4L + 0..1, 4L + 2..3
-    a[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; i++)  // b[4i + c], lane L: rows 4i .. 4i + 3 at column 4L + c
-    for (int c = 0; c < 2; c++) {
-      const __m512d lo = _mm512_castps_pd(a[4 * i + c]), hi = _mm512_castps_pd(a[4 * i + 2 + c]);
-      b[4 * i + 2 * c] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
-      b[4 * i + 2 * c + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
-    }
-  for (int c = 0; c < 4; c++) {  // column 4L + c gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-    x[0] = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88);  // lanes 0, 2
-    x[1] = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xDD);  // lanes 1, 3
-    const __m512 y0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88), y1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xDD);
-    columns[c] = _mm512_shuffle_f32x4(x[0], y0, 0x88);
-    columns[8 + c] = _mm512_shuffle_f32x4(x[0], y0, 0xDD);
-    columns[4 + c] = _mm512_shuffle_f32x4(x[1], y1, 0x88);
-    columns[12 + c] = _mm512_shuffle_f32x4(x[1], y1, 0xDD);
-  }
-}
-
-static void pack_part(int part) {  // panel p: [K, PANEL] <- x rows 32p .. 32p + 31 (zeros past M)
-  const int n_panels = (gemm.M + PANEL - 1) / PANEL, K = gemm.K;
-  for (int p = part; p < n_panels; p += pool_threads)
-    for (int half = 0; half < PANEL; half += 16) {
-      const int first_row = p * PANEL + half;
-      const int rows = gemm.M - first_row < 16 ? gemm.M - first_row : 16;  // of x, for these 16 lanes
-      float *panel = gemm.panels + (size_t)p * K * PANEL + half;
-      for (int k = 0; k < K; k += 16) {
-        const int ks = K - k < 16 ? K - k : 16;
-        __m512 block[16], columns[16];
-        for (int i = 0; i < 16; i++)
-          block[i] = i < rows ? _mm512_maskz_loadu_ps((__mmask16)((1u << ks) - 1), gemm.x + (size_t)(first_row + i) * K + k)
-                              : _mm512_setzero_ps();
-        transpose16(block, columns);
-        for (int i = 0; i < ks; i++) _mm512_storeu_ps(panel + (size_t)(k + i) * PANEL, columns[i]);
-      }
-    }
-}
-
-// out rows of panel `p`, columns n .. n + R - 1, from the weight rows w [R, K]
-static inline __attribute__((always_inline)) void tile(const int R, int p, int n, const float *w) {
-  const int K = gemm.K;
-  const float *panel = gemm.panels + (size_t)p * K * PANEL;
-  __m512 lo[W_ROWS], hi[W_ROWS];
-  for (int j = 0; j < R; j++) lo[j] = hi[j] = _mm512_setzero_ps();
-  for (int k = 0; k < K; k++) {
-    _mm_prefetch((const char *)(panel + (size_t)(k + 16) * PANEL), _MM_HINT_T0);
-    _mm_prefetch((const char *)(panel + (size_t)(k + 16) * PANEL + 16), _MM_HINT_T0);
-    const __m512 a = _mm512_loadu_ps(panel + (size_t)k * PANEL), b = _mm512_loadu_ps(panel + (size_t)k * PANEL + 16);
-    for (int j = 0; j < R; j++) {
-      const __m512 weight = _mm512_set1_ps(w[(size_t)j * K + k]);
-      lo[j] = _mm512_fmadd_ps(a, weight, lo[j]);
-      hi[j] = _mm512_fmadd_ps(b, weight, hi[j]);
-    }
-  }
-  // lo[j], hi[j] hold output column n + j of the panel's rows: transposed, each row's R outputs are
-  // one masked store
-  const int rows = gemm.M - p * PANEL < PANEL ? gemm.M - p * PANEL : PANEL;
-  const __mmask16 columns = (__mmask16)((1u << R) - 1);
-  for (int half = 0; half < 2 && half * 16 < rows; half++) {
-    __m512 by_column[16], by_row[16];
-    for (int j = 0; j < 16; j++) by_column[j] = j < R ? (half ? hi[j] : lo[j]) : _mm512_setzero_ps();
-    transpose16(by_column, by_row);
-    for (int r = 0; r < 16 && half * 16 + r < rows; r++) {
-      float *out = gemm.out + (size_t)(p * PANEL + half * 16 + r) * gemm.N + n;
-      const __m512 sum = gemm.accumulate ? _mm512_add_ps(by_row[r], _mm512_maskz_loadu_ps(columns, out)) : by_row[r];
-      _mm512_mask_storeu_ps(out, columns, sum);
-    }
-  }
-}
-typedef void (*tile_fn)(int p, int n, const float *w);
-#define TILE(R) \
-  static void tile_##R(int p, int n, const float *w) { tile(R, p, n, w); }
-TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
-static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
-                                          tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
-
-static void gemm_part(int part) {
-  const int n_panels = (gemm.M + PANEL - 1) / PANEL, runs = (gemm.N + W_ROWS - 1) / W_ROWS, K = gemm.K;
-  float *strip = gemm.strips + (size_t)part * W_ROWS * K;
-  for (int run = (int)((long long)runs * part / pool_threads); run < (long long)runs * (part + 1) / pool_threads; run++) {
-    const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
-    const float *w = gemm.w + (size_t)n * K;
-    if (gemm.blocks) {
-      dequantize_matrix_rows(gemm.type, gemm.blocks, gemm.N, K, n, R, NULL, strip);
-      w = strip;
-    }
-    for (int p = 0; p < n_panels; p++) TILES[R](p, n, w);
-  }
-}
-
-static void run_gemm(int M, const float *x, int K, int N, float *out, int accumulate) {  // with the pool taken
-  gemm.panels = grown(gemm.panels, &gemm.panel_floats, (size_t)((M + PANEL - 1) / PANEL) * K * PANEL);
-  gemm.x = x, gemm.out = out;
-  gemm.M = M, gemm.K = K, gemm.N = N, gemm.accumulate = accumulate;
-  pool_run(pack_part);
-  pool_run(gemm_part);
-}
-
-// out [M, N] (+)= x [M, K] @ w [N, K]^T, all C-contiguous f32
-EXPORT void matmul(int M, const float *x, int K, const float *w, int N, float *out, int accumulate) {
-  pool_lock();
-  gemm.w = w, gemm.blocks = NULL;
-  run_gemm(M, x, K, N, out, accumulate);
-  pool_unlock();
-}
-
-// out [M, N] (+)= x [M, K] @ dequantize(w)^T, w: N rows of GGML blocks of `type` (quant.c)
-EXPORT void quant_gemm(int type, int M, const float *x, int K, const uint8_t *w, int N, float *out, int accumulate) {
-  pool_lock();
-  gemm.strips = grown(gemm.strips, &gemm.strip_floats, (size_t)pool_threads * W_ROWS * K);
-  gemm.w = NULL, gemm.blocks = w, gemm.type = type;
-  run_gemm(M, x, K, N, out, accumulate);
   pool_unlock();
 }
 #endif

@@ -1,8 +1,8 @@
 """The CPU backend: the reference backend's operators, with the C kernels of kernels/cpu/ in
 their place wherever those are built (AVX-512 and a C compiler; cpu_kernels.py, cpu_quant.py). A
-CPU with AVX2 but not AVX-512 gets a decode step's kernels (cpu_kernels.py's row kernels,
-attention and f32 matmul, cpu_avx2.py's matmul on the GGML block formats); its prompts' matmuls
-are BLAS's (block formats on strips dequantized in C).
+CPU with AVX2 but not AVX-512 gets the same in 8 lanes (cpu_kernels.py's row kernels, attention
+and f32 matmuls, the prompt GEMM on block formats, and cpu_avx2.py's decode matmul on them);
+f16 and bf16 weights have no kernel there.
 
 Each op tries its kernel and falls back to the reference op where the kernel is missing or
 does not take the input; what falls back for a whole model is said once, while it loads.
@@ -74,24 +74,18 @@ def _matrix_product(a, b, xq, add_to):
 
 
 def _avx2_matrix_product(a, b, xq, add_to):
-    """Without the AVX-512 kernels, _matrix_product: a decode step's rows on f32 through
-    avx2_skinny.c, on a GGML block format through avx2.c; a prompt's rows on a block format by BLAS
-    on strips of it dequantized by avx2.c; else None (NumPy serves: f32 by BLAS, f16 and bf16
+    """Without the AVX-512 kernels, _matrix_product: f32 through cpu_kernels' kernels (a decode
+    step's few rows or a prompt's GEMM), a GGML block format through avx2.c (a decode step) or the
+    GEMM on strips dequantized in cache (a prompt); else None (NumPy serves: f16 and bf16
     dequantized). xq: unused (avx2.c quantizes a itself)."""
-    rows = a.shape[0]
     if isinstance(b, np.ndarray):
-        return cpu_kernels.matmul_transb(a, b, add_to=add_to) if rows <= cpu_avx2.MAX_ROWS else None
+        return cpu_kernels.matmul_transb(a, b, add_to=add_to)
     if not decode_kernel(b.format):
         return None
-    if rows <= cpu_avx2.MAX_ROWS:
+    if a.shape[0] <= cpu_avx2.MAX_ROWS:
         return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None,
-                                     layers=activation_layers(rows))
-    out = reference.times_dense_strips(  # [M, N]
-        a, b.shape[0], lambda n, stop: cpu_avx2.dequantize(b.format.gguf_type, b.data[n:stop], b.shape[1]))
-    if add_to is None:
-        return out
-    add_to += out
-    return add_to
+                                     layers=activation_layers(a.shape[0]))
+    return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to)
 
 
 def product(a, b, add_to=None):
@@ -127,8 +121,8 @@ class CpuBackend(ReferenceBackend):
         if cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
             return
         if cpu_kernels.step_kernels_available() and cpu_avx2.available():
-            self._say("no AVX-512 here: decode steps run in C (AVX2: f32 and GGML block-format weights), "
-                      "prompts' matmuls by BLAS")
+            self._say("no AVX-512 here: the AVX2 kernels run f32 and GGML block-format weights "
+                      "(f16 and bf16 are dequantized at each use)")
         else:
             self._say("the C kernels are not available here (they need AVX2 or AVX-512 and a C compiler, "
                       "or PYLLM_CPU_KERNELS=0 is set): the reference NumPy operators serve")

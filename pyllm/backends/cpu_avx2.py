@@ -1,10 +1,11 @@
-"""ctypes wrapper of kernels/cpu/avx2.c: a decode step's matmul on GGML's block formats (q4_0,
-q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, rows as GGUF stores them) for CPUs with AVX2 but
-without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built, and their dequantization
-for a prompt's matmuls.
+"""ctypes wrapper of kernels/cpu/avx2.c and avx2_dequantize.c: a decode step's matmul on GGML's
+block formats (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, rows as GGUF stores them) for CPUs
+with AVX2 but without AVX-512, where the AVX-512 kernels (cpu_quant.py) are not built, and their
+dequantization (gather's rows; a prompt's weight strips are avx2_dequantize.c's inside
+cpu_kernels.quant_gemm).
 
     out = block_matmul(gguf_type, x, w, layers=2)   # x [M <= 16, K] f32, w uint8 [N, row_bytes] -> [M, N]
-    dense = dequantize(gguf_type, w, K)             # -> f32 [N, K]: a prompt's strips for the BLAS GEMM
+    dense = dequantize(gguf_type, w, K)             # -> f32 [N, K], as gguf dequantizes
 
 x is quantized inside the call to int8 blocks of 32 (llama.cpp's Q8_0), in one layer or two (as
 cpu_quant's: the second is the first's rounding error, here on the grid d / 254, so that a block
@@ -97,3 +98,4 @@ def block_matmul(gguf_type, x, w, out=None, accumulate=False, layers=1) -> np.nd
     library.avx2_block_matmul(fmt.gguf_type, M, layers, _address(x), K, _address(w), N, _address(out),
                               int(bool(accumulate)))
     return out
+

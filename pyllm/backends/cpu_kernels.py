@@ -6,8 +6,8 @@ Built once by the host C compiler ($CC, else cc) with -O3 -march=native into the
 (keyed by the sources, the compiler and this CPU) and loaded with ctypes; the kernels share each
 call among their own threads, one per core. Nothing depends on them: with no compiler, or
 PYLLM_CPU_KERNELS=0, every function here gives None and the NumPy path serves. A CPU with AVX2
-but not AVX-512 builds a decode step's kernels (the functions here on up to MAX_ROWS rows, and
-cpu_avx2.py's block matmul); a prompt's many-row matmuls are NumPy's there.
+but not AVX-512 builds every function here in 8 lanes (and cpu_avx2.py's block matmul in place
+of cpu_quant.py's).
 """
 
 import ctypes
@@ -88,13 +88,15 @@ def built():
 
 @functools.lru_cache(maxsize=None)
 def _step_library():
-    """built(), with the kernels of a decode step, which both instruction sets build (AVX-512:
-    matmul.c, rows.c, attention.c; AVX2 alone: avx2_*.c) and layers.c runs in one call; else None."""
+    """built(), with the kernels both instruction sets build (AVX-512: matmul.c, rows.c,
+    attention.c; AVX2 alone: avx2_*.c; both: gemm.c): a decode step's, which layers.c runs in one
+    call, and a prompt's GEMMs; else None."""
     library = built()
     if library is None:
         return None
     try:
         skinny, attention, layers = library.skinny_matmul, library.attention, library.decoder_layers
+        matmul, quant_gemm = library.matmul, library.quant_gemm
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
     except AttributeError:
@@ -118,19 +120,6 @@ def _step_library():
     # S, H, KV, D, scale, layer, layers, q, k pool, v pool, block tables, lengths, new-token counts, out
     attention.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7
     attention.restype = None
-    return library
-
-
-@functools.lru_cache(maxsize=None)
-def _library():
-    """_step_library(), where it holds the AVX-512 kernels as well; else None."""
-    library = _step_library()
-    if library is None:
-        return None
-    try:
-        matmul, quant_gemm = library.matmul, library.quant_gemm
-    except AttributeError:
-        return None  # built without AVX-512
     # M, x, K, w, N, out, accumulate
     matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int]
@@ -138,6 +127,15 @@ def _library():
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
     matmul.restype = quant_gemm.restype = None
+    return library
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """_step_library(), where it holds the AVX-512 kernels as well (quant.c's among them); else None."""
+    library = _step_library()
+    if library is None or not hasattr(library, "quant_matmul"):
+        return None  # built without AVX-512
     dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
     if dot_loop is not None:  # rounds, threads (out)
         dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
@@ -158,23 +156,23 @@ def _contiguous_f32(*arrays):
 
 
 def available() -> bool:
-    """The AVX-512 kernels: every op of the CPU backend, prompts included."""
+    """The AVX-512 kernels: every op of the CPU backend, f16 and bf16 weights included."""
     return _library() is not None
 
 
 def step_kernels_available() -> bool:
-    """A decode step's kernels (AVX-512, or AVX2 alone): every op of a step of up to MAX_ROWS rows."""
+    """The kernels of every op on f32 and block-format weights, prompts included (AVX-512, or AVX2 alone)."""
     return _step_library() is not None
 
 
 def matmul_transb(a, b, add_to=None):
     """a [M, K] @ b [N, K]^T -> [M, N] f32 on every core, or that product added into add_to [M, N]
     (returned); None where the kernels are not available (or b is not a contiguous f32 matrix):
-    the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights
-    (AVX-512 or AVX2), more the AVX-512 GEMM."""
+    the caller's NumPy path serves. Up to MAX_ROWS rows take the kernel that streams the weights,
+    more the GEMM (gemm.c)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0 or not _contiguous_f32(b):
         return None
-    library = _step_library() if a.shape[0] <= MAX_ROWS else _library()
+    library = _step_library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -205,10 +203,13 @@ INTERLEAVED = 0x100  # kernels/cpu/cpu.h: | a 32-weight format's type, its rows 
 def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
     """a [M, K] @ w^T for w [N, K] stored as GGML blocks of format fmt (blocks: uint8 [N, row
     bytes], interleaved where said) -> [M, N] f32, or added into add_to (returned): many rows (a
-    prompt) through the f32 GEMM on weight strips dequantized in cache. None without the kernels."""
-    library = _library()
+    prompt) through the f32 GEMM on weight strips dequantized in cache. None without the kernels.
+    Interleaved rows are the AVX-512 kernels' layout."""
+    library = _step_library()
     if library is None:
         return None
+    if interleaved and _library() is None:
+        raise ValueError("quant_gemm: interleaved rows need the AVX-512 kernels")
     a = np.ascontiguousarray(a, dtype=np.float32)
     (rows, depth), columns = a.shape, blocks.shape[0]
     _check_blocks("quant_gemm", fmt, blocks, depth)

@@ -73,16 +73,10 @@ def times_transposed(a, b):
         return np.concatenate([times_transposed(a, part) for part in b], axis=1)
     if not isinstance(b, QuantizedMatrix):
         return a @ b.T
-    return times_dense_strips(a, b.shape[0], lambda n, stop: b.dequantize(np.arange(n, stop)))
-
-
-def times_dense_strips(a, N, dense_rows):
-    """a [M, K] @ w^T -> [M, N] f32 for a matrix w [N, K] whose rows n .. stop - 1 dense_rows(n,
-    stop) gives in f32, DENSE_ROWS at a time."""
-    out = np.empty((a.shape[0], N), np.float32)
-    for n in range(0, N, DENSE_ROWS):
-        stop = min(n + DENSE_ROWS, N)
-        out[:, n:stop] = a @ dense_rows(n, stop).T
+    out = np.empty((a.shape[0], b.shape[0]), np.float32)  # [M, N]
+    for n in range(0, b.shape[0], DENSE_ROWS):
+        stop = min(n + DENSE_ROWS, b.shape[0])
+        out[:, n:stop] = a @ b.dequantize(np.arange(n, stop)).T
     return out
 
 
