@@ -107,6 +107,18 @@ static inline __attribute__((always_inline)) void tile(const int R, int p, int n
   }
 }
 
+typedef void (*tile_fn)(int p, int n, const float *w);  // tile with R constant, R = 1 .. W_ROWS
+#define TILE_ROWS(R) \
+  static void tile_##R(int p, int n, const float *w) { tile(R, p, n, w); }
+TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+TILE_ROWS(7) TILE_ROWS(8) TILE_ROWS(9) TILE_ROWS(10) TILE_ROWS(11) TILE_ROWS(12)
+static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
+                                          tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
+
+static void run_tiles(int n, int R, const float *w) {  // the weight rows n .. n + R - 1 against every panel
+  for (int p = 0; p < (gemm.M + PANEL - 1) / PANEL; p++) TILES[R](p, n, w);
+}
+
 static void unpack_strip(int n, int R, float *strip) {  // weight rows n .. n + R - 1 -> strip [R, K]
   dequantize_matrix_rows(gemm.type, gemm.blocks, gemm.N, gemm.K, n, R, NULL, strip);
 }
@@ -138,14 +150,19 @@ static inline void transpose8(const __m256 r[8], __m256 c[8]) {
 }
 
 
-// out rows of panel `p`, columns n .. n + R - 1, from the weight rows w [R, K]
-static inline __attribute__((always_inline)) void tile(const int R, int p, int n, const float *w) {
+// Panel p's rows times the weight rows w [R, K] at k0 .. k1 - 1, adding to the sums so far in
+// partial [W_ROWS][PANEL] (k0 > 0); at k1 = K, out rows of panel p, columns n .. n + R - 1.
+static inline __attribute__((always_inline)) void tile(const int R, int p, int n, const float *w, int k0, int k1,
+                                                      float *partial) {
   const int K = gemm.K;
   const float *panel = gemm.panels + (size_t)p * K * PANEL;
   __m256 lo[W_ROWS], hi[W_ROWS];  // in registers only where every loop over j is unrolled
 #pragma GCC unroll 6
-  for (int j = 0; j < R; j++) lo[j] = hi[j] = _mm256_setzero_ps();
-  for (int k = 0; k < K; k++) {
+  for (int j = 0; j < R; j++) {
+    lo[j] = k0 ? _mm256_loadu_ps(partial + j * PANEL) : _mm256_setzero_ps();
+    hi[j] = k0 ? _mm256_loadu_ps(partial + j * PANEL + 8) : _mm256_setzero_ps();
+  }
+  for (int k = k0; k < k1; k++) {
     const __m256 a = _mm256_load_ps(panel + (size_t)k * PANEL), b = _mm256_load_ps(panel + (size_t)k * PANEL + 8);
 #pragma GCC unroll 6
     for (int j = 0; j < R; j++) {
@@ -154,13 +171,33 @@ static inline __attribute__((always_inline)) void tile(const int R, int p, int n
       hi[j] = _mm256_fmadd_ps(b, weight, hi[j]);
     }
   }
-  float sums[W_ROWS][PANEL];  // lo[j], hi[j]: output column n + j of the panel's rows
 #pragma GCC unroll 6
-  for (int j = 0; j < R; j++) _mm256_storeu_ps(sums[j], lo[j]), _mm256_storeu_ps(sums[j] + 8, hi[j]);
-  const int rows = gemm.M - p * PANEL < PANEL ? gemm.M - p * PANEL : PANEL;
+  for (int j = 0; j < R; j++) _mm256_storeu_ps(partial + j * PANEL, lo[j]), _mm256_storeu_ps(partial + j * PANEL + 8, hi[j]);
+  if (k1 < K) return;
+  const int rows = gemm.M - p * PANEL < PANEL ? gemm.M - p * PANEL : PANEL;  // partial [j][r]: out column n + j, row r
   for (int r = 0; r < rows; r++) {
     float *out = gemm.out + (size_t)(p * PANEL + r) * gemm.N + n;
-    for (int j = 0; j < R; j++) out[j] = gemm.accumulate ? out[j] + sums[j][r] : sums[j][r];
+    for (int j = 0; j < R; j++) out[j] = gemm.accumulate ? out[j] + partial[j * PANEL + r] : partial[j * PANEL + r];
+  }
+}
+
+typedef void (*tile_fn)(int p, int n, const float *w, int k0, int k1, float *partial);  // R constant, 1 .. W_ROWS
+#define TILE_ROWS(R) \
+  static void tile_##R(int p, int n, const float *w, int k0, int k1, float *partial) { tile(R, p, n, w, k0, k1, partial); }
+TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
+static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+
+// The weight rows n .. n + R - 1 (w [R, K]) against every panel, K_CHUNK k at a time, so that the
+// chunk of the rows stays in L1 while it meets the panels in turn (6 rows of K = 1536 fill 36 KB)
+#define K_CHUNK 256
+static void run_tiles(int n, int R, const float *w) {
+  static __thread float *partials;  // this thread's [panels][W_ROWS][PANEL] sums so far
+  static __thread size_t allocated;
+  const int n_panels = (gemm.M + PANEL - 1) / PANEL;
+  partials = grown(partials, &allocated, (size_t)n_panels * W_ROWS * PANEL);
+  for (int k0 = 0; k0 < gemm.K; k0 += K_CHUNK) {
+    const int k1 = gemm.K - k0 < K_CHUNK ? gemm.K : k0 + K_CHUNK;
+    for (int p = 0; p < n_panels; p++) TILES[R](p, n, w, k0, k1, partials + (size_t)p * W_ROWS * PANEL);
   }
 }
 
@@ -195,20 +232,8 @@ static void pack_part(int part) {
     }
 }
 
-typedef void (*tile_fn)(int p, int n, const float *w);  // tile with R constant, R = 1 .. W_ROWS
-#define TILE_ROWS(R) \
-  static void tile_##R(int p, int n, const float *w) { tile(R, p, n, w); }
-TILE_ROWS(1) TILE_ROWS(2) TILE_ROWS(3) TILE_ROWS(4) TILE_ROWS(5) TILE_ROWS(6)
-#if W_ROWS == 12
-TILE_ROWS(7) TILE_ROWS(8) TILE_ROWS(9) TILE_ROWS(10) TILE_ROWS(11) TILE_ROWS(12)
-static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
-                                          tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
-#else
-static const tile_fn TILES[W_ROWS + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
-#endif
-
 static void gemm_part(int part) {
-  const int n_panels = (gemm.M + PANEL - 1) / PANEL, runs = (gemm.N + W_ROWS - 1) / W_ROWS, K = gemm.K;
+  const int runs = (gemm.N + W_ROWS - 1) / W_ROWS, K = gemm.K;
   float *strip = gemm.strips + (size_t)part * W_ROWS * K;
   for (int run = (int)((long long)runs * part / pool_threads); run < (long long)runs * (part + 1) / pool_threads; run++) {
     const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
@@ -217,7 +242,7 @@ static void gemm_part(int part) {
       unpack_strip(n, R, strip);
       w = strip;
     }
-    for (int p = 0; p < n_panels; p++) TILES[R](p, n, w);
+    run_tiles(n, R, w);
   }
 }
 
