@@ -5,7 +5,7 @@
 // two loads of the weight row, two of each activation row and two FMAs into that row's two
 // accumulators (two chains: an FMA's latency is covered at 4 rows by the other rows' chains, at 1
 // row by the pair). No software prefetch: the hardware's follows each thread's one stream, and
-// prefetching ahead of it measured slower (benchmarks/results/avx2/).
+// prefetching ahead of it measured slower (benchmarks/results/avx2/kernels.md).
 // Numerics: f32 products and sums; each output is 16 partial sums (8 lanes x 2 chains) added at the
 // end, plus the K % 16 tail, the same for any M: a row's result does not depend on its batch.
 #include "cpu.h"
