@@ -98,4 +98,3 @@ def block_matmul(gguf_type, x, w, out=None, accumulate=False, layers=1) -> np.nd
     library.avx2_block_matmul(fmt.gguf_type, M, layers, _address(x), K, _address(w), N, _address(out),
                               int(bool(accumulate)))
     return out
-
