@@ -130,12 +130,29 @@ def transformers_measures(args, ids):
     load_s = time.perf_counter() - start
     prompt, short = torch.tensor([ids]), torch.tensor([ids[:16]])
 
-    def generate(n):
-        return timed(lambda: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+    def decode():  # seconds from the first new token to the last: decode_tokens - 1 steps
+        streamer = TokenTimes()
+        model.generate(short, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False,
+                       pad_token_id=0, streamer=streamer)
+        return streamer.times[-1] - streamer.times[1]
 
     no_grad = torch.no_grad()  # as a decorator: each measure runs without autograd
     return load_s, {"transformers prefill": no_grad(lambda: timed(lambda: model(prompt, logits_to_keep=1))),
-                    "transformers decode b1": no_grad(lambda: generate(args.decode_tokens) - generate(1))}
+                    "transformers decode b1": no_grad(decode)}
+
+
+class TokenTimes:
+    """A transformers streamer that keeps when each put arrived: the prompt's, then each new token's
+    (so a decode's time never comes from the difference of two separately timed runs)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _tokens):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def write_report(results, out_dir: Path, plots=True):
