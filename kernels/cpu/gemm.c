@@ -10,9 +10,11 @@
 // accumulators (AVX-512: 24 of 32 zmm; AVX2: 12 of 16 ymm); per k, two loads of the panel, W_ROWS
 // broadcast weights and 2 x W_ROWS FMAs. The weights need no packing: a tile reads W_ROWS rows of
 // w sequentially, and tiles of the same weight rows meet every panel in turn while those rows are
-// in L1 (the panels, ~1 MB for a 512-token prompt, in L2 or L3).
+// in L1 (the panels, ~1 MB for a 512-token prompt, in L2 or L3; AVX2's 6 rows take k in chunks of
+// K_CHUNK, each chunk meeting every panel, so that they fit L1 at any K).
 // Work split: packing by panels, then the tiles' weight rows, in runs of W_ROWS, among threads.
-// Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS, no blocking of k).
+// Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS: a chunk continues
+// the previous chunk's sums).
 //
 // quant_gemm: the same for weights in GGML blocks: each thread dequantizes a run of
 // W_ROWS weight rows into its own strip of W_ROWS x K floats (L2-resident) right before the
