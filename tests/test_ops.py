@@ -172,8 +172,9 @@ def test_attention_matches_hf_eager_attention(n_heads, n_kv, q_len, kv_len):
 @pytest.mark.parametrize("n,k", [(576, 576), (101, 70), (3, 16), (130, 5)])
 def test_matmul_c_kernels(m, n, k):
     """kernels/cpu/matmul.c: up to 16 rows (in chunks of 8, odd weight rows, k not a multiple of
-    16), and more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a ragged
-    last one), alone and added into a result. With AVX2 alone: avx2_skinny.c's up to 16 rows."""
+    16), and gemm.c: more (panels of 32 rows with a ragged last one, runs of 12 weight rows with a
+    ragged last one), alone and added into a result. With AVX2 alone: the same in 8 lanes (chunks
+    of 4; panels of 16, runs of 6)."""
     a, b, c = randn(m, k), randn(n, k), randn(m, n)
     expected = a.astype(np.float64) @ b.T
     if not cpu_kernels.available() and not (m <= cpu_kernels.MAX_ROWS and cpu_kernels.step_kernels_available()):

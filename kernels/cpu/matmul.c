@@ -16,6 +16,12 @@
 // misses at once than L1 does, so the prefetches are not dropped while L1 waits on its own).
 // Numerics: f32 products and sums; each output is 32 partial sums (16 lanes x 2 chains) added at
 // the end, plus the K % 32 tail, the same for any M: a row's result does not depend on its batch.
+//
+// AVX2 alone (no AVX-512): the same in 8 lanes, the activation rows 4 at a time: per 16 k, two
+// loads of the weight row, two of each activation row and two FMAs into its two accumulators (at
+// 1 row the pair covers an FMA's latency, at 4 the other rows' chains). No software prefetch
+// there: the hardware's follows each thread's one stream, and prefetching ahead of it measured
+// slower (benchmarks/results/avx2/kernels.md). Each output is 16 partial sums, plus the K % 16 tail.
 #include "cpu.h"
 #ifdef __AVX512F__
 #define PREFETCH_FLOATS 4096
@@ -56,6 +62,43 @@ static void weight_rows(int M, const float *x, int K, const float *w, int lo, in
     for (int m = 0; m < M; m += 8)
       ROWS[M - m < 8 ? M - m : 8](x + (size_t)m * K, K, w + (size_t)n * K, out + (size_t)m * ldo + n, ldo);
 }
+#elif defined(PYLLM_AVX2)
+
+// out[m * ldo] = x[m] . w for M <= 4 activation rows x [M, K] and one weight row w [K]
+static inline __attribute__((always_inline)) void one_row(const int M, const float *x, int K, const float *w,
+                                                          float *out, int ldo) {
+  __m256 a[4], b[4];
+  for (int m = 0; m < M; m++) a[m] = b[m] = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 u = _mm256_loadu_ps(w + k), v = _mm256_loadu_ps(w + k + 8);
+    for (int m = 0; m < M; m++) {
+      a[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (size_t)m * K + k), u, a[m]);
+      b[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (size_t)m * K + k + 8), v, b[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    float sum = sum8(_mm256_add_ps(a[m], b[m]));
+    for (int j = k; j < K; j++) sum += x[(size_t)m * K + j] * w[j];
+    out[(size_t)m * ldo] = sum;
+  }
+}
+
+static void weight_rows(int M, const float *x, int K, const float *w, int lo, int hi, float *out, int ldo) {
+  for (int n = lo; n < hi; n++)
+    for (int m = 0; m < M; m += 4) {
+      const float *xm = x + (size_t)m * K, *row = w + (size_t)n * K;
+      float *o = out + (size_t)m * ldo + n;
+      switch (M - m < 4 ? M - m : 4) {  // M constant in each copy of one_row
+        case 1: one_row(1, xm, K, row, o, ldo); break;
+        case 2: one_row(2, xm, K, row, o, ldo); break;
+        case 3: one_row(3, xm, K, row, o, ldo); break;
+        default: one_row(4, xm, K, row, o, ldo);
+      }
+    }
+}
+#endif
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
 
 static struct {  // the current skinny_matmul call
   const float *x, *w;
