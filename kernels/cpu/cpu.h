@@ -2,7 +2,7 @@
 // pyllm/backends/cpu_kernels.py (host C compiler, -O3 -march=native) and called through ctypes:
 //   matmul.c     skinny_matmul (a decode step's few rows; AVX-512 or AVX2)
 //   gemm.c       matmul and quant_gemm (a prompt's many rows; AVX-512 or AVX2)
-//   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes)
+//   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes; AVX-512 or AVX2)
 //   attention.c  attention (every sequence of a step over its KV cache, through its block table;
 //                attention_tiles.h: its register tiles)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
@@ -14,7 +14,7 @@
 //   layers.c     decoder_layers: every decoder layer of a decode step in one call
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
 //                activations in quant.c's one or two layers) for CPUs with AVX2 but without
-//                AVX-512; avx2_rows.c, avx2_attention.c: the row kernels and attention there;
+//                AVX-512; avx2_attention.c: attention there;
 //                avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
 //                block formats decoded in ymm, for avx2.c and avx2_dequantize.c
 // Without AVX-512 the AVX-512-only sources compile to nothing; with AVX2, FMA and F16C
@@ -94,7 +94,7 @@ static inline float *qkv_destination(int h, int t, int H, int KV, int D, int blo
 }
 
 // The step's ops as both instruction sets build them (AVX-512: matmul.c, rows.c, attention.c;
-// AVX2 alone: matmul.c, avx2_rows.c, avx2_attention.c), one contract, called by layers.c.
+// AVX2 alone: matmul.c, rows.c, avx2_attention.c), one contract, called by layers.c.
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
 void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
 void swiglu(int T, int width, const float *gate_up, float *out);

@@ -7,9 +7,9 @@
 // Each matrix (or each part of q|k|v and gate|up, where their formats differ) is f32 rows (type
 // F32_ROWS: skinny_matmul, then added for the residual), f16 or bf16 rows (half.c: half_matmul)
 // or GGML blocks (quant.c: the activation quantized once to xq, then quant_matmul); the last two
-// accumulate the residual themselves. With AVX2 alone the ops are avx2_*.c's and a block-format
-// matrix goes through avx2.c's avx2_block_matmul (no f16 / bf16 kernel there: such a model goes op
-// by op).
+// accumulate the residual themselves. With AVX2 alone the ops are their 8-lane builds and a
+// block-format matrix goes through avx2.c's avx2_block_matmul (no f16 / bf16 kernel there: such a
+// model goes op by op).
 // Rows: T <= 16 (a decode step's few rows; more go op by op through the prompt kernels).
 #include "cpu.h"
 #ifdef PYLLM_AVX2
