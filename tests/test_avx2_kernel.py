@@ -15,7 +15,6 @@ from gguf import GGMLQuantizationType as T
 from test_quant_kernels import FORMATS, depths, weights
 
 from pyllm.backends import cpu_avx2, cpu_kernels
-from pyllm.formats import FORMATS as BY_NAME
 
 pytestmark = pytest.mark.skipif(not cpu_avx2.available(), reason="the AVX2 kernel is not built (no AVX2, FMA, F16C)")
 
@@ -137,5 +136,5 @@ def test_gemm_on_blocks_is_the_f32_gemm_on_gguf_weights(qtype):
         w = weights(qtype, 37, K)
         x = rng.standard_normal((40, K)).astype(np.float32)
         dense = gguf.quants.dequantize(w, qtype).astype(np.float32)
-        fmt = next(f for f in BY_NAME.values() if f.gguf_type == qtype)
-        np.testing.assert_array_equal(cpu_kernels.quant_gemm(fmt, x, w), cpu_kernels.matmul_transb(x, dense))
+        np.testing.assert_array_equal(cpu_kernels.quant_gemm(cpu_avx2.BLOCK_FORMATS[qtype], x, w),
+                                      cpu_kernels.matmul_transb(x, dense))

@@ -63,9 +63,11 @@ static float quantize_block(const float *v, int layers, uint8_t *out, float *dsu
   __m256 top = _mm256_setzero_ps();
   for (int i = 0; i < 32; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
   const float d = max8(top) / 127.0f, d2 = d / 254.0f;
-  memset(out, 0, 32 * (size_t)layers);
   *dsum = 0.0f;
-  if (d == 0.0f) return 0.0f;
+  if (d == 0.0f) {
+    memset(out, 0, 32 * (size_t)layers);
+    return 0.0f;
+  }
   __m256i q[4], sum = _mm256_setzero_si256();
   for (int i = 0; i < 4; i++) {
     const __m256 x = _mm256_loadu_ps(v + 8 * i);
