@@ -1,4 +1,4 @@
-"""kernels/cpu/attention.c and rows.c's qkv_rope (AVX2 alone: avx2_attention.c, rows.c's 8 lanes) read
+"""kernels/cpu/attention.c and rows.c's qkv_rope (16 lanes with AVX-512, 8 with AVX2 alone) read
 and write K/V through block tables, against the reference backend (pyllm/backends/reference.py):
 ragged steps (decode, prefill, a mix) over a KV pool whose blocks come shuffled, some shared by
 several sequences, last blocks partly full."""

@@ -7,24 +7,24 @@
 // and may be shared by several sequences (all read-only here). New token i sits at position
 // length[s] - count[s] + i and sees keys 0 .. that. Query head h uses KV head h / (H / KV), as
 // HF's repeat_kv. D % 16 == 0.
+// Written once for AVX-512 (16 lanes) and AVX2 (8 lanes) in lanes.h's operations.
 // Work split: a unit is (sequence, KV head, tile of consecutive queries); its rows, the tile's
 // queries times the KV head's query heads (about TILE_ROWS), share each chunk of CHUNK keys and
-// values (CHUNK / BLOCK_TOKENS blocks, walked block by block) while it is in L1. Threads take
-// units from a shared counter, costliest first.
-// Two layouts: a unit of few rows (a decode step's) scores one row against a block's 16 keys at a
-// time, their 16 accumulators reduced together; a unit of many rows (a prompt's tile) holds its
-// queries transposed, so a key is one broadcast against 16 rows in the vector lanes.
+// values (CHUNK / BLOCK_TOKENS blocks) while it is in L1. Threads take units from a shared
+// counter, costliest first.
+// Two layouts: a unit of few rows (a decode step's) scores one row against a chunk's keys at a
+// time (row_scores); a unit of many rows (a prompt's tile) holds its queries transposed, so a key
+// is one broadcast against LANES rows in the vector lanes (scores_tile).
 // Numerics: f32. A score is the dot product of the scaled query and a key. The softmax is online,
 // as in flash attention: a row keeps its running maximum and total, a chunk that raises the
 // maximum rescales the row's sums so far by exp(old - new), so exp never sees a positive
 // argument; the end divides by the total.
 #include "cpu.h"
 #include "attention_tiles.h"
-#ifdef __AVX512F__
-#define CHUNK 64      // keys (and values) per chunk, 4 blocks: 2 x 16 KB at D = 64
-_Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0, "a chunk is whole blocks of scores16's 16 keys");
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
+_Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0, "a chunk is whole blocks (row_scores reads a block at a time)");
 #define PREFETCH_FLOATS 512  // a touch per 2 KB of the next chunk's blocks (chunk_blocks)
-#define TILE_ROWS 48  // rows per unit: its scores, queries and sums (3 x 12 KB at D = 64) stay in L1/L2
+#define TILE_ROWS 48  // rows per unit: its weights, queries and sums (3 x 12 KB at D = 64 and 16 lanes) stay in L1/L2
 
 struct unit {
   int s, g, first, n;  // sequence, KV head, its first query (0 = the sequence's first new token), queries
@@ -83,9 +83,9 @@ static void weigh_chunk(const struct unit *u, const float *p, int row_stride, in
     int seen = first_position + (r + rows - 1) / group + 1 - c;
     seen = seen > n ? n : seen;
     if (seen <= 0) continue;
-    for (int d = 0; d < D; d += 64)
-      WEIGHS[rows][D - d < 64 ? (D - d) / 16 : 4](p + (size_t)r * row_stride, row_stride, key_stride, values, d, D,
-                                                  seen, o + (size_t)r * D + d);
+    for (int d = 0; d < D; d += WEIGH_COLUMNS)
+      weigh(rows, D - d < WEIGH_COLUMNS ? (D - d) / LANES : WEIGH_COLUMNS / LANES, p + (size_t)r * row_stride,
+            row_stride, key_stride, values, d, D, seen, o + (size_t)r * D + d);
   }
 }
 
@@ -94,13 +94,13 @@ static void write_unit(const struct unit *u, const float *o, const float *total)
   const int D = att.D, R = u->n * (att.H / att.KV);
   for (int r = 0; r < R; r++) {
     float *out = att.out + unit_row(u, r);
-    const __m512 inverse = _mm512_set1_ps(1.0f / total[r]);
-    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), inverse));
+    const lanes_t inverse = all(1.0f / total[r]);
+    for (int d = 0; d < D; d += LANES) vstore(out + d, mul(vload(o + (size_t)r * D + d), inverse));
   }
 }
 
-// A unit of few rows (a decode step's): scores row by row, a block of 16 keys at a time (its rows
-// past the sequence's end scored as they are, then masked). Rows are query-major (row r: query
+// A unit of few rows (a decode step's): scores row by row (keys past the row's last scored as they
+// are, then masked). Rows are query-major (row r: query
 // r / group, head g * group + r % group), so the rows a weigh_values call takes together see
 // nearly the same keys. Scratch: 3 R (D or CHUNK) + 2 R floats.
 static void attend_few(const struct unit *u, float *scratch) {
@@ -110,8 +110,7 @@ static void attend_few(const struct unit *u, float *scratch) {
   float *top = p + (size_t)R * CHUNK, *total = top + R;                         // [R], [R]
   for (int r = 0; r < R; r++) {
     const float *q = att.q + unit_row(u, r);
-    for (int d = 0; d < D; d += 16)
-      _mm512_storeu_ps(query + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(att.scale)));
+    for (int d = 0; d < D; d += LANES) vstore(query + (size_t)r * D + d, mul(vload(q + d), all(att.scale)));
     memset(o + (size_t)r * D, 0, sizeof(float) * D);
     top[r] = -INFINITY, total[r] = 0.0f;
   }
@@ -123,32 +122,22 @@ static void attend_few(const struct unit *u, float *scratch) {
       float *pr = p + (size_t)r * CHUNK;
       int seen = first_position + r / group + 1 - c;  // keys of this chunk row r sees
       seen = seen < 0 ? 0 : seen > n ? n : seen;
-      __m512 row_top = _mm512_set1_ps(-INFINITY);
-      for (int j = 0; j < seen; j += BLOCK_TOKENS) {
-        const __mmask16 visible = seen - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
-        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), visible,
-                                            scores16(query + (size_t)r * D, keys[j / BLOCK_TOKENS], D));
-        _mm512_storeu_ps(pr + j, s);
-        row_top = _mm512_max_ps(row_top, s);
-      }
-      const float chunk_top = _mm512_reduce_max_ps(row_top);
+      const float chunk_top = row_scores(query + (size_t)r * D, keys, seen, D, pr);
       if (seen == 0 || chunk_top == -INFINITY) {  // nothing visible here (or only -inf scores)
         memset(pr, 0, sizeof(float) * CHUNK);
         continue;
       }
       const float new_top = chunk_top > top[r] ? chunk_top : top[r];
       const float rescale = expf(top[r] - new_top);  // 0 on the first chunk
-      __m512 sum = _mm512_setzero_ps();
-      for (int j = 0; j < CHUNK; j += 16) {
-        const __mmask16 visible = j >= seen ? 0 : seen - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(visible, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), _mm512_set1_ps(new_top))));
-        _mm512_storeu_ps(pr + j, e);
-        sum = _mm512_add_ps(sum, e);
+      lanes_t sum = all(0.0f);
+      for (int j = 0; j < CHUNK; j += LANES) {
+        const lanes_t e = zero_unless(j < seen ? lanes(seen - j) : no_lanes(), exp_lanes(sub(vload(pr + j), all(new_top))));
+        vstore(pr + j, e);
+        sum = add(sum, e);
       }
-      total[r] = total[r] * rescale + _mm512_reduce_add_ps(sum);
+      total[r] = total[r] * rescale + sum_lanes(sum);
       if (rescale != 1.0f)
-        for (int d = 0; d < D; d += 16)
-          _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale)));
+        for (int d = 0; d < D; d += LANES) vstore(o + (size_t)r * D + d, mul(vload(o + (size_t)r * D + d), all(rescale)));
       top[r] = new_top;
     }
     weigh_chunk(u, p, CHUNK, 1, values, first_position, c, n, o);
@@ -159,11 +148,11 @@ static void attend_few(const struct unit *u, float *scratch) {
 
 // A unit of many rows (a prompt's tile): the same chunked online softmax as attend_few, with the
 // rows in the vector lanes: queries held transposed, scores and weights as [keys, rows], so a key
-// is one broadcast against 16 rows (no reductions), and the softmax runs 16 rows at a time.
-// Rows are padded to Rp (a multiple of 16) with zero queries that see every key.
+// is one broadcast against LANES rows (no reductions), and the softmax runs LANES rows at a time.
+// Rows are padded to Rp (a multiple of LANES) with zero queries that see every key.
 // Scratch: Rp (2 D + CHUNK + 4) floats.
 static void attend_many(const struct unit *u, float *scratch) {
-  const int D = att.D, group = att.H / att.KV, R = u->n * group, Rp = (R + 15) / 16 * 16, L = att.length[u->s];
+  const int D = att.D, group = att.H / att.KV, R = u->n * group, Rp = (R + LANES - 1) / LANES * LANES, L = att.length[u->s];
   const int first_position = L - att.count[u->s] + u->first;
   float *query_t = scratch, *o = query_t + (size_t)Rp * D, *p = o + (size_t)Rp * D;  // [D, Rp], [Rp, D], [CHUNK, Rp]
   float *top = p + (size_t)CHUNK * Rp, *total = top + Rp, *rescale = total + Rp;     // [Rp] each
@@ -178,39 +167,38 @@ static void attend_many(const struct unit *u, float *scratch) {
   for (int c = 0; c < keys_seen; c += CHUNK) {
     const float *keys[CHUNK / BLOCK_TOKENS], *values[CHUNK / BLOCK_TOKENS];
     const int n = chunk_blocks(u, c, keys_seen, keys, values);
-    for (int j = 0; j < n; j += 8) {  // past n, the last key stands in (masked below)
-      const float *key[8];
-      for (int i = 0; i < 8; i++) {
+    for (int j = 0; j < n; j += SCORE_KEYS) {  // past n, the last key stands in (masked below)
+      const float *key[SCORE_KEYS];
+      for (int i = 0; i < SCORE_KEYS; i++) {
         const int at = j + i < n ? j + i : n - 1;
         key[i] = keys[at / BLOCK_TOKENS] + (size_t)(at % BLOCK_TOKENS) * D;
       }
-      for (int v = 0; v < Rp / 16; v += 3)
-        SCORES_T[Rp / 16 - v < 3 ? Rp / 16 - v : 3](query_t + 16 * v, Rp, key, D, p + (size_t)j * Rp + 16 * v);
+      for (int v = 0; v < Rp / LANES; v += 3)
+        scores_tile(Rp / LANES - v < 3 ? Rp / LANES - v : 3, query_t + LANES * v, Rp, key, D, p + (size_t)j * Rp + LANES * v);
     }
-    for (int v = 0; v < Rp; v += 16) {  // 16 rows at a time
-      const __m512i seen_until = _mm512_loadu_si512(position + v);  // a row sees keys up to its position
-      const int all_see_chunk = _mm512_reduce_min_epi32(seen_until) >= c + n - 1;
-      __m512 chunk_top = _mm512_set1_ps(-INFINITY);
+    for (int v = 0; v < Rp; v += LANES) {  // LANES rows at a time; rows are in position order
+      const ints_t seen_until = load_ints(position + v);  // a row sees keys up to its position
+      const int all_see_chunk = position[v] >= c + n - 1;
+      lanes_t chunk_top = all(-INFINITY);
       for (int j = 0; j < n; j++) {
-        const __mmask16 visible = all_see_chunk ? 0xFFFF : _mm512_cmp_epi32_mask(_mm512_set1_epi32(c + j), seen_until, _MM_CMPINT_LE);
-        chunk_top = _mm512_mask_max_ps(chunk_top, visible, chunk_top, _mm512_loadu_ps(p + (size_t)j * Rp + v));
+        const mask_t visible = all_see_chunk ? every_lane() : seen_by(c + j, seen_until);
+        chunk_top = max_where(visible, chunk_top, vload(p + (size_t)j * Rp + v));
       }
-      const __m512 old_top = _mm512_loadu_ps(top + v), new_top = _mm512_max_ps(old_top, chunk_top);
-      const __m512 factor = exp512(_mm512_sub_ps(old_top, new_top));  // old_top = -inf: ~0, and o, total are 0
-      __m512 sum = _mm512_setzero_ps();
+      const lanes_t old_top = vload(top + v), new_top = maximum(old_top, chunk_top);
+      const lanes_t factor = exp_lanes(sub(old_top, new_top));  // old_top = -inf: ~0, and o, total are 0
+      lanes_t sum = all(0.0f);
       for (int j = 0; j < n; j++) {
-        const __mmask16 visible = all_see_chunk ? 0xFFFF : _mm512_cmp_epi32_mask(_mm512_set1_epi32(c + j), seen_until, _MM_CMPINT_LE);
-        const __m512 e = _mm512_maskz_mov_ps(visible, exp512(_mm512_sub_ps(_mm512_loadu_ps(p + (size_t)j * Rp + v), new_top)));
-        _mm512_storeu_ps(p + (size_t)j * Rp + v, e);
-        sum = _mm512_add_ps(sum, e);
+        const mask_t visible = all_see_chunk ? every_lane() : seen_by(c + j, seen_until);
+        const lanes_t e = zero_unless(visible, exp_lanes(sub(vload(p + (size_t)j * Rp + v), new_top)));
+        vstore(p + (size_t)j * Rp + v, e);
+        sum = add(sum, e);
       }
-      _mm512_storeu_ps(total + v, _mm512_fmadd_ps(_mm512_loadu_ps(total + v), factor, sum));
-      _mm512_storeu_ps(top + v, new_top);
-      _mm512_storeu_ps(rescale + v, factor);
+      vstore(total + v, fmadd(vload(total + v), factor, sum));
+      vstore(top + v, new_top);
+      vstore(rescale + v, factor);
     }
     for (int r = 0; r < R; r++)
-      for (int d = 0; d < D; d += 16)
-        _mm512_storeu_ps(o + (size_t)r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + (size_t)r * D + d), _mm512_set1_ps(rescale[r])));
+      for (int d = 0; d < D; d += LANES) vstore(o + (size_t)r * D + d, mul(vload(o + (size_t)r * D + d), all(rescale[r])));
     weigh_chunk(u, p, 1, Rp, values, first_position, c, n, o);
   }
   write_unit(u, o, total);
@@ -221,7 +209,7 @@ static void attention_part(int part) {
   static __thread float *scratch;  // each thread's, kept between calls (a decode step makes one per layer)
   static __thread size_t scratch_floats;
   const int group = att.H / att.KV, rows = TILE_ROWS / group > 0 ? TILE_ROWS / group * group : group;
-  const size_t padded = (size_t)(rows + 15) / 16 * 16;  // attend_few needs less than attend_many
+  const size_t padded = (size_t)(rows + LANES - 1) / LANES * LANES;  // attend_few needs less than attend_many
   const size_t floats = padded * (2 * att.D + CHUNK + 4);
   if (floats > scratch_floats) {
     free(scratch);

@@ -1,12 +1,20 @@
-// attention.c's register tiles: one query row's scores against a block of 16 keys (their 16
-// accumulators reduced together), 16 V query rows held transposed against 8 keys (a key is one
-// broadcast against 16 rows), and weights @ values for up to 4 rows x 64 columns, the value rows
-// read block by block (BLOCK_TOKENS rows of a KV pool's block each).
+// attention.c's register tiles, for each instruction set (AVX-512: 16 lanes, AVX2: 8; lanes.h):
+//   row_scores: one query row's scores against a chunk's keys (a decode unit's few rows): AVX-512
+//     scores a block of 16 keys at a time, their 16 accumulators reduced together; AVX2 4 keys;
+//   scores_tile: SCORE_KEYS keys against up to 3 x LANES query rows held transposed (a key is one
+//     broadcast against LANES rows);
+//   weigh: weights @ values for up to 4 rows x WEIGH_COLUMNS columns, each value row loaded once
+//     for the rows.
 // Numerics: f32 with FMA. scores16 sums each lane's terms over d, then the 16 lanes as a tree;
-// scores_t sums over d in order; weigh_values sums over the keys in order.
+// scores4 each lane's over d, then its 8 lanes pairwise; scores_t sums over d in order;
+// weigh_values sums over the keys in order.
 #pragma once
-#include "cpu.h"
+#include "lanes.h"
 #ifdef __AVX512F__
+#define CHUNK 64            // keys (and values) per chunk, 4 blocks: 2 x 16 KB at D = 64
+#define SCORE_KEYS 8        // keys per scores_tile
+#define WEIGH_COLUMNS 64    // columns per weigh (4 vectors)
+
 // lane j = the sum of a[j]'s 16 lanes: halves, then quarters, then pairs within quarters, then the
 // lane order put right (45 operations, where 16 separate reductions take ~130)
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
@@ -96,4 +104,123 @@ typedef void (*scores_fn)(const float *query_t, int rows_stride, const float *co
     scores_t(V, query_t, rows_stride, key, D, s); }
 SCORES(1) SCORES(2) SCORES(3)
 static const scores_fn SCORES_T[4] = {0, scores_1, scores_2, scores_3};
+
+// scores of q [D] against keys 0 .. seen - 1 of a chunk (blocks[j / 16] [16, D]) -> pr [seen
+// rounded up to 16] (-inf past seen); returns their maximum
+static inline __attribute__((always_inline)) float row_scores(const float *q, const float *const *blocks, int seen, int D, float *pr) {
+  __m512 row_top = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < seen; j += BLOCK_TOKENS) {
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), lanes(seen - j), scores16(q, blocks[j / BLOCK_TOKENS], D));
+    _mm512_storeu_ps(pr + j, s);
+    row_top = _mm512_max_ps(row_top, s);
+  }
+  return _mm512_reduce_max_ps(row_top);
+}
+
+static inline __attribute__((always_inline)) void scores_tile(int V, const float *query_t, int rows_stride, const float *const *key, int D, float *s) {
+  SCORES_T[V](query_t, rows_stride, key, D, s);
+}
+
+static inline void weigh(int R, int Z, const float *p, int row_stride, int key_stride, const float *const *blocks,
+                         int d, int D, int n, float *o) {
+  WEIGHS[R][Z](p, row_stride, key_stride, blocks, d, D, n, o);
+}
+
+#elif defined(PYLLM_AVX2)
+#define CHUNK 32            // keys (and values) per chunk, 2 blocks: 2 x 8 KB at D = 64, so a chunk, a
+                            // unit's transposed queries and its weights stay in L1
+#define SCORE_KEYS 4        // keys per scores_tile
+#define WEIGH_COLUMNS 24    // columns per weigh (3 vectors: 12 accumulators, 3 values, a weight)
+
+// 4 keys' dot products with q [D] -> their 4 scores
+static inline __m128 scores4(const float *q, const float *const key[4], int D) {
+  __m256 a[4];
+  for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) {
+    const __m256 x = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 4; i++) a[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key[i] + d), a[i]);
+  }
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// scores of q [D] against keys 0 .. seen - 1 of a chunk (blocks[j / 16] [16, D]) -> pr [seen
+// rounded up to 4] (past seen: the scores of the block's next rows, whatever they hold); returns
+// the maximum of the first seen
+static inline __attribute__((always_inline)) float row_scores(const float *q, const float *const *blocks, int seen, int D, float *pr) {
+  for (int j = 0; j < seen; j += 4) {
+    const float *key[4];
+    for (int i = 0; i < 4; i++) key[i] = blocks[(j + i) / BLOCK_TOKENS] + (size_t)((j + i) % BLOCK_TOKENS) * D;
+    _mm_storeu_ps(pr + j, scores4(q, key, D));
+  }
+  float top = -INFINITY;
+  for (int j = 0; j < seen; j++) top = pr[j] > top ? pr[j] : top;
+  return top;
+}
+
+// scores [4 keys, V x 8 rows] of key[0 .. 3] [D] against V x 8 query rows held transposed,
+// query_t [D, rows_stride]: 4 x V accumulators; per d, V loads and 4 broadcasts
+static inline __attribute__((always_inline)) void scores_t(const int V, const float *query_t, int rows_stride,
+                                                           const float *const *key, int D, float *s) {
+  __m256 acc[4][3];
+  for (int j = 0; j < 4; j++)
+    for (int v = 0; v < V; v++) acc[j][v] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d++) {
+    __m256 q[3];
+    for (int v = 0; v < V; v++) q[v] = _mm256_loadu_ps(query_t + (size_t)d * rows_stride + 8 * v);
+    for (int j = 0; j < 4; j++) {
+      const __m256 k = _mm256_broadcast_ss(key[j] + d);
+      for (int v = 0; v < V; v++) acc[j][v] = _mm256_fmadd_ps(k, q[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < 4; j++)
+    for (int v = 0; v < V; v++) _mm256_storeu_ps(s + (size_t)j * rows_stride + 8 * v, acc[j][v]);
+}
+
+static inline __attribute__((always_inline)) void scores_tile(int V, const float *query_t, int rows_stride, const float *const *key, int D, float *s) {
+  switch (V) {
+    case 1: scores_t(1, query_t, rows_stride, key, D, s); break;
+    case 2: scores_t(2, query_t, rows_stride, key, D, s); break;
+    default: scores_t(3, query_t, rows_stride, key, D, s);
+  }
+}
+
+// o [R rows, stride D] (Z x 8 columns from column d) += p [R, n] @ values [n, D] (value row j is
+// row j % 16 of blocks[j / 16]), p[r, j] at p[r * row_stride + j * key_stride]: R x Z accumulators
+static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
+                                                               int key_stride, const float *const *blocks, int d, int D,
+                                                               int n, float *o) {
+  __m256 acc[4][3];
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) acc[r][z] = _mm256_loadu_ps(o + (size_t)r * D + 8 * z);
+  for (int j = 0; j < n; j++) {
+    const float *values = blocks[j / BLOCK_TOKENS] + (size_t)(j % BLOCK_TOKENS) * D + d;
+    __m256 v[3];
+    for (int z = 0; z < Z; z++) v[z] = _mm256_loadu_ps(values + 8 * z);
+    for (int r = 0; r < R; r++) {
+      const __m256 weight = _mm256_broadcast_ss(p + (size_t)r * row_stride + (size_t)j * key_stride);
+      for (int z = 0; z < Z; z++) acc[r][z] = _mm256_fmadd_ps(weight, v[z], acc[r][z]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) _mm256_storeu_ps(o + (size_t)r * D + 8 * z, acc[r][z]);
+}
+
+// weigh_values with R (1 .. 4) and Z (1 .. 3) as constants
+static void weigh(int R, int Z, const float *p, int row_stride, int key_stride, const float *const *blocks, int d,
+                  int D, int n, float *o) {
+#define WEIGH_Z(r) \
+  switch (Z) { \
+    case 1: weigh_values(r, 1, p, row_stride, key_stride, blocks, d, D, n, o); break; \
+    case 2: weigh_values(r, 2, p, row_stride, key_stride, blocks, d, D, n, o); break; \
+    default: weigh_values(r, 3, p, row_stride, key_stride, blocks, d, D, n, o); \
+  }
+  switch (R) {
+    case 1: WEIGH_Z(1) break;
+    case 2: WEIGH_Z(2) break;
+    case 3: WEIGH_Z(3) break;
+    default: WEIGH_Z(4)
+  }
+#undef WEIGH_Z
+}
 #endif

@@ -4,7 +4,7 @@
 //   gemm.c       matmul and quant_gemm (a prompt's many rows; AVX-512 or AVX2)
 //   rows.c       rms_norm, swiglu, qkv_rope (bias, rope and the KV-cache writes; AVX-512 or AVX2)
 //   attention.c  attention (every sequence of a step over its KV cache, through its block table;
-//                attention_tiles.h: its register tiles)
+//                attention_tiles.h: its lanes and register tiles; AVX-512 or AVX2)
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
 //                quantize_activations (quant_blocks.h: decoding the 32-weight formats);
 //                quant_k.c: the same for the K-quants; dequantize.c: to f32; interleave.c:
@@ -14,12 +14,11 @@
 //   layers.c     decoder_layers: every decoder layer of a decode step in one call
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
 //                activations in quant.c's one or two layers) for CPUs with AVX2 but without
-//                AVX-512; avx2_attention.c: attention there;
-//                avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
+//                AVX-512; avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
 //                block formats decoded in ymm, for avx2.c and avx2_dequantize.c
 // Without AVX-512 the AVX-512-only sources compile to nothing; with AVX2, FMA and F16C
-// (PYLLM_AVX2: every AVX-512 CPU has them too) avx2*.c, matmul.c, gemm.c, layers.c, pool.c and
-// stream.c are built, so decode steps and prompts run in C there too.
+// (PYLLM_AVX2: every AVX-512 CPU has them too) avx2*.c, matmul.c, gemm.c, rows.c, attention.c,
+// layers.c, pool.c and stream.c are built, so decode steps and prompts run in C there too.
 #pragma once
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PYLLM_AVX2 1
@@ -93,8 +92,8 @@ static inline float *qkv_destination(int h, int t, int H, int KV, int D, int blo
   return (g < KV ? k : v) + kv_block(block, layers, layer, KV, g % KV, D) + (size_t)(position % BLOCK_TOKENS) * D;
 }
 
-// The step's ops as both instruction sets build them (AVX-512: matmul.c, rows.c, attention.c;
-// AVX2 alone: matmul.c, rows.c, avx2_attention.c), one contract, called by layers.c.
+// The step's ops as both instruction sets build them (matmul.c, rows.c, attention.c), one
+// contract, called by layers.c.
 void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out);
 void rms_norm(int T, int width, const float *x, const float *weight, float eps, float *out);
 void swiglu(int T, int width, const float *gate_up, float *out);

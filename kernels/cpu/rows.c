@@ -1,39 +1,9 @@
 // Row kernels, rms_norm, swiglu and qkv_rope: a row (a token) is LANES floats at a time with a
-// masked tail, in 16 lanes (AVX-512) or, on a CPU without it, 8 (AVX2): one method, through the
-// few lane operations below.
+// masked tail, in 16 lanes (AVX-512) or, on a CPU without it, 8 (AVX2): one method, through
+// lanes.h's few lane operations.
 #include "cpu.h"
 #if defined(__AVX512F__) || defined(PYLLM_AVX2)
-#ifdef __AVX512F__
-#define LANES 16
-typedef __m512 lanes_t;
-typedef __mmask16 mask_t;
-static inline mask_t lanes(int left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
-static inline lanes_t load(const float *p, mask_t m) { return _mm512_maskz_loadu_ps(m, p); }
-static inline void store(float *p, mask_t m, lanes_t v) { _mm512_mask_storeu_ps(p, m, v); }
-static inline lanes_t all(float x) { return _mm512_set1_ps(x); }
-static inline lanes_t add(lanes_t a, lanes_t b) { return _mm512_add_ps(a, b); }
-static inline lanes_t sub(lanes_t a, lanes_t b) { return _mm512_sub_ps(a, b); }
-static inline lanes_t mul(lanes_t a, lanes_t b) { return _mm512_mul_ps(a, b); }
-static inline lanes_t divide(lanes_t a, lanes_t b) { return _mm512_div_ps(a, b); }
-static inline lanes_t fmadd(lanes_t a, lanes_t b, lanes_t c) { return _mm512_fmadd_ps(a, b, c); }
-static inline lanes_t exp_lanes(lanes_t x) { return exp512(x); }
-static inline float sum_lanes(lanes_t v) { return _mm512_reduce_add_ps(v); }
-#else  // AVX2
-#define LANES 8
-typedef __m256 lanes_t;
-typedef __m256i mask_t;
-static inline mask_t lanes(int left) { return lanes8(left); }
-static inline lanes_t load(const float *p, mask_t m) { return _mm256_maskload_ps(p, m); }
-static inline void store(float *p, mask_t m, lanes_t v) { _mm256_maskstore_ps(p, m, v); }
-static inline lanes_t all(float x) { return _mm256_set1_ps(x); }
-static inline lanes_t add(lanes_t a, lanes_t b) { return _mm256_add_ps(a, b); }
-static inline lanes_t sub(lanes_t a, lanes_t b) { return _mm256_sub_ps(a, b); }
-static inline lanes_t mul(lanes_t a, lanes_t b) { return _mm256_mul_ps(a, b); }
-static inline lanes_t divide(lanes_t a, lanes_t b) { return _mm256_div_ps(a, b); }
-static inline lanes_t fmadd(lanes_t a, lanes_t b, lanes_t c) { return _mm256_fmadd_ps(a, b, c); }
-static inline lanes_t exp_lanes(lanes_t x) { return exp256(x); }
-static inline float sum_lanes(lanes_t v) { return sum8(v); }
-#endif
+#include "lanes.h"
 
 // Rows are split evenly among the threads, or all run on the caller when the call is too small to
 // pay for the handoff (a decode step's few rows of rms_norm and swiglu). qkv_rope splits from far

@@ -88,9 +88,9 @@ def built():
 
 @functools.lru_cache(maxsize=None)
 def _step_library():
-    """built(), with the kernels both instruction sets build (matmul.c, gemm.c, rows.c; AVX-512:
-    attention.c; AVX2 alone: avx2_attention.c): a decode step's, which layers.c runs in one call,
-    and a prompt's GEMMs; else None."""
+    """built(), with the kernels both instruction sets build (matmul.c, gemm.c, rows.c,
+    attention.c): a decode step's, which layers.c runs in one call, and a prompt's GEMMs; else
+    None."""
     library = built()
     if library is None:
         return None
