@@ -41,9 +41,10 @@ class QuantizedMatrix:
 
     def dequantize(self, rows=None) -> np.ndarray:
         """-> f32 [N, K], or only `rows` (ids [T]) -> [T, K]: a gather dequantizes what it looks up."""
-        if self.interleaved:  # only the CPU backend's kernels make and read that layout
-            from .backends import cpu_quant
-            return cpu_quant.dequantize(cpu_quant.kernel_type(self), self.data, self.shape[1], rows=rows)
+        if self.interleaved:  # only the CPU backend's kernels (AVX-512, or AVX2 alone) make and read that layout
+            from .backends import cpu_avx2, cpu_quant
+            dequantize = cpu_quant.dequantize if cpu_quant.available() else cpu_avx2.dequantize
+            return dequantize(cpu_quant.kernel_type(self), self.data, self.shape[1], rows=rows)
         return self.format.dequantize(self.data if rows is None else self.data[rows])
 
     @property

@@ -1,5 +1,6 @@
-"""kernels/cpu/avx2.c (through pyllm.backends.cpu_avx2), the decode matmul for CPUs with AVX2 but
-not AVX-512, against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as
+"""kernels/cpu/avx2.c and avx2_interleaved.c (through pyllm.backends.cpu_avx2), the decode matmul for
+CPUs with AVX2 but not AVX-512, on rows as GGUF stores them and interleaved (16 rows a group, the
+rows past the last group as stored), against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as
 the kernel rounds it (per 32: d = max|x| / 127 in f32, q = round-half-even(x / d) in int8,
 llama.cpp's Q8_0; in two layers also the rounding error's blocks) and multiplied in float64, where
 only the kernel's f32 summation may differ (1e-4 of the output's scale); and against the exact
@@ -14,11 +15,19 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from test_quant_kernels import FORMATS, depths, weights
 
-from pyllm.backends import cpu_avx2, cpu_kernels
+from pyllm.backends import cpu_avx2, cpu_kernels, cpu_quant
+from pyllm.backends.cpu_kernels import INTERLEAVED
 
 pytestmark = pytest.mark.skipif(not cpu_avx2.available(), reason="the AVX2 kernel is not built (no AVX2, FMA, F16C)")
 
 rng = np.random.default_rng(1)
+
+
+def layouts(qtype, w, K):
+    """(type, rows) as the kernels take w: GGUF's layout, and for a 32-weight format interleaved too."""
+    yield qtype, w
+    if qtype in cpu_quant.INTERLEAVED_FORMATS:
+        yield qtype | INTERLEAVED, cpu_quant.interleave(qtype, w.copy(), K)
 
 
 def int8_blocks(x):
@@ -58,14 +67,16 @@ def check(out, x, w, qtype, layers):
                                        (1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (16, 2)])
 def test_block_matmul_matches_the_reference(qtype, M, layers):
     """Rows not a multiple of the threads' shares or of a tile's 4 (N = 1, 37), one block to 48
-    (K-quants: one superblock to three; odd block counts), a block of zeros, a norm's outlier channels."""
+    (K-quants: one superblock to three; odd block counts), a block of zeros, a norm's outlier
+    channels; interleaved: no row group (N = 1), groups and a tail (37), three groups (48)."""
     for K in depths(qtype):
-        for N in (1, 37):
+        for N in (1, 37, 48):
             w = weights(qtype, N, K)
             x = rng.standard_normal((M, K)).astype(np.float32)
             x[0, :32] = 0.0  # d = 0
             x[-1, [5, K // 2]] = [40.0, -60.0]
-            check(cpu_avx2.block_matmul(qtype, x, w, layers=layers), x, w, qtype, layers)
+            for kind, rows in layouts(qtype, w, K):
+                check(cpu_avx2.block_matmul(kind, x, rows, layers=layers), x, w, qtype, layers)
 
 
 def test_two_layers_carry_more_of_x():
@@ -80,21 +91,25 @@ def test_two_layers_carry_more_of_x():
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_accumulate(qtype):
     K = depths(qtype)[-1]
-    w = weights(qtype, 37, K)
     x = rng.standard_normal((4, K)).astype(np.float32)
-    out = cpu_avx2.block_matmul(qtype, x, w)
-    base = rng.standard_normal(out.shape).astype(np.float32)
-    added = cpu_avx2.block_matmul(qtype, x, w, out=base.copy(), accumulate=True)
-    np.testing.assert_allclose(added, base + out, atol=1e-5 * np.abs(base + out).max(), rtol=0)
+    for kind, w in layouts(qtype, weights(qtype, 37, K), K):
+        out = cpu_avx2.block_matmul(kind, x, w)
+        base = rng.standard_normal(out.shape).astype(np.float32)
+        added = cpu_avx2.block_matmul(kind, x, w, out=base.copy(), accumulate=True)
+        np.testing.assert_allclose(added, base + out, atol=1e-5 * np.abs(base + out).max(), rtol=0)
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_dequantize_is_gguf_bit_for_bit(qtype):
-    """avx2_dequantize (a prompt's weight strips) against gguf's dequantizer, 37 rows (split among
-    the threads unevenly) at every depth."""
+    """avx2_dequantize (a prompt's weight strips, gather's rows) against gguf's dequantizer, 37 rows
+    (split among the threads unevenly) at every depth, in both layouts; picked rows in any order."""
+    picked = np.array([36, 0, 17, 17, 5])
     for K in depths(qtype):
         w = weights(qtype, 37, K)
-        np.testing.assert_array_equal(cpu_avx2.dequantize(qtype, w, K), gguf.quants.dequantize(w, qtype))
+        want = gguf.quants.dequantize(w, qtype)
+        for kind, rows in layouts(qtype, w, K):
+            np.testing.assert_array_equal(cpu_avx2.dequantize(kind, rows, K), want)
+            np.testing.assert_array_equal(cpu_avx2.dequantize(kind, rows, K, rows=picked), want[picked])
 
 
 def test_wrapper_errors():
@@ -110,7 +125,10 @@ def test_wrapper_errors():
                 lambda: cpu_avx2.block_matmul(T.Q4_0, x, w, out=np.empty((2, 5), np.float32)),
                 lambda: cpu_avx2.dequantize(T.Q4_0, w, 96),  # w's rows are 64
                 lambda: cpu_avx2.dequantize(T.Q4_K, w, 64),  # K not whole superblocks
-                lambda: cpu_avx2.dequantize(T.BF16, w, 64)):  # not a block format
+                lambda: cpu_avx2.dequantize(T.BF16, w, 64),  # not a block format
+                lambda: cpu_avx2.block_matmul(T.Q4_K | INTERLEAVED, np.ones((2, 256), np.float32),
+                                              weights(T.Q4_K, 4, 256)),  # only 32-weight formats interleave
+                lambda: cpu_avx2.dequantize(T.Q4_0, w, 64, rows=[4])):  # no row 4
         with pytest.raises(ValueError):
             bad()
 
@@ -135,6 +153,7 @@ def test_gemm_on_blocks_is_the_f32_gemm_on_gguf_weights(qtype):
     for K in depths(qtype):
         w = weights(qtype, 37, K)
         x = rng.standard_normal((40, K)).astype(np.float32)
-        dense = gguf.quants.dequantize(w, qtype).astype(np.float32)
-        np.testing.assert_array_equal(cpu_kernels.quant_gemm(cpu_avx2.BLOCK_FORMATS[qtype], x, w),
-                                      cpu_kernels.matmul_transb(x, dense))
+        want = cpu_kernels.matmul_transb(x, gguf.quants.dequantize(w, qtype).astype(np.float32))
+        for kind, rows in layouts(qtype, w, K):
+            out = cpu_kernels.quant_gemm(cpu_avx2.BLOCK_FORMATS[qtype], x, rows, interleaved=bool(kind & INTERLEAVED))
+            np.testing.assert_array_equal(out, want)

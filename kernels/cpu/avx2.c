@@ -31,14 +31,7 @@
 
 #define MAX_ROWS 16  // rows of x a call takes
 
-static struct {        // the current avx2_block_matmul call
-  const uint8_t *q;    // [M, padded, 32 x layers bytes] x's blocks: int8 q, or (two layers) int16 254 q + q2
-  const float *d;      // [M, padded] their scales (0: padding)
-  const float *dsum;   // [M, padded] d sum(q)
-  const uint8_t *w;
-  float *out;
-  int type, M, layers, K, N, padded, accumulate;
-} avx2;
+struct avx2_call avx2_call;
 
 static inline __m256 keep256(__m256 v) {  // v as computed: hides a product from contraction into an FMA
   __asm__("" : "+x"(v));
@@ -167,11 +160,11 @@ static inline __attribute__((always_inline)) struct tile decode_tile(const int t
 // weight rows lo .. hi - 1 against the M rows of x in L layers (M, L constant where the caller makes them)
 static inline __attribute__((always_inline)) void rows_avx2(const int type, const int M, const int L, int lo, int hi) {
   const int B = group_blocks(type) == TILE ? TILE : 2, R = TILE / B;  // a tile's blocks and rows
-  const size_t bytes = row_bytes(type, avx2.K);
-  const int blocks = avx2.K / 32;
+  const size_t bytes = row_bytes(type, avx2_call.K);
+  const int blocks = avx2_call.K / 32;
   for (int n0 = lo; n0 < hi; n0 += R) {
     const uint8_t *row[TILE];
-    for (int r = 0; r < R; r++) row[r] = avx2.w + (size_t)(n0 + r < hi ? n0 + r : hi - 1) * bytes;
+    for (int r = 0; r < R; r++) row[r] = avx2_call.w + (size_t)(n0 + r < hi ? n0 + r : hi - 1) * bytes;
     __m256 acc[MAX_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < blocks; b0 += B) {
@@ -182,18 +175,18 @@ static inline __attribute__((always_inline)) void rows_avx2(const int type, cons
       __m256i w[TILE];
       const struct tile head = decode_tile(type, row, b0, blocks, w);
       for (int m = 0; m < M; m++) {
-        const size_t at = (size_t)m * avx2.padded + b0;  // x's block b0
+        const size_t at = (size_t)m * avx2_call.padded + b0;  // x's block b0
         __m256i dots[TILE];
 #pragma GCC unroll 8
         for (int i = 0; i < TILE; i++)
-          dots[i] = block_dot(type, L, w[i], avx2.q + (at + i % B) * 32 * L);
+          dots[i] = block_dot(type, L, w[i], avx2_call.q + (at + i % B) * 32 * L);
         // x's scales and sums per lane: the tile's blocks (B = 2: the pair, in each row's lanes)
-        const __m256 d = B == TILE ? _mm256_loadu_ps(avx2.d + at)
-                                   : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(avx2.d + at)));
+        const __m256 d = B == TILE ? _mm256_loadu_ps(avx2_call.d + at)
+                                   : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(avx2_call.d + at)));
         acc[m] = _mm256_fmadd_ps(tile_sums(type, L, dots, &head), _mm256_mul_ps(head.factor, d), acc[m]);
         if (has_constant(type)) {
-          const __m256 dsum = B == TILE ? _mm256_loadu_ps(avx2.dsum + at)
-                                        : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(avx2.dsum + at)));
+          const __m256 dsum = B == TILE ? _mm256_loadu_ps(avx2_call.dsum + at)
+                                        : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(avx2_call.dsum + at)));
           acc[m] = _mm256_fmadd_ps(head.constant, dsum, acc[m]);
         }
       }
@@ -204,36 +197,28 @@ static inline __attribute__((always_inline)) void rows_avx2(const int type, cons
       else _mm256_storeu_ps(sums, _mm256_hadd_ps(acc[m], acc[m]));
       for (int r = 0; r < R && n0 + r < hi; r++) {
         const float sum = B == TILE ? sums[0] : sums[r % 2 + 4 * (r / 2)];
-        float *out = avx2.out + (size_t)m * avx2.N + n0 + r;
-        *out = avx2.accumulate ? *out + sum : sum;
+        float *out = avx2_call.out + (size_t)m * avx2_call.N + n0 + r;
+        *out = avx2_call.accumulate ? *out + sum : sum;
       }
     }
   }
 }
 
 static inline __attribute__((always_inline)) void rows_of_type(const int type, int lo, int hi) {
-  if (avx2.layers == 2) {
-    switch (avx2.M) {  // a decode step's usual row counts
-      case 1: rows_avx2(type, 1, 2, lo, hi); break;
-      case 2: rows_avx2(type, 2, 2, lo, hi); break;
-      case 4: rows_avx2(type, 4, 2, lo, hi); break;
-      default: rows_avx2(type, avx2.M, 2, lo, hi);
-    }
-    return;
-  }
-  switch (avx2.M) {
-    case 1: rows_avx2(type, 1, 1, lo, hi); break;
-    case 2: rows_avx2(type, 2, 1, lo, hi); break;
-    case 4: rows_avx2(type, 4, 1, lo, hi); break;
-    case 8: rows_avx2(type, 8, 1, lo, hi); break;
-    case 16: rows_avx2(type, 16, 1, lo, hi); break;
-    default: rows_avx2(type, avx2.M, 1, lo, hi);
-  }
+  WITH_CONSTANT_ROWS(rows_avx2, type, lo, hi);
 }
 
+// a thread's share: weight rows split evenly, or an interleaved matrix's row groups (avx2_group_rows),
+// the last thread also its N % 16 rows in GGUF's layout
 static void avx2_part(int part) {
-  const int lo = (int)((long long)avx2.N * part / pool_threads), hi = (int)((long long)avx2.N * (part + 1) / pool_threads);
-  switch (avx2.type) {
+  int lo = (int)((long long)avx2_call.N * part / pool_threads), hi = (int)((long long)avx2_call.N * (part + 1) / pool_threads);
+  if (avx2_call.interleaved) {
+    const int groups = avx2_call.N / ROW_GROUP;
+    avx2_group_rows((int)((long long)groups * part / pool_threads), (int)((long long)groups * (part + 1) / pool_threads));
+    lo = part == pool_threads - 1 ? groups * ROW_GROUP : avx2_call.N, hi = avx2_call.N;
+    if (lo == hi) return;
+  }
+  switch (avx2_call.type) {
     case Q4_0: rows_of_type(Q4_0, lo, hi); break;
     case Q4_1: rows_of_type(Q4_1, lo, hi); break;
     case Q5_0: rows_of_type(Q5_0, lo, hi); break;
@@ -246,8 +231,9 @@ static void avx2_part(int part) {
 }
 
 // out [M, N] (+)= x [M, K] @ dequant(w)^T, w [N, K] in GGUF's rows of `type` (q4_0, q4_1, q5_0,
-// q5_1, q8_0, q4_k, q5_k, q6_k), x's blocks in `layers` (1, 2) int8 layers; 1 <= M <= 16, K a
-// multiple of the type's block (the caller checks).
+// q5_1, q8_0, q4_k, q5_k, q6_k; INTERLEAVED | a 32-weight format: in interleave.c's layout), x's
+// blocks in `layers` (1, 2) int8 layers; 1 <= M <= 16, K a multiple of the type's block (the
+// caller checks).
 EXPORT void avx2_block_matmul(int type, int M, int layers, const float *x, int K, const uint8_t *w, int N, float *out,
                               int accumulate) {
   static uint8_t *q;
@@ -273,9 +259,10 @@ EXPORT void avx2_block_matmul(int type, int M, int layers, const float *x, int K
         memset(q + 32 * layers * at, 0, 32 * (size_t)layers);
       }
     }
-  avx2.q = q, avx2.d = d, avx2.dsum = dsum, avx2.w = w, avx2.out = out;
-  avx2.type = type, avx2.M = M, avx2.layers = layers, avx2.K = K, avx2.N = N, avx2.padded = padded;
-  avx2.accumulate = accumulate;
+  avx2_call.q = q, avx2_call.d = d, avx2_call.dsum = dsum, avx2_call.w = w, avx2_call.out = out;
+  avx2_call.type = type, avx2_call.M = M, avx2_call.layers = layers, avx2_call.K = K, avx2_call.N = N, avx2_call.padded = padded;
+  avx2_call.accumulate = accumulate, avx2_call.interleaved = (type & INTERLEAVED) != 0;
+  avx2_call.type = type & ~INTERLEAVED;
   pool_run_sized(avx2_part, (size_t)N * row_bytes(type, K));
   pool_unlock();
 }

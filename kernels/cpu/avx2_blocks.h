@@ -13,9 +13,46 @@
 #ifdef PYLLM_AVX2
 
 #define TILE 8  // blocks of 32 decoded together, one per lane
+#define MAX_ROWS 16  // rows of x an avx2_block_matmul call takes
 
-// rows lo .. hi - 1 of w [N, K] in `type` -> out [hi - lo, K] f32, as gguf dequantizes (avx2_dequantize.c)
-void avx2_dequantize_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out);
+struct avx2_call {      // the current avx2_block_matmul call (avx2.c)
+  const uint8_t *q;    // [M, padded, 32 x layers bytes] x's blocks: int8 q, or (two layers) int16 254 q + q2
+  const float *d;      // [M, padded] their scales (0: padding)
+  const float *dsum;   // [M, padded] d sum(q)
+  const uint8_t *w;
+  float *out;
+  int type, M, layers, K, N, padded, accumulate;
+  int interleaved;     // w in the interleaved layout (interleave.c): its row groups go to avx2_group_rows
+};
+extern struct avx2_call avx2_call;
+void avx2_group_rows(int lo, int hi);  // avx2_interleaved.c: the call's row groups lo .. hi - 1
+
+// fn(type, M, L, lo, hi) with the call's rows of x (M) and layers (L) as constants where a decode
+// step's usual counts make them so
+#define WITH_CONSTANT_ROWS(fn, type, lo, hi)                                                        \
+  do {                                                                                              \
+    if (avx2_call.layers == 2) {                                                                    \
+      switch (avx2_call.M) {                                                                        \
+        case 1: fn(type, 1, 2, lo, hi); break;                                                      \
+        case 2: fn(type, 2, 2, lo, hi); break;                                                      \
+        case 4: fn(type, 4, 2, lo, hi); break;                                                      \
+        default: fn(type, avx2_call.M, 2, lo, hi);                                                  \
+      }                                                                                             \
+      break;                                                                                        \
+    }                                                                                               \
+    switch (avx2_call.M) {                                                                          \
+      case 1: fn(type, 1, 1, lo, hi); break;                                                        \
+      case 2: fn(type, 2, 1, lo, hi); break;                                                        \
+      case 4: fn(type, 4, 1, lo, hi); break;                                                        \
+      case 8: fn(type, 8, 1, lo, hi); break;                                                        \
+      case 16: fn(type, 16, 1, lo, hi); break;                                                      \
+      default: fn(type, avx2_call.M, 1, lo, hi);                                                    \
+    }                                                                                               \
+  } while (0)
+
+// rows lo .. hi - 1 of w [N, K] in `type` (| INTERLEAVED) -> out [hi - lo, K] f32, as gguf dequantizes
+// (avx2_dequantize.c)
+void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int lo, int hi, float *out);
 
 static inline float f16_at(const uint8_t *p) {
   uint16_t h;

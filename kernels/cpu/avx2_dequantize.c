@@ -1,7 +1,8 @@
-// avx2_dequantize: w [rows, K] in `type` -> out [rows, K] f32, as gguf.quants.dequantize (each weight
-// f q + c of its decoded block, q6_k's d (sc (q - 32)): the products are exact, so one rounding, as
-// gguf's): a prompt's weight strips for avx2_gemm.c on CPUs without AVX-512, and the rows
-// `gather` looks up. Rows are split among the pool's threads.
+// avx2_dequantize: rows of w [N, K] in `type` -> f32, as gguf.quants.dequantize (each weight f q + c
+// of its decoded block, q6_k's d (sc (q - 32)): the products are exact, so one rounding, as
+// gguf's): a prompt's weight strips for gemm.c on CPUs without AVX-512, and the rows `gather`
+// looks up. A matrix in interleave.c's layout (type | INTERLEAVED) has each row put back in
+// GGUF's first (deinterleave_row). Rows are split among the pool's threads.
 #include "avx2_blocks.h"
 #ifdef PYLLM_AVX2
 
@@ -35,7 +36,7 @@ static inline __attribute__((always_inline)) void rows_of(const int type, const 
     }
 }
 
-void avx2_dequantize_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out) {
+static void gguf_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out) {
   switch (type) {
     case Q4_0: rows_of(Q4_0, w, K, lo, hi, out); break;
     case Q4_1: rows_of(Q4_1, w, K, lo, hi, out); break;
@@ -48,21 +49,49 @@ void avx2_dequantize_rows(int type, const uint8_t *w, int K, int lo, int hi, flo
   }
 }
 
+void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int lo, int hi, float *out) {
+  if (!(type & INTERLEAVED)) {
+    gguf_rows(type, w, K, lo, hi, out);
+    return;
+  }
+  static __thread uint8_t *row;  // this thread's row in GGUF's layout
+  static __thread size_t allocated;
+  type &= ~INTERLEAVED;
+  const size_t bytes = row_bytes(type, K);
+  if (bytes > allocated) {
+    free(row);
+    row = malloc(bytes);
+    if (row == NULL) abort();
+    allocated = bytes;
+  }
+  for (int n = lo; n < hi; n++) {
+    deinterleave_row(type, w, N, K, n, row);
+    gguf_rows(type, row, K, 0, 1, out + (size_t)(n - lo) * K);
+  }
+}
+
 static struct {  // the current avx2_dequantize call
   const uint8_t *w;
+  const int32_t *picked;
   float *out;
-  int type, rows, K;
+  int type, N, K, count;
 } dq;
 
 static void dequantize_part(int part) {
-  const int lo = (int)((long long)dq.rows * part / pool_threads), hi = (int)((long long)dq.rows * (part + 1) / pool_threads);
-  avx2_dequantize_rows(dq.type, dq.w, dq.K, lo, hi, dq.out + (size_t)lo * dq.K);
+  const int lo = (int)((long long)dq.count * part / pool_threads), hi = (int)((long long)dq.count * (part + 1) / pool_threads);
+  if (dq.picked == NULL) {
+    avx2_dequantize_rows(dq.type, dq.w, dq.N, dq.K, lo, hi, dq.out + (size_t)lo * dq.K);
+    return;
+  }
+  for (int i = lo; i < hi; i++)
+    avx2_dequantize_rows(dq.type, dq.w, dq.N, dq.K, dq.picked[i], dq.picked[i] + 1, dq.out + (size_t)i * dq.K);
 }
 
-EXPORT void avx2_dequantize(int type, const uint8_t *w, int rows, int K, float *out) {
+// rows picked[0 .. count - 1] of w [N, K] (picked NULL: rows 0 .. count - 1) -> out [count, K]
+EXPORT void avx2_dequantize(int type, const uint8_t *w, int N, int K, const int32_t *picked, int count, float *out) {
   pool_lock();
-  dq.w = w, dq.out = out, dq.type = type, dq.rows = rows, dq.K = K;
-  pool_run_sized(dequantize_part, (size_t)rows * K * sizeof(float));
+  dq.w = w, dq.picked = picked, dq.out = out, dq.type = type, dq.N = N, dq.K = K, dq.count = count;
+  pool_run_sized(dequantize_part, (size_t)count * K * sizeof(float));
   pool_unlock();
 }
 #endif

@@ -8,13 +8,13 @@
 //   quant.c      quant_matmul (decode rows on GGML block-quantized weights, int8 activations),
 //                quantize_activations (quant_blocks.h: decoding the 32-weight formats);
 //                quant_k.c: the same for the K-quants; dequantize.c: to f32; interleave.c:
-//                the 32-weight formats' rows reordered at load for quant_matmul
+//                the 32-weight formats' rows reordered at load for quant_matmul and avx2.c
 //   half.c       half_matmul (decode rows on f16 / bf16 weights)
 //   pool.c       the thread pool they all share
 //   layers.c     decoder_layers: every decoder layer of a decode step in one call
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
 //                activations in quant.c's one or two layers) for CPUs with AVX2 but without
-//                AVX-512; avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
+//                AVX-512; avx2_interleaved.c: its rows of interleaved matrices; avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
 //                block formats decoded in ymm, for avx2.c and avx2_dequantize.c
 // Without AVX-512 the AVX-512-only sources compile to nothing; with AVX2, FMA and F16C
 // (PYLLM_AVX2: every AVX-512 CPU has them too) avx2*.c, matmul.c, gemm.c, rows.c, attention.c,
@@ -48,6 +48,29 @@ enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_
 // INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
 // rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
 #define INTERLEAVED 0x100
+#define ROW_GROUP 16  // rows of an interleaved matrix's group
+
+// The interleaved layout of a group of ROW_GROUP blocks (the same bytes as GGUF's, reordered): at 0, the
+// quants as the decoded vectors hold them: 64-byte vector t, lane j = bytes 4t .. 4t + 3 of block
+// j's qs (q4, q5: t < 4, nibbles as stored; q8_0: t < 8); then per lane j the 4 bytes of its qh
+// (q5), the f16 d and the f16 m (q4_1, q5_1) as 16-lane vectors. Where GGUF's block holds them:
+struct interleaved_layout {
+  int qs, qs_bytes;   // a GGUF block's qs: its offset and bytes
+  int qh, d, m;       // in the group: offsets of the qh, d and m vectors (-1: the format has none)
+  int block_qh;       // a GGUF block's qh (d at 0, m at 2)
+};
+
+static inline struct interleaved_layout interleaved_layout(int type) {
+  switch (type) {
+    case Q4_0: return (struct interleaved_layout){2, 16, -1, 256, -1, -1};
+    case Q4_1: return (struct interleaved_layout){4, 16, -1, 256, 288, -1};
+    case Q5_0: return (struct interleaved_layout){6, 16, 256, 320, -1, 2};
+    case Q5_1: return (struct interleaved_layout){8, 16, 256, 320, 352, 4};
+    default: return (struct interleaved_layout){2, 32, -1, 512, -1, -1};  // Q8_0
+  }
+}
+void interleave_rows(int type, uint8_t *w, int N, int K);  // interleave.c: GGUF's layout -> the interleaved one, in place
+void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);  // row n as GGUF's
 
 // bytes of a row of K weights (0: a type not known here)
 static inline size_t row_bytes(int type, int K) {
@@ -174,7 +197,6 @@ void dequantize_rows_half(int type, const uint16_t *w, int rows, int K, float *o
 // carry INTERLEAVED
 void dequantize_matrix_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
                             float *out);
-void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);  // interleave.c: row n as GGUF's
 // between quant.c and quant_k.c: the current quant_matmul call, xq's record size (quant.c), the
 // K-quants' rows of it and their dequantization, a row's output
 #define QX_GROUP 16     // blocks of 32 per xq record

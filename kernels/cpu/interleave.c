@@ -1,15 +1,15 @@
 // The interleaved layout of the 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0): a matrix's rows
 // taken 16 at a time (a row group), and in each row group the 16 rows' block b (one per row) put
-// side by side as one group (quant_blocks.h: interleaved_layout, lane j = row j of the row group),
-// so that quant_matmul loads a group's decoded vectors directly and each lane's sum is its own
-// row's dot product: no transposes, gathers, row tails or horizontal sums in a decode step.
+// side by side as one group (cpu.h: interleaved_layout, lane j = row j of the row group),
+// so that quant_matmul (16 rows a vector) and avx2_interleaved.c (8) load a group's decoded vectors
+// directly and each lane's sum is its own row's dot product: no transposes, gathers, row tails or
+// horizontal sums in a decode step.
 // The same bytes in another order: row group r holds the bytes of rows 16r .. 16r + 15, its
 // groups in block order; rows past the last full row group (N % 16) stay as GGUF stores them.
 // interleave_rows reorders a matrix in place once, when the CPU backend takes a model's weights;
-// dequantize.c reads such a matrix's rows through deinterleave_row.
+// dequantize.c and avx2_dequantize.c read such a matrix's rows through deinterleave_row.
 #include "cpu.h"
-#include "quant_blocks.h"
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
 
 static inline void move(uint8_t *block_at, uint8_t *group_at, int bytes, int to_interleaved) {
   if (to_interleaved)
@@ -29,26 +29,26 @@ static void move_lane(int type, uint8_t *block, uint8_t *group, int j, int to_in
 
 // w [N, row_bytes(type, K)] of a 32-weight format, GGUF's layout -> the interleaved one, in place
 EXPORT void interleave_rows(int type, uint8_t *w, int N, int K) {
-  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = QX_GROUP * stride;
-  uint8_t *rows = malloc(QX_GROUP * bytes);  // a row group as GGUF holds it
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = ROW_GROUP * stride;
+  uint8_t *rows = malloc(ROW_GROUP * bytes);  // a row group as GGUF holds it
   if (rows == NULL) abort();
-  for (size_t n0 = 0; n0 + QX_GROUP <= (size_t)N; n0 += QX_GROUP) {
+  for (size_t n0 = 0; n0 + ROW_GROUP <= (size_t)N; n0 += ROW_GROUP) {
     uint8_t *row_group = w + n0 * bytes;
-    memcpy(rows, row_group, QX_GROUP * bytes);
+    memcpy(rows, row_group, ROW_GROUP * bytes);
     for (int b = 0; b < K / 32; b++)
-      for (int j = 0; j < QX_GROUP; j++) move_lane(type, rows + j * bytes + b * stride, row_group + b * group_bytes, j, 1);
+      for (int j = 0; j < ROW_GROUP; j++) move_lane(type, rows + j * bytes + b * stride, row_group + b * group_bytes, j, 1);
   }
   free(rows);
 }
 
 // row n of an interleaved matrix w [N, K] -> that row in GGUF's layout at out [row_bytes(type, K)]
 void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out) {
-  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = QX_GROUP * stride;
-  if (n >= N / QX_GROUP * QX_GROUP) {
+  const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = ROW_GROUP * stride;
+  if (n >= N / ROW_GROUP * ROW_GROUP) {
     memcpy(out, w + (size_t)n * bytes, bytes);
     return;
   }
-  uint8_t *row_group = (uint8_t *)w + (size_t)(n - n % QX_GROUP) * bytes;
-  for (int b = 0; b < K / 32; b++) move_lane(type, out + b * stride, row_group + b * group_bytes, n % QX_GROUP, 0);
+  uint8_t *row_group = (uint8_t *)w + (size_t)(n - n % ROW_GROUP) * bytes;
+  for (int b = 0; b < K / 32; b++) move_lane(type, out + b * stride, row_group + b * group_bytes, n % ROW_GROUP, 0);
 }
 #endif

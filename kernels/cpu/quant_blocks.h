@@ -100,26 +100,6 @@ static inline void fifth_bits(__m512i qh, __m512i W[8]) {  // + 16 where bit e o
   }
 }
 
-// The interleaved layout of a group of 16 blocks (the same bytes as GGUF's, reordered): at 0, the
-// quants as the decoded vectors hold them: 64-byte vector t, lane j = bytes 4t .. 4t + 3 of block
-// j's qs (q4, q5: t < 4, nibbles as stored; q8_0: t < 8); then per lane j the 4 bytes of its qh
-// (q5), the f16 d and the f16 m (q4_1, q5_1) as 16-lane vectors. Where GGUF's block holds them:
-struct interleaved_layout {
-  int qs, qs_bytes;   // a GGUF block's qs: its offset and bytes
-  int qh, d, m;       // in the group: offsets of the qh, d and m vectors (-1: the format has none)
-  int block_qh;       // a GGUF block's qh (d at 0, m at 2)
-};
-
-static inline struct interleaved_layout interleaved_layout(int type) {
-  switch (type) {
-    case Q4_0: return (struct interleaved_layout){2, 16, -1, 256, -1, -1};
-    case Q4_1: return (struct interleaved_layout){4, 16, -1, 256, 288, -1};
-    case Q5_0: return (struct interleaved_layout){6, 16, 256, 320, -1, 2};
-    case Q5_1: return (struct interleaved_layout){8, 16, 256, 320, 352, 4};
-    default: return (struct interleaved_layout){2, 32, -1, 512, -1, -1};  // Q8_0
-  }
-}
-
 // 16 blocks decoded: W[u] lane j = weights 4u..4u+3 of block j as stored (q4: 0..15, q5: 0..31,
 // q8_0: signed), its f32 scale d and (q4_1, q5_1) min m per lane
 struct block_group {

@@ -83,9 +83,9 @@ def _avx2_matrix_product(a, b, xq, add_to):
     if not decode_kernel(b.format):
         return None
     if a.shape[0] <= cpu_avx2.MAX_ROWS:
-        return cpu_avx2.block_matmul(b.format.gguf_type, a, b.data, out=add_to, accumulate=add_to is not None,
+        return cpu_avx2.block_matmul(cpu_quant.kernel_type(b), a, b.data, out=add_to, accumulate=add_to is not None,
                                      layers=activation_layers(a.shape[0]))
-    return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to)
+    return cpu_kernels.quant_gemm(b.format, a, b.data, add_to=add_to, interleaved=b.interleaved)
 
 
 def product(a, b, add_to=None):
@@ -139,14 +139,17 @@ class CpuBackend(ReferenceBackend):
             return tuple(self.upload(part) for part in weight)
         if not isinstance(weight, QuantizedMatrix):
             return weight
-        if not cpu_kernels.available():  # AVX2 alone: GGUF's own layout
-            if cpu_kernels.step_kernels_available() and not decode_kernel(weight.format):
+        if not cpu_kernels.available():  # AVX2 alone: avx2.c's formats
+            if not cpu_kernels.step_kernels_available():
+                return weight
+            if not decode_kernel(weight.format):
                 self._say(f"no C kernel for {weight.format.name} weights here: the reference dequantizes them "
                           "at each use")
-            return weight
-        if not has_kernel(weight.format):
+                return weight
+        elif not has_kernel(weight.format):
             self._say(f"no C kernel for {weight.format.name} weights: the reference dequantizes them at each use")
-        elif weight.format.gguf_type in cpu_quant.INTERLEAVED_FORMATS and not weight.interleaved:
+            return weight
+        if weight.format.gguf_type in cpu_quant.INTERLEAVED_FORMATS and not weight.interleaved:
             weight = QuantizedMatrix(weight.format, weight.shape,
                                      cpu_quant.interleave(weight.format.gguf_type, weight.data, weight.shape[1]), True)
         return weight
@@ -189,7 +192,7 @@ class CpuBackend(ReferenceBackend):
         if isinstance(table, QuantizedMatrix) and has_kernel(table.format):
             return cpu_quant.dequantize(cpu_quant.kernel_type(table), stored_bytes(table), table.shape[1], rows=ids)
         if isinstance(table, QuantizedMatrix) and decode_kernel(table.format):  # AVX2 alone
-            return cpu_avx2.dequantize(table.format.gguf_type, table.data[np.asarray(ids)], table.shape[1])
+            return cpu_avx2.dequantize(cpu_quant.kernel_type(table), table.data, table.shape[1], rows=ids)
         return reference.gather(table, ids)
 
     def qkv_rope_cache(self, qkv, bias, step: Step, layer):

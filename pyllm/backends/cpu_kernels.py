@@ -99,6 +99,7 @@ def _step_library():
         matmul, quant_gemm = library.matmul, library.quant_gemm
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
+        interleave = library.interleave_rows
     except AttributeError:
         return None  # built with neither
     # M, x, K, w, N, out
@@ -127,6 +128,8 @@ def _step_library():
     quant_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int]
     matmul.restype = quant_gemm.restype = None
+    # type, w, N, K
+    interleave.argtypes, interleave.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None
     return library
 
 
@@ -203,13 +206,11 @@ INTERLEAVED = 0x100  # kernels/cpu/cpu.h: | a 32-weight format's type, its rows 
 def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
     """a [M, K] @ w^T for w [N, K] stored as GGML blocks of format fmt (blocks: uint8 [N, row
     bytes], interleaved where said) -> [M, N] f32, or added into add_to (returned): many rows (a
-    prompt) through the f32 GEMM on weight strips dequantized in cache. None without the kernels.
-    Interleaved rows are the AVX-512 kernels' layout."""
+    prompt) through the f32 GEMM on weight strips dequantized in cache (interleaved rows put back in
+    GGUF's layout first). None without the kernels."""
     library = _step_library()
     if library is None:
         return None
-    if interleaved and _library() is None:
-        raise ValueError("quant_gemm: interleaved rows need the AVX-512 kernels")
     a = np.ascontiguousarray(a, dtype=np.float32)
     (rows, depth), columns = a.shape, blocks.shape[0]
     _check_blocks("quant_gemm", fmt, blocks, depth)

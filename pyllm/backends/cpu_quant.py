@@ -1,8 +1,8 @@
 """ctypes wrappers of kernels/cpu/quant.c, quant_k.c, half.c and interleave.c: decode matmuls on
 weights as GGUF stores them (the bytes of a tensor, row by row): GGML blocks with int8 activations,
 f16 and bf16; and dequantization. A 32-weight format's matrix may be interleaved once (interleave:
-the same bytes, 16 rows a group, in the order quant_matmul loads them); the kernels then take its
-type | INTERLEAVED.
+the same bytes, 16 rows a group, in the order quant_matmul and, without AVX-512, cpu_avx2's
+kernels load them); the kernels then take its type | INTERLEAVED.
 
     xq = quantize_activations(x, layers)          # x [M, K] f32 -> opaque uint8 buffer (1 or 2 int8 layers)
     out = quant_matmul(gguf_type, xq, M, K, w, layers=layers)  # w uint8 [N, row_bytes] -> x @ dequant(w)^T [M, N]
@@ -17,7 +17,7 @@ import functools
 import numpy as np
 
 from ..formats import FORMATS
-from .cpu_kernels import INTERLEAVED, _address, _library
+from .cpu_kernels import INTERLEAVED, _address, _library, _step_library
 
 BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # quant_matmul's
 STORED_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.name != "f32"}  # dequantize's
@@ -37,8 +37,7 @@ def _quant_library():
     if library is None:
         return None
     try:
-        size, quantize, matmul, interleave = (library.activation_bytes, library.quantize_activations,
-                                              library.quant_matmul, library.interleave_rows)
+        size, quantize, matmul = library.activation_bytes, library.quantize_activations, library.quant_matmul
         dequantize, picked = library.dequantize, library.dequantize_picked
         half, takes_bf16 = library.half_matmul, library.half_takes_bf16
     except AttributeError:
@@ -51,8 +50,6 @@ def _quant_library():
     matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     matmul.restype = None
-    # type, w, N, K
-    interleave.argtypes, interleave.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None
     # type, w, rows, K, out
     dequantize.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     dequantize.restype = None
@@ -205,5 +202,8 @@ def interleave(gguf_type, w, K: int) -> np.ndarray:
     _check_weights(int(gguf_type) | INTERLEAVED, w, K)
     if not w.flags.writeable:
         raise ValueError("w must be writeable: it is interleaved in place")
-    _kernels().interleave_rows(int(gguf_type), _address(w), w.shape[0], K)
+    library = _step_library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are not available (no compiler, or neither AVX2 nor AVX-512)")
+    library.interleave_rows(int(gguf_type), _address(w), w.shape[0], K)
     return w
