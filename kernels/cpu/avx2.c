@@ -20,9 +20,10 @@
 // converted, and multiplied by f d_x into an 8-lane f32 accumulator per row of x, c s_x beside; a
 // lane keeps its tile position (row, block parity), so an output is the sum of its row's lanes.
 //
-// One thread: its share of the weight rows, a tile's rows at a time (a last short tile repeats
-// its last row, software prefetch runs a tile's rows ahead); each tile is decoded once for the M
-// rows of x.
+// Threads take shares of 16 weight rows at a time, guided (a part of what is left, so a thread on
+// a busier core takes less); an interleaved matrix's row groups go to avx2_interleaved.c. Here a
+// share runs a tile's rows at a time (a last short tile repeats its last row, software prefetch
+// runs a tile's rows ahead); each tile is decoded once for the M rows of x.
 //
 // Numerics: each block's integer dot product is exact; next to an f32 dot product with the
 // dequantized weights only the activations' rounding and the summation order differ.
@@ -208,16 +209,8 @@ static inline __attribute__((always_inline)) void rows_of_type(const int type, i
   WITH_CONSTANT_ROWS(rows_avx2, type, lo, hi);
 }
 
-// a thread's share: weight rows split evenly, or an interleaved matrix's row groups (avx2_group_rows),
-// the last thread also its N % 16 rows in GGUF's layout
-static void avx2_part(int part) {
-  int lo = (int)((long long)avx2_call.N * part / pool_threads), hi = (int)((long long)avx2_call.N * (part + 1) / pool_threads);
-  if (avx2_call.interleaved) {
-    const int groups = avx2_call.N / ROW_GROUP;
-    avx2_group_rows((int)((long long)groups * part / pool_threads), (int)((long long)groups * (part + 1) / pool_threads));
-    lo = part == pool_threads - 1 ? groups * ROW_GROUP : avx2_call.N, hi = avx2_call.N;
-    if (lo == hi) return;
-  }
+// GGUF-layout rows lo .. hi - 1 of the call's matrix
+static void gguf_rows(int lo, int hi) {
   switch (avx2_call.type) {
     case Q4_0: rows_of_type(Q4_0, lo, hi); break;
     case Q4_1: rows_of_type(Q4_1, lo, hi); break;
@@ -228,6 +221,29 @@ static void avx2_part(int part) {
     case Q6_K: rows_of_type(Q6_K, lo, hi); break;
     default: rows_of_type(Q8_0, lo, hi);
   }
+}
+
+// the next share of `units` for a thread, guided: a part of what is left (1 / (2 threads)), so a
+// thread that runs slower (a shared core) takes less -> its first unit (count in *take), or units
+static inline int next_share(int units, int *take) {
+  int first = atomic_load(&avx2_call.next_unit);
+  do {
+    *take = (units - first) / (2 * pool_threads);
+    *take = *take < 1 ? 1 : *take;
+  } while (first < units && !atomic_compare_exchange_weak(&avx2_call.next_unit, &first, first + *take));
+  return first;
+}
+
+// a thread's shares: units of ROW_GROUP rows, an interleaved matrix's row groups (avx2_group_rows)
+// or GGUF-layout rows; the last thread also an interleaved matrix's N % 16 rows in GGUF's layout
+static void avx2_part(int part) {
+  const int N = avx2_call.N, units = avx2_call.interleaved ? N / ROW_GROUP : (N + ROW_GROUP - 1) / ROW_GROUP;
+  for (int first, take; (first = next_share(units, &take)) < units;) {
+    const int last = first + take < units ? first + take : units;
+    if (avx2_call.interleaved) avx2_group_rows(first, last);
+    else gguf_rows(first * ROW_GROUP, last * ROW_GROUP < N ? last * ROW_GROUP : N);
+  }
+  if (avx2_call.interleaved && part == pool_threads - 1 && N % ROW_GROUP) gguf_rows(N - N % ROW_GROUP, N);
 }
 
 // out [M, N] (+)= x [M, K] @ dequant(w)^T, w [N, K] in GGUF's rows of `type` (q4_0, q4_1, q5_0,
@@ -263,6 +279,7 @@ EXPORT void avx2_block_matmul(int type, int M, int layers, const float *x, int K
   avx2_call.type = type, avx2_call.M = M, avx2_call.layers = layers, avx2_call.K = K, avx2_call.N = N, avx2_call.padded = padded;
   avx2_call.accumulate = accumulate, avx2_call.interleaved = (type & INTERLEAVED) != 0;
   avx2_call.type = type & ~INTERLEAVED;
+  atomic_store(&avx2_call.next_unit, 0);
   pool_run_sized(avx2_part, (size_t)N * row_bytes(type, K));
   pool_unlock();
 }

@@ -23,6 +23,7 @@ struct avx2_call {      // the current avx2_block_matmul call (avx2.c)
   float *out;
   int type, M, layers, K, N, padded, accumulate;
   int interleaved;     // w in the interleaved layout (interleave.c): its row groups go to avx2_group_rows
+  atomic_int next_unit;  // the threads' shares: the first unit (avx2.c's avx2_part) none has taken
 };
 extern struct avx2_call avx2_call;
 void avx2_group_rows(int lo, int hi);  // avx2_interleaved.c: the call's row groups lo .. hi - 1
