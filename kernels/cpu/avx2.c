@@ -20,8 +20,7 @@
 // converted, and multiplied by f d_x into an 8-lane f32 accumulator per row of x, c s_x beside; a
 // lane keeps its tile position (row, block parity), so an output is the sum of its row's lanes.
 //
-// Threads take shares of 16 weight rows at a time, guided (a part of what is left, so a thread on
-// a busier core takes less); an interleaved matrix's row groups go to avx2_interleaved.c. Here a
+// Threads take guided shares (pool_share) of 16 weight rows at a time; an interleaved matrix's row groups go to avx2_interleaved.c. Here a
 // share runs a tile's rows at a time (a last short tile repeats its last row, software prefetch
 // runs a tile's rows ahead); each tile is decoded once for the M rows of x.
 //
@@ -223,22 +222,11 @@ static void gguf_rows(int lo, int hi) {
   }
 }
 
-// the next share of `units` for a thread, guided: a part of what is left (1 / (2 threads)), so a
-// thread that runs slower (a shared core) takes less -> its first unit (count in *take), or units
-static inline int next_share(int units, int *take) {
-  int first = atomic_load(&avx2_call.next_unit);
-  do {
-    *take = (units - first) / (2 * pool_threads);
-    *take = *take < 1 ? 1 : *take;
-  } while (first < units && !atomic_compare_exchange_weak(&avx2_call.next_unit, &first, first + *take));
-  return first;
-}
-
 // a thread's shares: units of ROW_GROUP rows, an interleaved matrix's row groups (avx2_group_rows)
 // or GGUF-layout rows; the last thread also an interleaved matrix's N % 16 rows in GGUF's layout
 static void avx2_part(int part) {
   const int N = avx2_call.N, units = avx2_call.interleaved ? N / ROW_GROUP : (N + ROW_GROUP - 1) / ROW_GROUP;
-  for (int first, take; (first = next_share(units, &take)) < units;) {
+  for (int first, take; (first = pool_share(&avx2_call.next_unit, units, &take)) < units;) {
     const int last = first + take < units ? first + take : units;
     if (avx2_call.interleaved) avx2_group_rows(first, last);
     else gguf_rows(first * ROW_GROUP, last * ROW_GROUP < N ? last * ROW_GROUP : N);

@@ -42,6 +42,18 @@ void pool_unlock(void);
 void pool_run(void (*task)(int part));
 void pool_run_sized(void (*task)(int part), size_t bytes);  // the same, on the caller alone for a small call
 
+// Guided shares of a call's `units` (weight rows or runs of them): each thread takes a part of
+// what is left, 1 / (2 threads), from the counter *next (0 at the call's start), so a thread on a
+// busier core takes less -> the share's first unit (units: none left), its count in *take.
+static inline int pool_share(atomic_int *next, int units, int *take) {
+  int first = atomic_load(next);
+  do {
+    *take = (units - first) / (2 * pool_threads);
+    *take = *take < 1 ? 1 : *take;
+  } while (first < units && !atomic_compare_exchange_weak(next, &first, first + *take));
+  return first < units ? first : units;
+}
+
 // Weights as GGUF stores them: GGML block-quantized (quant.c, quant_k.c) or 16-bit (half.c);
 // type: the GGML type id
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };

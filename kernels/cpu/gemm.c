@@ -48,6 +48,7 @@ static struct {  // the current matmul or quant_gemm call
   float *strips;        // quant_gemm: per thread [W_ROWS, K]; kept between calls like the panels
   size_t panel_floats, strip_floats;  // allocated
   int M, K, N, accumulate;
+  atomic_int next_run;  // gemm_part's shares: the first run of W_ROWS weight rows none has taken
 } gemm;
 
 #ifdef __AVX512F__
@@ -237,21 +238,23 @@ static void pack_part(int part) {
 static void gemm_part(int part) {
   const int runs = (gemm.N + W_ROWS - 1) / W_ROWS, K = gemm.K;
   float *strip = gemm.strips + (size_t)part * W_ROWS * K;
-  for (int run = (int)((long long)runs * part / pool_threads); run < (long long)runs * (part + 1) / pool_threads; run++) {
-    const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
-    const float *w = gemm.w + (size_t)n * K;
-    if (gemm.blocks) {
-      unpack_strip(n, R, strip);
-      w = strip;
+  for (int first, take; (first = pool_share(&gemm.next_run, runs, &take)) < runs;)
+    for (int run = first; run < first + take && run < runs; run++) {
+      const int n = run * W_ROWS, R = gemm.N - n < W_ROWS ? gemm.N - n : W_ROWS;
+      const float *w = gemm.w + (size_t)n * K;
+      if (gemm.blocks) {
+        unpack_strip(n, R, strip);
+        w = strip;
+      }
+      run_tiles(n, R, w);
     }
-    run_tiles(n, R, w);
-  }
 }
 
 static void run_gemm(int M, const float *x, int K, int N, float *out, int accumulate) {  // with the pool taken
   gemm.panels = grown(gemm.panels, &gemm.panel_floats, (size_t)((M + PANEL - 1) / PANEL) * K * PANEL);
   gemm.x = x, gemm.out = out;
   gemm.M = M, gemm.K = K, gemm.N = N, gemm.accumulate = accumulate;
+  atomic_store(&gemm.next_run, 0);
   pool_run(pack_part);
   pool_run(gemm_part);
 }

@@ -104,18 +104,24 @@ static struct {  // the current skinny_matmul call
   const float *x, *w;
   float *out;
   int M, K, N;
+  atomic_int next_unit;  // matmul_part's shares: the first SHARE_ROWS weight rows none has taken
 } mm;
 
+#define SHARE_ROWS 16
 static void matmul_part(int part) {
-  const int lo = (int)((long long)mm.N * part / pool_threads);
-  const int hi = (int)((long long)mm.N * (part + 1) / pool_threads);
-  weight_rows(mm.M, mm.x, mm.K, mm.w, lo, hi, mm.out, mm.N);
+  (void)part;
+  const int units = (mm.N + SHARE_ROWS - 1) / SHARE_ROWS;
+  for (int first, take; (first = pool_share(&mm.next_unit, units, &take)) < units;) {
+    const int hi = (first + take) * SHARE_ROWS;
+    weight_rows(mm.M, mm.x, mm.K, mm.w, first * SHARE_ROWS, hi < mm.N ? hi : mm.N, mm.out, mm.N);
+  }
 }
 
 // out [M, N] = x [M, K] @ w [N, K]^T, all arrays C-contiguous f32.
 EXPORT void skinny_matmul(int M, const float *x, int K, const float *w, int N, float *out) {
   pool_lock();
   mm.M = M, mm.x = x, mm.K = K, mm.w = w, mm.N = N, mm.out = out;
+  atomic_store(&mm.next_unit, 0);
   pool_run_sized(matmul_part, (size_t)N * K * sizeof(float));
   pool_unlock();
 }
