@@ -148,14 +148,17 @@ static inline __m128 scores4(const float *q, const float *const key[4], int D) {
 // rounded up to 4] (past seen: the scores of the block's next rows, whatever they hold); returns
 // the maximum of the first seen
 static inline __attribute__((always_inline)) float row_scores(const float *q, const float *const *blocks, int seen, int D, float *pr) {
-  for (int j = 0; j < seen; j += 4) {
-    const float *key[4];
-    for (int i = 0; i < 4; i++) key[i] = blocks[(j + i) / BLOCK_TOKENS] + (size_t)((j + i) % BLOCK_TOKENS) * D;
-    _mm_storeu_ps(pr + j, scores4(q, key, D));
+  __m128 top = _mm_set1_ps(-INFINITY);
+  for (int j = 0; j < seen; j += 4) {  // 4 keys of one block
+    const float *first = blocks[j / BLOCK_TOKENS] + (size_t)(j % BLOCK_TOKENS) * D;
+    const float *const key[4] = {first, first + D, first + 2 * D, first + 3 * D};
+    const __m128 s = scores4(q, key, D);
+    _mm_storeu_ps(pr + j, s);
+    const __m128 visible = _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_set1_epi32(seen - j), _mm_setr_epi32(0, 1, 2, 3)));
+    top = _mm_max_ps(top, _mm_blendv_ps(_mm_set1_ps(-INFINITY), s, visible));
   }
-  float top = -INFINITY;
-  for (int j = 0; j < seen; j++) top = pr[j] > top ? pr[j] : top;
-  return top;
+  top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+  return _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
 }
 
 // scores [4 keys, V x 8 rows] of key[0 .. 3] [D] against V x 8 query rows held transposed,
@@ -193,13 +196,15 @@ static inline __attribute__((always_inline)) void weigh_values(const int R, cons
   __m256 acc[4][3];
   for (int r = 0; r < R; r++)
     for (int z = 0; z < Z; z++) acc[r][z] = _mm256_loadu_ps(o + (size_t)r * D + 8 * z);
-  for (int j = 0; j < n; j++) {
-    const float *values = blocks[j / BLOCK_TOKENS] + (size_t)(j % BLOCK_TOKENS) * D + d;
-    __m256 v[3];
-    for (int z = 0; z < Z; z++) v[z] = _mm256_loadu_ps(values + 8 * z);
-    for (int r = 0; r < R; r++) {
-      const __m256 weight = _mm256_broadcast_ss(p + (size_t)r * row_stride + (size_t)j * key_stride);
-      for (int z = 0; z < Z; z++) acc[r][z] = _mm256_fmadd_ps(weight, v[z], acc[r][z]);
+  for (int b = 0; b * BLOCK_TOKENS < n; b++) {
+    const float *values = blocks[b] + d;
+    for (int j = b * BLOCK_TOKENS, end = n - j < BLOCK_TOKENS ? n : j + BLOCK_TOKENS; j < end; j++, values += D) {
+      __m256 v[3];
+      for (int z = 0; z < Z; z++) v[z] = _mm256_loadu_ps(values + 8 * z);
+      for (int r = 0; r < R; r++) {
+        const __m256 weight = _mm256_broadcast_ss(p + (size_t)r * row_stride + (size_t)j * key_stride);
+        for (int z = 0; z < Z; z++) acc[r][z] = _mm256_fmadd_ps(weight, v[z], acc[r][z]);
+      }
     }
   }
   for (int r = 0; r < R; r++)
