@@ -91,6 +91,8 @@ def dequantize(gguf_type, w, K, rows=None) -> np.ndarray:
         raise ValueError(f"rows {rows} are not all in 0 .. {w.shape[0] - 1}")
     count = w.shape[0] if ids is None else ids.size
     out = np.empty((count, K), np.float32)
+    if count == 0:
+        return out.reshape(*np.shape(rows), K)
     library.avx2_dequantize(kind, _address(w), w.shape[0], K, None if ids is None else _address(ids), count,
                             _address(out))
     return out if rows is None else out.reshape(*np.shape(rows), K)

@@ -60,22 +60,22 @@ TINY_FORMATS = ("f32", "q8_0")  # the tiny step's matrices: plain f32 rows, and 
 
 def tiny_model(layers=30, fmt="q8_0", seed=0) -> LlamaModel:
     """A random llama of `layers` layers with 64-wide matrices in `fmt` (f32: plain arrays) on the
-    CPU backend."""
+    CPU backend, each matrix handed to it as a loader does (upload: interleaved where it would be)."""
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
                          rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
                          attention_bias=False)
     rng = np.random.default_rng(seed)
-    block = format_named(fmt)
+    block, backend = format_named(fmt), make_backend("cpu", config)
 
     def matrix(rows, cols):  # [rows, cols]
         values = (0.1 * rng.standard_normal((rows, cols))).astype(np.float32)
-        return values if fmt == "f32" else QuantizedMatrix.quantize(values, block, "random")
+        return backend.upload(values if fmt == "f32" else QuantizedMatrix.quantize(values, block, "random"))
     ones = np.ones(64, np.float32)
     embed = matrix(256, 64)
     stack = [LayerWeights(ones, matrix(128, 64), None, matrix(64, 64), ones, matrix(256, 64), matrix(64, 128))
              for _ in range(layers)]
-    return LlamaModel(config, make_backend("cpu", config), ModelWeights(embed, stack, ones, embed))
+    return LlamaModel(config, backend, ModelWeights(embed, stack, ones, embed))
 
 
 def tiny_step_ms(fmt="q8_0", steps=300) -> float:
