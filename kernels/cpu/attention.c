@@ -22,7 +22,8 @@
 #include "cpu.h"
 #include "attention_tiles.h"
 #if defined(__AVX512F__) || defined(PYLLM_AVX2)
-_Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0, "a chunk is whole blocks (row_scores reads a block at a time)");
+_Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0,
+               "a chunk is whole blocks (row_scores reads a block at a time)");
 #define PREFETCH_FLOATS 512  // a touch per 2 KB of the next chunk's blocks (chunk_blocks)
 #define TILE_ROWS 48  // rows per unit: its weights, queries and sums (3 x 12 KB at D = 64 and 16 lanes) stay in L1/L2
 

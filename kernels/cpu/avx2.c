@@ -20,16 +20,15 @@
 // converted, and multiplied by f d_x into an 8-lane f32 accumulator per row of x, c s_x beside; a
 // lane keeps its tile position (row, block parity), so an output is the sum of its row's lanes.
 //
-// Threads take guided shares (pool_share) of 16 weight rows at a time; an interleaved matrix's row groups go to avx2_interleaved.c. Here a
-// share runs a tile's rows at a time (a last short tile repeats its last row, software prefetch
-// runs a tile's rows ahead); each tile is decoded once for the M rows of x.
+// Threads take guided shares (pool_share) of 16 weight rows at a time; an interleaved matrix's
+// row groups go to avx2_interleaved.c. Here a share runs a tile's rows at a time (a last short
+// tile repeats its last row, software prefetch runs a tile's rows ahead); each tile is decoded
+// once for the M rows of x.
 //
 // Numerics: each block's integer dot product is exact; next to an f32 dot product with the
 // dequantized weights only the activations' rounding and the summation order differ.
 #include "avx2_blocks.h"
 #ifdef PYLLM_AVX2
-
-#define MAX_ROWS 16  // rows of x a call takes
 
 struct avx2_call avx2_call;
 
