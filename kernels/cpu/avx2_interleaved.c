@@ -58,6 +58,18 @@ static inline __attribute__((always_inline)) void decode_half(const int type, co
 // where x's int16 elements 4u .. 4u + 3 sit in a two-layer block (avx2.c's order: 0..7, 16..23, 8..15, 24..31)
 static inline int two_layer_at(int u) { return 4 * (u % 2) + 16 * (u / 2 % 2) + 8 * (u / 4); }
 
+// the 4 bytes at p in every 32-bit lane; the 8 bytes at p in every 64-bit lane
+static inline __m256i every_dword(const uint8_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+static inline __m256i every_qword(const uint8_t *p) {
+  int64_t v;
+  memcpy(&v, p, 8);
+  return _mm256_set1_epi64x(v);
+}
+
 // W . x's block at q -> 8 int32, lane i: row i's block sum (L layers)
 static inline __attribute__((always_inline)) __m256i half_dot(const int type, const int L, const __m256i W[8],
                                                               const __m256i magnitude[8], const uint8_t *q) {
@@ -65,7 +77,7 @@ static inline __attribute__((always_inline)) __m256i half_dot(const int type, co
   if (L == 2) {
     __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
     for (int u = 0; u < 8; u++) {
-      const __m256i x = _mm256_set1_epi64x(*(const long long *)(q + 2 * two_layer_at(u)));
+      const __m256i x = every_qword(q + 2 * two_layer_at(u));
       const __m256i widen = type == Q8_0 ? _mm256_cmpgt_epi8(_mm256_setzero_si256(), W[u]) : _mm256_setzero_si256();
       low = _mm256_add_epi32(low, _mm256_madd_epi16(_mm256_unpacklo_epi8(W[u], widen), x));
       high = _mm256_add_epi32(high, _mm256_madd_epi16(_mm256_unpackhi_epi8(W[u], widen), x));
@@ -75,7 +87,7 @@ static inline __attribute__((always_inline)) __m256i half_dot(const int type, co
   if (type == Q8_0) {
     __m256i sum = _mm256_setzero_si256();
     for (int u = 0; u < 8; u++) {
-      const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(*(const int *)(q + 4 * u)), W[u]);
+      const __m256i x = _mm256_sign_epi8(every_dword(q + 4 * u), W[u]);
       sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[u], x), ones));
     }
     return sum;
@@ -85,7 +97,7 @@ static inline __attribute__((always_inline)) __m256i half_dot(const int type, co
   for (int u0 = 0; u0 < 8; u0 += run) {
     __m256i pairs = _mm256_setzero_si256();
     for (int u = u0; u < u0 + run; u++)
-      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(W[u], _mm256_set1_epi32(*(const int *)(q + 4 * u))));
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(W[u], every_dword(q + 4 * u)));
     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
   }
   return sum;
