@@ -1,7 +1,7 @@
 """kernels/cpu/avx2.c and avx2_interleaved.c (through pyllm.backends.cpu_avx2), the decode matmul for
 CPUs with AVX2 but not AVX-512, on rows as GGUF stores them and interleaved (16 rows a group, the
-rows past the last group as stored), against gguf's dequantized weights (and its dequantizer, bit for bit): x quantized as
-the kernel rounds it (per 32: d = max|x| / 127 in f32, q = round-half-even(x / d) in int8,
+rows past the last group as stored), against gguf's dequantized weights (and its dequantizer, bit
+for bit): x quantized as the kernel rounds it (per 32: d = max|x| / 127 in f32, q = round-half-even(x / d) in int8,
 llama.cpp's Q8_0; in two layers also the rounding error's blocks) and multiplied in float64, where
 only the kernel's f32 summation may differ (1e-4 of the output's scale); and against the exact
 product, where the rounding adds up to 1/254 of a block's max per activation (two layers: 1/254^2). Weights as in test_quant_kernels.py (gguf's quantizer where it has one, else random
