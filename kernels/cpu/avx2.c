@@ -263,9 +263,9 @@ EXPORT void avx2_block_matmul(int type, int M, int layers, const float *x, int K
       }
     }
   avx2_call.q = q, avx2_call.d = d, avx2_call.dsum = dsum, avx2_call.w = w, avx2_call.out = out;
-  avx2_call.type = type, avx2_call.M = M, avx2_call.layers = layers, avx2_call.K = K, avx2_call.N = N, avx2_call.padded = padded;
-  avx2_call.accumulate = accumulate, avx2_call.interleaved = (type & INTERLEAVED) != 0;
-  avx2_call.type = type & ~INTERLEAVED;
+  avx2_call.type = type & ~INTERLEAVED, avx2_call.interleaved = (type & INTERLEAVED) != 0;
+  avx2_call.M = M, avx2_call.layers = layers, avx2_call.K = K, avx2_call.N = N, avx2_call.padded = padded;
+  avx2_call.accumulate = accumulate;
   atomic_store(&avx2_call.next_unit, 0);
   pool_run_sized(avx2_part, (size_t)N * row_bytes(type, K));
   pool_unlock();

@@ -19,7 +19,8 @@
 #ifdef PYLLM_AVX2
 #define PREFETCH_BYTES 2048  // how far ahead of its reads a row group's pass prefetches (kernels.md)
 
-// the constant per unit of x's d sum(q): q4_0 -8 d, q5_0 -16 d, q4_1 and q5_1 m, q8_0 none
+// the constant per unit of x's d sum(q) (avx2_blocks.h's c, per row): q4_0 -8 d, q5_0 -16 d, q4_1
+// and q5_1 m (q8_0 has none: has_constant)
 static inline __m256 group_constant(const int type, __m256 d, __m256 m) {
   if (type == Q4_1 || type == Q5_1) return m;
   return _mm256_mul_ps(d, _mm256_set1_ps(type == Q4_0 ? -8.0f : -16.0f));
@@ -115,18 +116,19 @@ static inline __attribute__((always_inline)) void groups_avx2(const int type, co
       for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
       for (int b = 0; b < blocks; b++, group += group_bytes) {
         if (h == 0)  // the first half's pass streams the row group; the second finds it in L1
-          for (size_t line = 0; line < group_bytes; line += 64) _mm_prefetch((const char *)group + PREFETCH_BYTES + line, _MM_HINT_T0);
+          for (size_t line = 0; line < group_bytes; line += 64)
+            _mm_prefetch((const char *)group + PREFETCH_BYTES + line, _MM_HINT_T0);
         __m256i W[8], magnitude[8];
         __m256 d, mins;
         decode_half(type, group, h, W, &d, &mins);
         if (type == Q8_0 && L == 1)
           for (int u = 0; u < 8; u++) magnitude[u] = _mm256_abs_epi8(W[u]);
-        const __m256 constant = type == Q8_0 ? d : group_constant(type, d, mins);
+        const __m256 constant = has_constant(type) ? group_constant(type, d, mins) : d;  // d: unused
         for (int m = 0; m < M; m++) {
           const size_t at = (size_t)m * c->padded + b;  // x's block b of row m
           const __m256 sums = _mm256_cvtepi32_ps(half_dot(type, L, W, magnitude, c->q + at * 32 * L));
           acc[m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, _mm256_set1_ps(c->d[at])), acc[m]);
-          if (type != Q8_0) acc[m] = _mm256_fmadd_ps(constant, _mm256_set1_ps(c->dsum[at]), acc[m]);
+          if (has_constant(type)) acc[m] = _mm256_fmadd_ps(constant, _mm256_set1_ps(c->dsum[at]), acc[m]);
         }
       }
       for (int m = 0; m < M; m++) {

@@ -14,7 +14,8 @@
 //   layers.c     decoder_layers: every decoder layer of a decode step in one call
 //   avx2.c       avx2_block_matmul: the decode matmul on every GGML block format (int8
 //                activations in quant.c's one or two layers) for CPUs with AVX2 but without
-//                AVX-512; avx2_interleaved.c: its rows of interleaved matrices; avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
+//                AVX-512; avx2_interleaved.c: its rows of interleaved matrices;
+//                avx2_dequantize.c: a prompt's weight strips for gemm.c; avx2_blocks.h: the
 //                block formats decoded in ymm, for avx2.c and avx2_dequantize.c
 // Without AVX-512 the AVX-512-only sources compile to nothing; with AVX2, FMA and F16C
 // (PYLLM_AVX2: every AVX-512 CPU has them too) avx2*.c, matmul.c, gemm.c, rows.c, attention.c,
@@ -58,14 +59,15 @@ static inline int pool_share(atomic_int *next, int units, int *take) {
 // type: the GGML type id
 enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 // INTERLEAVED | a 32-weight format's type: a matrix whose rows are in the interleaved layout, 16
-// rows a group (interleave.c: the same bytes, reordered for quant_matmul), the last N % 16 as GGUF
+// rows a group (interleave.c: the same bytes, reordered for quant_matmul and avx2_interleaved.c),
+// the last N % 16 as GGUF
 #define INTERLEAVED 0x100
 #define ROW_GROUP 16  // rows of an interleaved matrix's group
 
-// The interleaved layout of a group of ROW_GROUP blocks (the same bytes as GGUF's, reordered): at 0, the
-// quants as the decoded vectors hold them: 64-byte vector t, lane j = bytes 4t .. 4t + 3 of block
-// j's qs (q4, q5: t < 4, nibbles as stored; q8_0: t < 8); then per lane j the 4 bytes of its qh
-// (q5), the f16 d and the f16 m (q4_1, q5_1) as 16-lane vectors. Where GGUF's block holds them:
+// The interleaved layout of a group of ROW_GROUP blocks (the same bytes as GGUF's, reordered): at
+// 0, the quants as the decoded vectors hold them: 64-byte vector t, lane j = bytes 4t .. 4t + 3 of
+// block j's qs (q4, q5: t < 4, nibbles as stored; q8_0: t < 8); then per lane j the 4 bytes of its
+// qh (q5), the f16 d and the f16 m (q4_1, q5_1) as 16-lane vectors. Where GGUF's block holds them:
 struct interleaved_layout {
   int qs, qs_bytes;   // a GGUF block's qs: its offset and bytes
   int qh, d, m;       // in the group: offsets of the qh, d and m vectors (-1: the format has none)
@@ -81,8 +83,9 @@ static inline struct interleaved_layout interleaved_layout(int type) {
     default: return (struct interleaved_layout){2, 32, -1, 512, -1, -1};  // Q8_0
   }
 }
-void interleave_rows(int type, uint8_t *w, int N, int K);  // interleave.c: GGUF's layout -> the interleaved one, in place
-void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);  // row n as GGUF's
+// interleave.c: w [N, K] from GGUF's layout to the interleaved one, in place; row n of it as GGUF's
+void interleave_rows(int type, uint8_t *w, int N, int K);
+void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);
 
 // bytes of a row of K weights (0: a type not known here)
 static inline size_t row_bytes(int type, int K) {

@@ -12,7 +12,8 @@
 // w sequentially, and tiles of the same weight rows meet every panel in turn while those rows are
 // in L1 (the panels, ~1 MB for a 512-token prompt, in L2 or L3; AVX2's 6 rows take k in chunks of
 // K_CHUNK, each chunk meeting every panel, so that they fit L1 at any K).
-// Work split: packing by panels, then the tiles' weight rows, in runs of W_ROWS, among threads.
+// Work split: packing by panels, then the tiles' weight rows in runs of W_ROWS, taken by the
+// threads in guided shares (pool_share).
 // Numerics: f32 products, each output one f32 sum in k order (unlike OpenBLAS: a chunk continues
 // the previous chunk's sums).
 //
@@ -76,7 +77,6 @@ static inline void transpose16(const __m512 rows[16], __m512 columns[16]) {
     columns[12 + c] = _mm512_shuffle_f32x4(x[1], y1, 0xDD);
   }
 }
-
 
 // out rows of panel `p`, columns n .. n + R - 1, from the weight rows w [R, K]
 static inline __attribute__((always_inline)) void tile(const int R, int p, int n, const float *w) {
@@ -151,7 +151,6 @@ static inline void transpose8(const __m256 r[8], __m256 c[8]) {
     c[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
   }
 }
-
 
 // Panel p's rows times the weight rows w [R, K] at k0 .. k1 - 1, adding to the sums so far in
 // partial [W_ROWS][PANEL] (k0 > 0); at k1 = K, out rows of panel p, columns n .. n + R - 1.
