@@ -111,10 +111,11 @@ def test_quant_bench_reports_speed_quality_and_the_step_split(tmp_path):
     assert 0 < entry["pyllm_step_split"]["matmul_ms"] < entry["pyllm_step_split"]["step_ms"]
     per_layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128  # q|k|v (GQA 4/2 of 16: 64 + 2 x 32 rows), o, gate|up, down
     assert entry["macs_per_token"] == LAYERS * per_layer + 64 * len(vocab["tokens"])  # + the tied vocabulary projection
+    assert entry["decoder_macs_per_token"] == LAYERS * per_layer  # a prompt's: its last token alone meets the vocabulary
     assert set(report["tiny_step_ms"]) == {"f32", "q8_0"} and min(report["tiny_step_ms"].values()) > 0
-    assert report.get("int8_dot_gmac_s", 1) > 0
+    assert report["int8_dot_gmac_s"] > 0 and report["fma_gflop_s"] > 0  # the compute ceilings, with either set's kernels
     quality = entry["quality"]
     assert quality["pyllm_decode_argmax_agreement"] >= 0.99 and quality["pyllm_batched_decode_argmax_agreement"] > 0.8
     table = (tmp_path / "quant_bench.md").read_text()
-    assert "| tiny-q8_0 |" in table and "weight-streaming kernels ms" in table
+    assert "| tiny-q8_0 |" in table and "weight-streaming kernels ms" in table and "of FMA peak" in table
     assert (tmp_path / "quant_bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,10 +6,16 @@
 //
 // int8_dot_loop: the int8 compute roofline, the ceiling of a batched decode step (whose weights
 // meet many rows, so that the dot products, not the reads, set its time): each thread runs
-// `rounds` x 12 independent vpdpbusd on registers (64 multiply-adds each); 768 x rounds x threads
-// multiply-adds / seconds of this call is the peak the quantized kernels work against.
+// `rounds` x 12 independent int8 dot products on registers: vpdpbusd (64 multiply-adds) with
+// AVX-512 VNNI, else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do
+// (the bytes it multiplies are the sums', so no product repeats and none is hoisted);
+// multiply-adds per round x rounds x threads / seconds of this call is the peak they work against.
+//
+// fma_loop: the f32 compute roofline, the ceiling of a prompt's GEMM: `rounds` x 12 independent
+// FMAs per thread on registers (16 lanes with AVX-512, else 8: 2 flops each per lane).
 #include "cpu.h"
 #if defined(__AVX512F__) || defined(PYLLM_AVX2)
+#include "lanes.h"
 
 static struct {  // the current stream_read call
   const float *data;
@@ -48,33 +54,77 @@ static void stream_part(int part) {
   stream.sums[part] = sum;
 }
 
-#ifdef __AVX512VNNI__
-static long dot_rounds;
-static int dot_sums[64];
+static long peak_rounds;
+static float peak_sums[64];  // per thread: a checksum, so the loops stay
 
+#ifdef __AVX512VNNI__
+#define DOT_MACS 64
 static void dot_part(int part) {
   __m512i acc[12];
   const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8((char)(part + 1));
   for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_epi32(j);
-  for (long r = 0; r < dot_rounds; r++)
+  for (long r = 0; r < peak_rounds; r++)
+#pragma GCC unroll 12
     for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbusd_epi32(acc[j], a, b);
   __m512i sum = acc[0];
   for (int j = 1; j < 12; j++) sum = _mm512_add_epi32(sum, acc[j]);
-  dot_sums[part] = _mm512_reduce_add_epi32(sum);
+  peak_sums[part] = (float)_mm512_reduce_add_epi32(sum);
+}
+#else
+#define DOT_MACS 32
+static void dot_part(int part) {
+  __m256i acc[12];
+  const __m256i b = _mm256_set1_epi8((char)(part + 1));  // times the accumulator's own bytes, so each product is made
+  for (int j = 0; j < 12; j++) acc[j] = _mm256_set1_epi16((short)j);
+  for (long r = 0; r < peak_rounds; r++)
+#pragma GCC unroll 12
+    for (int j = 0; j < 12; j++) acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(acc[j], b));
+  __m256i sum = acc[0];
+  for (int j = 1; j < 12; j++) sum = _mm256_add_epi16(sum, acc[j]);
+  peak_sums[part] = (float)_mm256_extract_epi16(sum, 0);
+}
+#endif
+
+static void fma_part(int part) {
+  lanes_t acc[12];
+  const lanes_t a = all(0.999f), b = all(1e-4f * (float)(part + 1));
+  for (int j = 0; j < 12; j++) acc[j] = all((float)j);
+  for (long r = 0; r < peak_rounds; r++)
+#pragma GCC unroll 12
+    for (int j = 0; j < 12; j++) acc[j] = fmadd(acc[j], a, b);
+  lanes_t sum = acc[0];
+  for (int j = 1; j < 12; j++) sum = add(sum, acc[j]);
+  peak_sums[part] = sum_lanes(sum);
 }
 
-// 12 x rounds vpdpbusd on every thread of the pool -> a checksum (so the loop stays); the threads
-EXPORT int int8_dot_loop(long rounds, int *threads) {
-  pool_lock();
-  dot_rounds = rounds;
-  pool_run(dot_part);
-  int sum = 0;
-  for (int part = 0; part < pool_threads; part++) sum += dot_sums[part];
+static float run_peak(void (*part)(int), long rounds, int *threads) {  // with the pool's lock held
+  peak_rounds = rounds;
+  pool_run(part);
+  float sum = 0.0f;
+  for (int t = 0; t < pool_threads; t++) sum += peak_sums[t];
   *threads = pool_threads;
+  return sum;
+}
+
+// 12 x rounds int8 dot products on every thread of the pool -> a checksum; the threads, and the
+// multiply-adds each thread does per round
+EXPORT float int8_dot_loop(long rounds, int *threads, int *macs_per_round) {
+  pool_lock();
+  const float sum = run_peak(dot_part, rounds, threads);
+  *macs_per_round = 12 * DOT_MACS;
   pool_unlock();
   return sum;
 }
-#endif
+
+// 12 x rounds FMAs on every thread of the pool -> a checksum; the threads, and the flops each
+// thread does per round
+EXPORT float fma_loop(long rounds, int *threads, int *flops_per_round) {
+  pool_lock();
+  const float sum = run_peak(fma_part, rounds, threads);
+  *flops_per_round = 12 * 2 * LANES;
+  pool_unlock();
+  return sum;
+}
 
 // the sum of data [floats], read once by every thread of the pool
 EXPORT double stream_read(const float *data, size_t floats) {

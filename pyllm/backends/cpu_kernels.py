@@ -100,6 +100,7 @@ def _step_library():
         timing = library.decoder_matmul_seconds
         norm, glu, rope = library.rms_norm, library.swiglu, library.qkv_rope
         interleave = library.interleave_rows
+        peaks = library.int8_dot_loop, library.fma_loop
     except AttributeError:
         return None  # built with neither
     # M, x, K, w, N, out
@@ -130,6 +131,9 @@ def _step_library():
     matmul.restype = quant_gemm.restype = None
     # type, w, N, K
     interleave.argtypes, interleave.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int], None
+    for loop in peaks:  # rounds, threads (out), work per round and thread (out) -> a checksum
+        loop.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+        loop.restype = ctypes.c_float
     return library
 
 
@@ -139,9 +143,6 @@ def _library():
     library = _step_library()
     if library is None or not hasattr(library, "quant_matmul"):
         return None  # built without AVX-512
-    dot_loop = getattr(library, "int8_dot_loop", None)  # built only where the CPU has AVX-512 VNNI
-    if dot_loop is not None:  # rounds, threads (out)
-        dot_loop.argtypes, dot_loop.restype = [ctypes.c_long, ctypes.POINTER(ctypes.c_int)], ctypes.c_int
     return library
 
 
@@ -231,18 +232,29 @@ def stream_read(data) -> float:
     return library.stream_read(_address(data), data.size)
 
 
-def int8_dot_peak(rounds=20_000_000) -> float | None:
-    """Multiply-adds per second of vpdpbusd on every core (stream.c's int8_dot_loop, timed here):
-    the int8 compute roofline; None without the kernels or without AVX-512 VNNI."""
-    library = _library()
-    loop = getattr(library, "int8_dot_loop", None)
-    if loop is None:
+def _peak(loop_name, rounds) -> float | None:
+    """Work per second of one of stream.c's peak loops on every core (timed here, after a warm-up
+    that brings each core to speed), or None without the kernels."""
+    library = _step_library()
+    if library is None:
         return None
-    threads = ctypes.c_int()
-    loop(rounds // 100, ctypes.byref(threads))  # warm: every core at speed
+    loop, threads, per_round = getattr(library, loop_name), ctypes.c_int(), ctypes.c_int()
+    loop(rounds // 100, ctypes.byref(threads), ctypes.byref(per_round))
     start = time.perf_counter()
-    loop(rounds, ctypes.byref(threads))
-    return 768 * rounds * threads.value / (time.perf_counter() - start)
+    loop(rounds, ctypes.byref(threads), ctypes.byref(per_round))
+    return per_round.value * rounds * threads.value / (time.perf_counter() - start)
+
+
+def int8_dot_peak(rounds=20_000_000) -> float | None:
+    """Multiply-adds per second of int8 dot products on every core (vpdpbusd with AVX-512 VNNI, else
+    vpmaddubsw): the int8 compute roofline of batched decode; None without the kernels."""
+    return _peak("int8_dot_loop", rounds)
+
+
+def fma_peak(rounds=20_000_000) -> float | None:
+    """f32 flops per second of FMAs on every core: the compute roofline of a prompt's GEMM; None
+    without the kernels."""
+    return _peak("fma_loop", rounds)
 
 
 def rms_norm(x, weight, eps):

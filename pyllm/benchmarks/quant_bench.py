@@ -130,12 +130,13 @@ def quality(path, llm, ids, peer):
     return result
 
 
-def macs_per_token(weights) -> int:
-    """Multiply-adds of one token's matmuls: every layer matrix and the vocabulary projection."""
+def macs_per_token(weights, vocabulary=True) -> int:
+    """Multiply-adds of one token's matmuls: every layer matrix, and the vocabulary projection
+    (which a prompt makes for its last token only)."""
     def size(m):
         return sum(size(part) for part in m) if isinstance(m, tuple) else m.shape[0] * m.shape[1]
-    return size(weights.lm_head) + sum(size(getattr(layer, name)) for layer in weights.layers
-                                       for name in ("qkv", "o", "gate_up", "down"))
+    return vocabulary * size(weights.lm_head) + sum(size(getattr(layer, name)) for layer in weights.layers
+                                                    for name in ("qkv", "o", "gate_up", "down"))
 
 
 def write_report(results, out_dir: Path, plots=True) -> str:
@@ -171,17 +172,21 @@ def write_report(results, out_dir: Path, plots=True) -> str:
                      f"{q['pyllm_batched_decode_argmax_agreement']:.1%} | {q.get('llama_cpp_ppl', float('nan')):.3f} |")
     if "int8_dot_gmac_s" in results:
         peak = results["int8_dot_gmac_s"]
-        lines += ["", f"Batched decode is bound by int8 dot products, not reads: same-run vpdpbusd peak "
-                  f"{peak:.0f} G multiply-adds/s on every core (kernels/cpu/stream.c). Ceiling = peak / the "
-                  "model's multiply-adds per token.", "",
+        fma = results["fma_gflop_s"]
+        lines += ["", "Compute ceilings, same run (kernels/cpu/stream.c's loops on every core): batched decode is "
+                  f"bound by int8 dot products, not reads (peak {peak:.0f} G multiply-adds/s; its ceiling = peak / the "
+                  "model's multiply-adds per token); a prompt by f32 FMAs, since it computes on the stored weights "
+                  f"dequantized (peak {fma:.0f} GFLOPS; prefill GFLOPS counts the decoder matmuls' 2 flops per "
+                  "multiply-add).", "",
                   "| file | M multiply-adds / token | int8-compute ceiling tok/s | " +
-                  " | ".join(f"pyllm b{b} (of ceiling)" for b in results["batches"]) + " |",
-                  "|---" * (3 + len(results["batches"])) + "|"]
+                  " | ".join(f"pyllm b{b} (of ceiling)" for b in results["batches"]) +
+                  " | prefill GFLOPS (of FMA peak) |", "|---" * (4 + len(results["batches"])) + "|"]
         for name, r in results["files"].items():
             ceiling = peak * 1e9 / r["macs_per_token"]
+            prefill_gflop_s = 2 * r["decoder_macs_per_token"] * r["pyllm"]["prefill_tok_s"] / 1e9
             lines.append(f"| {name} | {r['macs_per_token'] / 1e6:.1f} | {ceiling:.0f} | " + " | ".join(
                 f"{r['pyllm'][f'decode_b{b}_tok_s']:.1f} ({r['pyllm'][f'decode_b{b}_tok_s'] / ceiling:.0%})"
-                for b in results["batches"]) + " |")
+                for b in results["batches"]) + f" | {prefill_gflop_s:.0f} ({prefill_gflop_s / fma:.0%}) |")
     lines += ["", f"Where a batch-1 decode step's time goes (one sequence, {SPLIT_STEPS} steps after the interleaved "
               "rounds): the weight-streaming kernels (decoder matmuls and the vocabulary projection) against the rest "
               "(norms, rope, attention, Python and the calls into C). A 30-layer step of 64-wide matrices "
@@ -247,8 +252,9 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",") if b]
     measures, files = {"roofline": roofline_measure()}, {}
-    if cpu_kernels.int8_dot_peak(1000) is not None:  # seconds per multiply-add: the best round is the peak
+    if cpu_kernels.int8_dot_peak(1000) is not None:  # seconds per unit of work: the best round is the peak
         measures["int8 dot"] = lambda: 1.0 / cpu_kernels.int8_dot_peak()
+        measures["fma"] = lambda: 1.0 / cpu_kernels.fma_peak()
     for path in map(Path, args.files):
         name = path.stem
         llm = pyllm.LLM(str(path), show_progress=False)
@@ -257,6 +263,7 @@ def main(argv=None):
         text = llm.tokenizer.encode(QUALITY_TEXT.read_text())[:512]
         files[name] = {"path": str(path), "bytes": path.stat().st_size, "rss_bytes": rss_growth(path),
                        "macs_per_token": macs_per_token(llm.model.weights),
+                       "decoder_macs_per_token": macs_per_token(llm.model.weights, vocabulary=False),
                        "quality": quality(path, llm, text, peer), "llm": llm, "ids": ids}
         measures[f"{name} same-size read"] = roofline_measure(path.stat().st_size // 64 * 64)
         measures.update(pyllm_measures(llm, ids, batches, args.decode_tokens, f"{name} pyllm"))
@@ -271,6 +278,7 @@ def main(argv=None):
                "roofline_gb_s": ROOFLINE_BYTES / best["roofline"] / 1e9, "files": {}}
     if "int8 dot" in best:
         results["int8_dot_gmac_s"] = 1e-9 / best["int8 dot"]
+        results["fma_gflop_s"] = 1e-9 / best["fma"]
     for name, f in files.items():
         entry = {k: v for k, v in f.items() if k not in ("llm", "ids")}
         entry["pyllm"] = speeds(best, f"{name} pyllm", len(f["ids"]), batches, args.decode_tokens)
