@@ -79,13 +79,13 @@ static int chunk_blocks(const struct unit *u, int c, int keys_seen, const float 
 static void weigh_chunk(const struct unit *u, const float *p, int row_stride, int key_stride,
                         const float *const *values, int first_position, int c, int n, float *o) {
   const int D = att.D, group = att.H / att.KV, R = u->n * group;
-  for (int r = 0; r < R; r += 4) {
-    const int rows = R - r < 4 ? R - r : 4;
+  for (int r = 0; r < R; r += WEIGH_ROWS) {
+    const int rows = R - r < WEIGH_ROWS ? R - r : WEIGH_ROWS;
     int seen = first_position + (r + rows - 1) / group + 1 - c;
     seen = seen > n ? n : seen;
     if (seen <= 0) continue;
-    for (int d = 0; d < D; d += WEIGH_COLUMNS)
-      weigh(rows, D - d < WEIGH_COLUMNS ? (D - d) / LANES : WEIGH_COLUMNS / LANES, p + (size_t)r * row_stride,
+    for (int d = 0, columns = weigh_columns(rows); d < D; d += columns)
+      weigh(rows, D - d < columns ? (D - d) / LANES : columns / LANES, p + (size_t)r * row_stride,
             row_stride, key_stride, values, d, D, seen, o + (size_t)r * D + d);
   }
 }

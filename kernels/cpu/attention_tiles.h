@@ -3,8 +3,8 @@
 //     scores a block of 16 keys at a time, their 16 accumulators reduced together; AVX2 4 keys;
 //   scores_tile: SCORE_KEYS keys against up to 3 x LANES query rows held transposed (a key is one
 //     broadcast against LANES rows);
-//   weigh: weights @ values for up to 4 rows x WEIGH_COLUMNS columns, each value row loaded once
-//     for the rows.
+//   weigh: weights @ values for up to WEIGH_ROWS rows x weigh_columns(rows) columns, each value
+//     row loaded once for the rows.
 // Numerics: f32 with FMA. scores16 sums each lane's terms over d, then the 16 lanes as a tree;
 // scores4 each lane's over d, then its 8 lanes pairwise; scores_t sums over d in order;
 // weigh_values sums over the keys in order.
@@ -13,7 +13,8 @@
 #ifdef __AVX512F__
 #define CHUNK 64            // keys (and values) per chunk, 4 blocks: 2 x 16 KB at D = 64
 #define SCORE_KEYS 8        // keys per scores_tile
-#define WEIGH_COLUMNS 64    // columns per weigh (4 vectors)
+#define WEIGH_ROWS 4        // rows per weigh
+static inline int weigh_columns(int rows) { return (void)rows, 64; }  // per weigh (4 vectors)
 
 // lane j = the sum of a[j]'s 16 lanes: halves, then quarters, then pairs within quarters, then the
 // lane order put right (45 operations, where 16 separate reductions take ~130)
@@ -130,7 +131,10 @@ static inline void weigh(int R, int Z, const float *p, int row_stride, int key_s
 #define CHUNK 32            // keys (and values) per chunk, 2 blocks: 2 x 8 KB at D = 64, so a chunk, a
                             // unit's transposed queries and its weights stay in L1
 #define SCORE_KEYS 4        // keys per scores_tile
-#define WEIGH_COLUMNS 24    // columns per weigh (3 vectors: 12 accumulators, 3 values, a weight)
+#define WEIGH_ROWS 6        // rows per weigh
+// columns per weigh of `rows` rows: its rows x Z accumulators, Z values and a weight fit the 16
+// registers (a prompt's 6 rows: 2 vectors; a decode step's few rows: 3)
+static inline int weigh_columns(int rows) { return rows <= 3 ? 24 : 16; }
 
 // 4 keys' dot products with q [D] -> their 4 scores
 static inline __m128 scores4(const float *q, const float *const key[4], int D) {
@@ -162,7 +166,7 @@ static inline __attribute__((always_inline)) float row_scores(const float *q, co
 }
 
 // scores [4 keys, V x 8 rows] of key[0 .. 3] [D] against V x 8 query rows held transposed,
-// query_t [D, rows_stride]: 4 x V accumulators; per d, V loads and 4 broadcasts
+// query_t [D, rows_stride]: 4 x V accumulators; per d, V loads (kept in registers) and 4 broadcasts
 static inline __attribute__((always_inline)) void scores_t(const int V, const float *query_t, int rows_stride,
                                                            const float *const *key, int D, float *s) {
   __m256 acc[4][3];
@@ -170,7 +174,10 @@ static inline __attribute__((always_inline)) void scores_t(const int V, const fl
     for (int v = 0; v < V; v++) acc[j][v] = _mm256_setzero_ps();
   for (int d = 0; d < D; d++) {
     __m256 q[3];
-    for (int v = 0; v < V; v++) q[v] = _mm256_loadu_ps(query_t + (size_t)d * rows_stride + 8 * v);
+    for (int v = 0; v < V; v++) {
+      q[v] = _mm256_loadu_ps(query_t + (size_t)d * rows_stride + 8 * v);
+      __asm__("" : "+x"(q[v]));  // in a register: FMAs that each reload it from L1 made loads the limit
+    }
     for (int j = 0; j < 4; j++) {
       const __m256 k = _mm256_broadcast_ss(key[j] + d);
       for (int v = 0; v < V; v++) acc[j][v] = _mm256_fmadd_ps(k, q[v], acc[j][v]);
@@ -193,7 +200,7 @@ static inline __attribute__((always_inline)) void scores_tile(int V, const float
 static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
                                                                int key_stride, const float *const *blocks, int d, int D,
                                                                int n, float *o) {
-  __m256 acc[4][3];
+  __m256 acc[WEIGH_ROWS][3];
   for (int r = 0; r < R; r++)
     for (int z = 0; z < Z; z++) acc[r][z] = _mm256_loadu_ps(o + (size_t)r * D + 8 * z);
   for (int b = 0; b * BLOCK_TOKENS < n; b++) {
@@ -211,21 +218,26 @@ static inline __attribute__((always_inline)) void weigh_values(const int R, cons
     for (int z = 0; z < Z; z++) _mm256_storeu_ps(o + (size_t)r * D + 8 * z, acc[r][z]);
 }
 
-// weigh_values with R (1 .. 4) and Z (1 .. 3) as constants
+// weigh_values with R (1 .. WEIGH_ROWS) and Z (up to weigh_columns(R) / 8) as constants
 static void weigh(int R, int Z, const float *p, int row_stride, int key_stride, const float *const *blocks, int d,
                   int D, int n, float *o) {
-#define WEIGH_Z(r) \
-  switch (Z) { \
-    case 1: weigh_values(r, 1, p, row_stride, key_stride, blocks, d, D, n, o); break; \
-    case 2: weigh_values(r, 2, p, row_stride, key_stride, blocks, d, D, n, o); break; \
-    default: weigh_values(r, 3, p, row_stride, key_stride, blocks, d, D, n, o); \
-  }
+#define WEIGH_Z(r, z) weigh_values(r, z, p, row_stride, key_stride, blocks, d, D, n, o)
+#define WEIGH_UP_TO_2(r) \
+  if (Z == 1) WEIGH_Z(r, 1); \
+  else WEIGH_Z(r, 2);
+#define WEIGH_UP_TO_3(r) \
+  if (Z < 3) { WEIGH_UP_TO_2(r) } \
+  else WEIGH_Z(r, 3);
   switch (R) {
-    case 1: WEIGH_Z(1) break;
-    case 2: WEIGH_Z(2) break;
-    case 3: WEIGH_Z(3) break;
-    default: WEIGH_Z(4)
+    case 1: WEIGH_UP_TO_3(1) break;
+    case 2: WEIGH_UP_TO_3(2) break;
+    case 3: WEIGH_UP_TO_3(3) break;
+    case 4: WEIGH_UP_TO_2(4) break;
+    case 5: WEIGH_UP_TO_2(5) break;
+    default: WEIGH_UP_TO_2(6)
   }
+#undef WEIGH_UP_TO_3
+#undef WEIGH_UP_TO_2
 #undef WEIGH_Z
 }
 #endif
