@@ -39,7 +39,10 @@ typedef __m256 lanes_t;
 typedef __m256i mask_t;
 static inline mask_t lanes(int left) { return lanes8(left); }
 static inline lanes_t load(const float *p, mask_t m) { return _mm256_maskload_ps(p, m); }
-static inline void store(float *p, mask_t m, lanes_t v) { _mm256_maskstore_ps(p, m, v); }
+static inline void store(float *p, mask_t m, lanes_t v) {  // vmaskmovps' stores are microcoded on AMD: full ones go plain
+  if (_mm256_movemask_ps(_mm256_castsi256_ps(m)) == 0xFF) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, m, v);
+}
 static inline lanes_t all(float x) { return _mm256_set1_ps(x); }
 static inline lanes_t add(lanes_t a, lanes_t b) { return _mm256_add_ps(a, b); }
 static inline lanes_t sub(lanes_t a, lanes_t b) { return _mm256_sub_ps(a, b); }
