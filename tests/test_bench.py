@@ -42,7 +42,7 @@ def test_bench_writes_json_markdown_and_png(tiny_model, tmp_path):
     assert set(report["matmul_gb_s"]) == {"1", "2"} and min(report["matmul_gb_s"].values()) > 0
     assert "| batch 2 / batch 1 ceiling from the matmul alone |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if cpu_kernels.step_kernels_available():  # the split of a step: the matmuls as layers.c counts them, and the rest
+    if cpu_kernels.kernels_available():  # the split of a step: the matmuls as layers.c counts them, and the rest
         split = report["step_split"]
         assert 0 < split["matmul_ms"] < split["step_ms"] and split["rest_ms"] > 0
         assert "| of it in the weight-streaming kernels (ms) |" in (tmp_path / "bench.md").read_text()
@@ -96,7 +96,7 @@ def test_quant_bench_reports_speed_quality_and_the_step_split(tmp_path):
 
     from pyllm.benchmarks import quant_bench
     from test_gguf import LAYERS, gpt2_vocab, hf_weights, write_gguf
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C kernels here: the split needs the one-call layers")
     vocab = gpt2_vocab()
     weights = hf_weights(len(vocab["tokens"]), tied=True, hidden=64, heads=4, kv_heads=2, ffn=128)

@@ -10,7 +10,7 @@ from pyllm.backends import cpu_kernels
 from pyllm.backends import reference as ref
 from pyllm.backends.base import BLOCK_TOKENS, CacheSlot, Step
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.step_kernels_available(),
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(),
                                 reason="no C compiler or neither AVX2 nor AVX-512 here: the reference serves")
 
 rng = np.random.default_rng(0)

@@ -141,7 +141,7 @@ def test_cpu_kernels_agree_with_transformers(tiny_gguf):
     bound): >= 94% and 1%, since these random models' top two logits are often closer than a
     trained model's. A prompt (the dequantizing GEMM): ~exact. With AVX2 alone the same layers
     (avx2.c), and the prompt's strips dequantized by avx2.c for BLAS."""
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the CPU backend is the reference")
     path, reference = tiny_gguf
     llm = pyllm.LLM(str(path), backend="cpu", show_progress=False)
@@ -196,7 +196,7 @@ def test_all_layers_in_one_call_match_the_ops_bit_for_bit(tiny_gguf):
     """CpuBackend.decoder_layers (kernels/cpu/layers.c) against the same kernels called op by op:
     identical logits for a ragged batch of decode steps, q|k|v in three formats included (f16, bf16
     and f32 parts: the 16-bit kernels inside the one call)."""
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the CPU backend is the reference")
     path, _ = tiny_gguf
     llm = pyllm.LLM(str(path), backend="cpu", show_progress=False)
@@ -230,7 +230,7 @@ def test_story_model_written_by_llama_cpp(name):
     ids = llm.tokenizer.encode(QUALITY_TEXT.read_text())[:400]
     expected = hf_logits(reference, ids)
     np.testing.assert_allclose(llm.score(ids), expected, atol=1e-4, rtol=0)
-    if cpu_kernels.step_kernels_available():
+    if cpu_kernels.kernels_available():
         cpu = pyllm.LLM(str(path), backend="cpu", show_progress=False)
         ours = decode_teacher_forced(cpu, ids)
         assert (ours.argmax(-1) == expected.argmax(-1)).mean() >= 0.99

@@ -18,7 +18,7 @@ def variant(request, tmp_path_factory):
     """A tiny model and its transformers reference, run through the CPU backend's C kernels (where
     they build) or through the reference backend: NumPy alone."""
     name, backend = request.param
-    if backend == "cpu" and not cpu_kernels.step_kernels_available():
+    if backend == "cpu" and not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the CPU backend would be the reference")
     model_dir = tmp_path_factory.mktemp(name)
     reference = make_tiny_model(model_dir, name)

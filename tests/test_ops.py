@@ -33,9 +33,9 @@ def kernels(request, monkeypatch):
     """Runs a test through kernels/cpu/ (skipped where it cannot be built: AVX-512, or a decode
     step's kernels with AVX2 alone) and through NumPy alone."""
     if request.param == "numpy":
-        monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
-        monkeypatch.setattr(cpu_kernels, "_step_library", lambda: None)
-    elif not cpu_kernels.step_kernels_available():
+        monkeypatch.setattr(cpu_kernels, "_avx512_library", lambda: None)
+        monkeypatch.setattr(cpu_kernels, "_kernel_library", lambda: None)
+    elif not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the NumPy path serves")
     return request.param
 
@@ -102,7 +102,7 @@ def test_qkv_rope_cache_ropes_q_and_k_into_each_sequence_cache(kernels, head_dim
 
 def test_qkv_rope_kernel_refuses_shapes_that_do_not_fit():
     """The C side trusts its shapes, so the wrapper checks them: rows vs new tokens, and room in the table."""
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the NumPy path serves")
     cos = sin = np.zeros((64, 8), np.float32)
     pool, table = np.zeros((1, 1, 2, BLOCK_TOKENS, 16), np.float32), np.zeros(1, np.int32)  # one block of 1 layer
@@ -177,7 +177,7 @@ def test_matmul_c_kernels(m, n, k):
     of 4; panels of 16, runs of 6)."""
     a, b, c = randn(m, k), randn(n, k), randn(m, n)
     expected = a.astype(np.float64) @ b.T
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler, or neither AVX2 nor AVX-512, here: the NumPy path serves")
     np.testing.assert_allclose(cpu_kernels.matmul_transb(a, b), expected, atol=1e-4)
     added = c.copy()
@@ -205,7 +205,7 @@ def _forked_child_results(a, b, calls=3):
 def test_skinny_matmul_c_kernel_threads_survive_fork():
     """fork() keeps none of the kernel's worker threads: a child starts its own, and must not
     inherit the parent's sleeping workers as waiters nor a lock held by a call in flight."""
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the reference serves")
     a, b = randn(8, 64), randn(301, 64)
     cpu_kernels.matmul_transb(a, b)
@@ -229,7 +229,7 @@ def test_skinny_matmul_c_kernel_threads_survive_fork():
 
 def test_attention_kernel_refuses_caches_that_do_not_fit():
     """The C side trusts its shapes and block ids, so the wrapper checks them."""
-    if not cpu_kernels.step_kernels_available():
+    if not cpu_kernels.kernels_available():
         pytest.skip("no C compiler or neither AVX2 nor AVX-512 here: the model attends per sequence in NumPy")
     pool, q = randn(4, 2, 2, BLOCK_TOKENS, 16), randn(3, 4, 16)  # 4 blocks, 2 layers, 2 KV heads; 4 query heads
 
@@ -257,7 +257,7 @@ def test_without_the_c_kernels_the_numpy_path_serves(tmp_path, environment):
               "from pyllm.backends import cpu_kernels\n"
               "from pyllm.backends.cpu import CpuBackend\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
-              "assert not cpu_kernels.available() and not cpu_kernels.step_kernels_available()\n"
+              "assert not cpu_kernels.avx512_available() and not cpu_kernels.kernels_available()\n"
               "pool, table = np.ones((1, 1, 1, 16, 16), np.float32), np.zeros(1, np.int32)\n"
               "assert cpu_kernels.attention(np.ones((1, 2, 16), np.float32), [(pool, pool, table, 1, 1)], 0) is None\n"
               "assert cpu_kernels.rms_norm(a, a[0], 1e-5) is None and cpu_kernels.swiglu(a) is None\n"
@@ -273,7 +273,7 @@ def test_with_avx2_alone_a_decode_step_has_its_kernels(tmp_path):
     script = ("import numpy as np\n"
               "from pyllm.backends import cpu_kernels, cpu_quant\n"
               "from pyllm.backends.cpu import CpuBackend\n"
-              "assert not cpu_kernels.available() and cpu_kernels.step_kernels_available()\n"
+              "assert not cpu_kernels.avx512_available() and cpu_kernels.kernels_available()\n"
               "assert not cpu_quant.available()\n"
               "a, b = np.ones((4, 64), np.float32), np.ones((100, 64), np.float32)\n"
               "assert (cpu_kernels.matmul_transb(a, b) == 64).all() and cpu_kernels.swiglu(a).shape == (4, 32)\n"

@@ -94,7 +94,7 @@ def product(a, b, add_to=None):
     if a.ndim != 2:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
-    matrix_product = _matrix_product if cpu_kernels.available() else _avx2_matrix_product
+    matrix_product = _matrix_product if cpu_kernels.avx512_available() else _avx2_matrix_product
     xq = [None]
     if not isinstance(b, tuple):
         return matrix_product(a, b, xq, add_to)
@@ -118,9 +118,9 @@ class CpuBackend(ReferenceBackend):
         self.config = config
         self._said = set()  # what fell back, said once
         self._layer_table = None  # (the model's layer list, its layers.c form), built at the first step
-        if cpu_kernels.available():  # built (once per machine) or loaded now, not at the first token
+        if cpu_kernels.avx512_available():  # built (once per machine) or loaded now, not at the first token
             return
-        if cpu_kernels.step_kernels_available() and cpu_avx2.available():
+        if cpu_kernels.kernels_available() and cpu_avx2.available():
             self._say("no AVX-512 here: the AVX2 kernels run f32 and GGML block-format weights "
                       "(f16 and bf16 are dequantized at each use)")
         else:
@@ -139,8 +139,8 @@ class CpuBackend(ReferenceBackend):
             return tuple(self.upload(part) for part in weight)
         if not isinstance(weight, QuantizedMatrix):
             return weight
-        if not cpu_kernels.available():  # AVX2 alone: avx2.c's formats
-            if not cpu_kernels.step_kernels_available():
+        if not cpu_kernels.avx512_available():  # AVX2 alone: avx2.c's formats
+            if not cpu_kernels.kernels_available():
                 return weight
             if not decode_kernel(weight.format):
                 self._say(f"no C kernel for {weight.format.name} weights here: the reference dequantizes them "
@@ -158,7 +158,7 @@ class CpuBackend(ReferenceBackend):
         """A decode step's x [T, hidden] through every layer in one C call (layers.c): the same
         kernels, in the same order, as the op-by-op path, without ~9 Python calls per layer."""
         if self._layer_table is None or self._layer_table[0] is not layers:
-            self._layer_table = (layers, cpu_layers.layer_table(layers) if cpu_kernels.step_kernels_available()
+            self._layer_table = (layers, cpu_layers.layer_table(layers) if cpu_kernels.kernels_available()
                                  else None)
         table = self._layer_table[1]
         if table is None or x.shape[0] > MAX_QUANT_ROWS:

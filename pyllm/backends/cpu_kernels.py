@@ -87,7 +87,7 @@ def built():
 
 
 @functools.lru_cache(maxsize=None)
-def _step_library():
+def _kernel_library():
     """built(), with the kernels both instruction sets build (matmul.c, gemm.c, rows.c,
     attention.c): a decode step's, which layers.c runs in one call, and a prompt's GEMMs; else
     None."""
@@ -138,9 +138,9 @@ def _step_library():
 
 
 @functools.lru_cache(maxsize=None)
-def _library():
-    """_step_library(), where it holds the AVX-512 kernels as well (quant.c's among them); else None."""
-    library = _step_library()
+def _avx512_library():
+    """_kernel_library(), where it holds the AVX-512 kernels as well (quant.c's among them); else None."""
+    library = _kernel_library()
     if library is None or not hasattr(library, "quant_matmul"):
         return None  # built without AVX-512
     return library
@@ -159,14 +159,14 @@ def _contiguous_f32(*arrays):
     return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
 
 
-def available() -> bool:
+def avx512_available() -> bool:
     """The AVX-512 kernels: every op of the CPU backend, f16 and bf16 weights included."""
-    return _library() is not None
+    return _avx512_library() is not None
 
 
-def step_kernels_available() -> bool:
+def kernels_available() -> bool:
     """The kernels of every op on f32 and block-format weights, prompts included (AVX-512, or AVX2 alone)."""
-    return _step_library() is not None
+    return _kernel_library() is not None
 
 
 def matmul_transb(a, b, add_to=None):
@@ -176,7 +176,7 @@ def matmul_transb(a, b, add_to=None):
     more the GEMM (gemm.c)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0 or not _contiguous_f32(b):
         return None
-    library = _step_library()
+    library = _kernel_library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -209,7 +209,7 @@ def quant_gemm(fmt, a, blocks, add_to=None, interleaved=False):
     bytes], interleaved where said) -> [M, N] f32, or added into add_to (returned): many rows (a
     prompt) through the f32 GEMM on weight strips dequantized in cache (interleaved rows put back in
     GGUF's layout first). None without the kernels."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None:
         return None
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -235,7 +235,7 @@ def stream_read(data) -> float:
 def _peak(loop_name, rounds) -> float | None:
     """Work per second of one of stream.c's peak loops on every core (timed here, after a warm-up
     that brings each core to speed), or None without the kernels."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None:
         return None
     loop, threads, per_round = getattr(library, loop_name), ctypes.c_int(), ctypes.c_int()
@@ -259,7 +259,7 @@ def fma_peak(rounds=20_000_000) -> float | None:
 
 def rms_norm(x, weight, eps):
     """x [T, hidden], weight [hidden] -> [T, hidden] f32, or None (no kernels, or not contiguous f32)."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None or x.ndim != 2 or weight.shape != x.shape[1:] or not _contiguous_f32(x, weight):
         return None
     out = np.empty_like(x)  # [T, hidden]
@@ -269,7 +269,7 @@ def rms_norm(x, weight, eps):
 
 def swiglu(gate_up):
     """gate_up [T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter] f32, or None (as rms_norm)."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None or gate_up.ndim != 2 or gate_up.shape[1] % 2 or not _contiguous_f32(gate_up):
         return None
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)  # [T, inter]
@@ -282,7 +282,7 @@ def qkv_rope(qkv, bias, slots, layer, cos, sin):
     with rope, each sequence's rope(k) and v written into its blocks at `layer`; slots (a step's
     CacheSlots), cos and sin as reference.qkv_rope_cache. None where the kernels are not available
     (or qkv, bias, cos or sin is not contiguous f32)."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None or qkv.ndim != 2 or not _contiguous_f32(qkv, cos, sin, *([] if bias is None else [bias])):
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)
@@ -344,7 +344,7 @@ def attention(q, slots, layer):
     [blocks, layers, KV, BLOCK_TOKENS, D], its block table, rows to attend, new tokens among them),
     the same list for every layer of a step -> [T, H, D] f32, or None where the kernel is not
     available (or D is not a multiple of 16)."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None or q.shape[-1] % 16 or q.dtype != np.float32:
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)

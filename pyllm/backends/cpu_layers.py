@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from .cpu_kernels import MAX_ROWS, _address, _contiguous_f32, _step_caches, _step_library
+from .cpu_kernels import MAX_ROWS, _address, _contiguous_f32, _step_caches, _kernel_library
 
 F32_ROWS = -1  # layers.c: a matrix of f32 rows
 
@@ -56,7 +56,7 @@ def layer_table(layers):
 def decoder_matmul_seconds(keep_timing: bool) -> float | None:
     """The seconds decoder_layers has spent in its matmuls since the last call (counted only while
     timing is on), then timing on or off from now; None without the kernels. For the benchmarks."""
-    library = _step_library()
+    library = _kernel_library()
     return None if library is None else library.decoder_matmul_seconds(int(keep_timing))
 
 
@@ -64,7 +64,7 @@ def decoder_layers(x, table, config, slots, cos, sin, activation_layers=1):
     """x [T, hidden] (T <= MAX_ROWS) through every layer of `table` (layer_table) in one call, the
     step's caches as attention's slots, block-format matrices taking x in `activation_layers` int8
     layers (quant.c; AVX2 alone: avx2.c) -> x advanced in place, or None (no kernels)."""
-    library = _step_library()
+    library = _kernel_library()
     if library is None or x.shape[0] > MAX_ROWS or not _contiguous_f32(x, cos, sin):
         return None
     caches, (layers, n_kv, head_dim, n_new) = _step_caches(slots)

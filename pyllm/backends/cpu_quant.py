@@ -17,7 +17,7 @@ import functools
 import numpy as np
 
 from ..formats import FORMATS
-from .cpu_kernels import INTERLEAVED, _address, _library, _step_library
+from .cpu_kernels import INTERLEAVED, _address, _avx512_library, _kernel_library
 
 BLOCK_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.block_size > 1}  # quant_matmul's
 STORED_FORMATS = {fmt.gguf_type: fmt for fmt in FORMATS.values() if fmt.name != "f32"}  # dequantize's
@@ -33,7 +33,7 @@ def kernel_type(m) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _quant_library():
-    library = _library()
+    library = _avx512_library()
     if library is None:
         return None
     try:
@@ -202,7 +202,7 @@ def interleave(gguf_type, w, K: int) -> np.ndarray:
     _check_weights(int(gguf_type) | INTERLEAVED, w, K)
     if not w.flags.writeable:
         raise ValueError("w must be writeable: it is interleaved in place")
-    library = _step_library()
+    library = _kernel_library()
     if library is None:
         raise RuntimeError("the CPU kernels are not available (no compiler, or neither AVX2 nor AVX-512)")
     library.interleave_rows(int(gguf_type), _address(w), w.shape[0], K)

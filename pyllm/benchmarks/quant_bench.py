@@ -270,7 +270,7 @@ def main(argv=None):
         if peer is not None:
             measures.update(llama_cpp_measures(peer, ids, args.decode_tokens, name))
     best = interleaved_best(measures, args.rounds)
-    kernels = ("AVX-512" if cpu_kernels.available() else "AVX2" if cpu_kernels.step_kernels_available()
+    kernels = ("AVX-512" if cpu_kernels.avx512_available() else "AVX2" if cpu_kernels.kernels_available()
                else "NumPy")
     results = {"machine": f"{platform.machine()}, {CORES} cores", "kernels": kernels, "rounds": args.rounds,
                "batches": batches,
