@@ -4,7 +4,7 @@
 //   scores_tile: SCORE_KEYS keys against up to 3 x LANES query rows held transposed (a key is one
 //     broadcast against LANES rows);
 //   weigh: weights @ values for up to WEIGH_ROWS rows x weigh_columns(rows) columns, each value
-//     row loaded once for the rows.
+//     row loaded once for the rows (weigh_values, written once in lanes.h's operations).
 // Numerics: f32 with FMA. scores16 sums each lane's terms over d, then the 16 lanes as a tree;
 // scores4 each lane's over d, then its 8 lanes pairwise; scores_t sums over d in order;
 // weigh_values sums over the keys in order.
@@ -14,7 +14,46 @@
 #define CHUNK 64            // keys (and values) per chunk, 4 blocks: 2 x 16 KB at D = 64
 #define SCORE_KEYS 8        // keys per scores_tile
 #define WEIGH_ROWS 4        // rows per weigh
+#define WEIGH_VECTORS 4     // columns per weigh, in vectors
 static inline int weigh_columns(int rows) { return (void)rows, 64; }  // per weigh (4 vectors)
+#elif defined(PYLLM_AVX2)
+#define CHUNK 32            // keys (and values) per chunk, 2 blocks: 2 x 8 KB at D = 64, so a chunk, a
+                            // unit's transposed queries and its weights stay in L1
+#define SCORE_KEYS 4        // keys per scores_tile
+#define WEIGH_ROWS 6        // rows per weigh
+#define WEIGH_VECTORS 3     // columns per weigh at most, in vectors
+// columns per weigh of `rows` rows: its rows x Z accumulators, Z values and a weight fit the 16
+// registers (a prompt's 6 rows: 2 vectors; a decode step's few rows: 3)
+static inline int weigh_columns(int rows) { return rows <= 3 ? 24 : 16; }
+#endif
+#if defined(__AVX512F__) || defined(PYLLM_AVX2)
+
+// o [R rows, stride D] (Z x LANES columns from column d) += p [R, n] @ values [n, D] (value row j
+// is row j % 16 of blocks[j / 16] [16, D]), p[r, j] at p[r * row_stride + j * key_stride]: R x Z
+// accumulators, each value row loaded once for the R rows
+static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
+                                                               int key_stride, const float *const *blocks, int d, int D,
+                                                               int n, float *o) {
+  lanes_t acc[WEIGH_ROWS][WEIGH_VECTORS];
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) acc[r][z] = vload(o + (size_t)r * D + LANES * z);
+  for (int b = 0; b * BLOCK_TOKENS < n; b++) {
+    const float *values = blocks[b] + d;
+    for (int j = b * BLOCK_TOKENS, end = n - j < BLOCK_TOKENS ? n : j + BLOCK_TOKENS; j < end; j++, values += D) {
+      lanes_t v[WEIGH_VECTORS];
+      for (int z = 0; z < Z; z++) v[z] = vload(values + LANES * z);
+      for (int r = 0; r < R; r++) {
+        const lanes_t weight = all(p[(size_t)r * row_stride + (size_t)j * key_stride]);
+        for (int z = 0; z < Z; z++) acc[r][z] = fmadd(weight, v[z], acc[r][z]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int z = 0; z < Z; z++) vstore(o + (size_t)r * D + LANES * z, acc[r][z]);
+}
+#endif
+
+#ifdef __AVX512F__
 
 // lane j = the sum of a[j]'s 16 lanes: halves, then quarters, then pairs within quarters, then the
 // lane order put right (45 operations, where 16 separate reductions take ~130)
@@ -46,29 +85,6 @@ static inline __attribute__((always_inline)) __m512 scores16(const float *q, con
   return sum16(a);
 }
 
-// o [R rows, stride D] (16 Z columns) += p [R, n] @ values [n, D] (the same columns, from column d;
-// value row j is row j % 16 of blocks[j / 16] [16, D]), p[r, j] at p[r * row_stride + j * key_stride]:
-// R x Z accumulators, each value row loaded once for the R rows
-static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
-                                                               int key_stride, const float *const *blocks, int d, int D,
-                                                               int n, float *o) {
-  __m512 acc[4][4];
-  for (int r = 0; r < R; r++)
-    for (int z = 0; z < Z; z++) acc[r][z] = _mm512_loadu_ps(o + (size_t)r * D + 16 * z);
-  for (int b = 0; b * BLOCK_TOKENS < n; b++) {
-    const float *values = blocks[b] + d;
-    for (int j = b * BLOCK_TOKENS, end = n - j < BLOCK_TOKENS ? n : j + BLOCK_TOKENS; j < end; j++, values += D) {
-      __m512 v[4];
-      for (int z = 0; z < Z; z++) v[z] = _mm512_loadu_ps(values + 16 * z);
-      for (int r = 0; r < R; r++) {
-        const __m512 weight = _mm512_set1_ps(p[r * row_stride + j * key_stride]);
-        for (int z = 0; z < Z; z++) acc[r][z] = _mm512_fmadd_ps(weight, v[z], acc[r][z]);
-      }
-    }
-  }
-  for (int r = 0; r < R; r++)
-    for (int z = 0; z < Z; z++) _mm512_storeu_ps(o + (size_t)r * D + 16 * z, acc[r][z]);
-}
 typedef void (*weigh_fn)(const float *p, int row_stride, int key_stride, const float *const *blocks, int d, int D,
                          int n, float *o);
 #define WEIGH(R, Z) \
@@ -128,13 +144,6 @@ static inline void weigh(int R, int Z, const float *p, int row_stride, int key_s
 }
 
 #elif defined(PYLLM_AVX2)
-#define CHUNK 32            // keys (and values) per chunk, 2 blocks: 2 x 8 KB at D = 64, so a chunk, a
-                            // unit's transposed queries and its weights stay in L1
-#define SCORE_KEYS 4        // keys per scores_tile
-#define WEIGH_ROWS 6        // rows per weigh
-// columns per weigh of `rows` rows: its rows x Z accumulators, Z values and a weight fit the 16
-// registers (a prompt's 6 rows: 2 vectors; a decode step's few rows: 3)
-static inline int weigh_columns(int rows) { return rows <= 3 ? 24 : 16; }
 
 // 4 keys' dot products with q [D] -> their 4 scores
 static inline __m128 scores4(const float *q, const float *const key[4], int D) {
@@ -193,29 +202,6 @@ static inline __attribute__((always_inline)) void scores_tile(int V, const float
     case 2: scores_t(2, query_t, rows_stride, key, D, s); break;
     default: scores_t(3, query_t, rows_stride, key, D, s);
   }
-}
-
-// o [R rows, stride D] (Z x 8 columns from column d) += p [R, n] @ values [n, D] (value row j is
-// row j % 16 of blocks[j / 16]), p[r, j] at p[r * row_stride + j * key_stride]: R x Z accumulators
-static inline __attribute__((always_inline)) void weigh_values(const int R, const int Z, const float *p, int row_stride,
-                                                               int key_stride, const float *const *blocks, int d, int D,
-                                                               int n, float *o) {
-  __m256 acc[WEIGH_ROWS][3];
-  for (int r = 0; r < R; r++)
-    for (int z = 0; z < Z; z++) acc[r][z] = _mm256_loadu_ps(o + (size_t)r * D + 8 * z);
-  for (int b = 0; b * BLOCK_TOKENS < n; b++) {
-    const float *values = blocks[b] + d;
-    for (int j = b * BLOCK_TOKENS, end = n - j < BLOCK_TOKENS ? n : j + BLOCK_TOKENS; j < end; j++, values += D) {
-      __m256 v[3];
-      for (int z = 0; z < Z; z++) v[z] = _mm256_loadu_ps(values + 8 * z);
-      for (int r = 0; r < R; r++) {
-        const __m256 weight = _mm256_broadcast_ss(p + (size_t)r * row_stride + (size_t)j * key_stride);
-        for (int z = 0; z < Z; z++) acc[r][z] = _mm256_fmadd_ps(weight, v[z], acc[r][z]);
-      }
-    }
-  }
-  for (int r = 0; r < R; r++)
-    for (int z = 0; z < Z; z++) _mm256_storeu_ps(o + (size_t)r * D + 8 * z, acc[r][z]);
 }
 
 // weigh_values with R (1 .. WEIGH_ROWS) and Z (up to weigh_columns(R) / 8) as constants
