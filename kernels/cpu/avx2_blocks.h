@@ -51,9 +51,10 @@ void avx2_group_rows(int lo, int hi);  // avx2_interleaved.c: the call's row gro
     }                                                                                               \
   } while (0)
 
-// rows lo .. hi - 1 of w [N, K] in `type` (| INTERLEAVED) -> out [hi - lo, K] f32, as gguf dequantizes
-// (avx2_dequantize.c)
-void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int lo, int hi, float *out);
+// rows first .. first + count - 1 of w [N, K] in `type` (| INTERLEAVED), or rows picked[0 .. count - 1],
+// -> out [count, K] f32, as gguf dequantizes (avx2_dequantize.c)
+void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                          float *out);
 
 static inline float f16_at(const uint8_t *p) {
   uint16_t h;

@@ -6,12 +6,12 @@
 #include "avx2_blocks.h"
 #ifdef PYLLM_AVX2
 
-// rows lo .. hi - 1 of w [N, K] in `type` -> out [hi - lo, K] (type constant where the caller makes it)
-static inline __attribute__((always_inline)) void rows_of(const int type, const uint8_t *w, int K, int lo, int hi,
+// w [rows, K] in `type`, as GGUF stores it -> out [rows, K] (type constant where the caller makes it)
+static inline __attribute__((always_inline)) void rows_of(const int type, const uint8_t *w, int rows, int K,
                                                           float *out) {
   const int blocks = K / 32;
   const size_t bytes = row_bytes(type, K);
-  for (int n = lo; n < hi; n++)
+  for (int n = 0; n < rows; n++)
     for (int b0 = 0; b0 < blocks; b0 += TILE) {  // a superblock, or 8 blocks of the row
       const uint8_t *p = w + (size_t)n * bytes + (size_t)(b0 / TILE) * row_bytes(type, 32 * TILE), *at[TILE];
       for (int i = 0; i < TILE; i++) at[i] = p + (size_t)(b0 + i < blocks ? i : blocks - 1 - b0) * row_bytes(type, 32);
@@ -22,7 +22,7 @@ static inline __attribute__((always_inline)) void rows_of(const int type, const 
         uint8_t q[32];
         const __m256i block = group_blocks(type) == TILE ? decode_block(type, p, j) : decode_block(type, at[j], 0);
         _mm256_storeu_si256((__m256i *)q, block);
-        float *row = out + (size_t)(n - lo) * K + 32 * (b0 + j);
+        float *row = out + (size_t)n * K + 32 * (b0 + j);
         for (int i = 0; i < 4; i++) {  // 8 weights at a time: bytes -> int32 -> f32
           const __m128i eight = _mm_loadl_epi64((const __m128i *)(q + 8 * i));
           __m256i v = type == Q8_0 ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight);
@@ -36,38 +36,22 @@ static inline __attribute__((always_inline)) void rows_of(const int type, const 
     }
 }
 
-static void gguf_rows(int type, const uint8_t *w, int K, int lo, int hi, float *out) {
+static void gguf_rows(int type, const uint8_t *w, int rows, int K, float *out) {
   switch (type) {
-    case Q4_0: rows_of(Q4_0, w, K, lo, hi, out); break;
-    case Q4_1: rows_of(Q4_1, w, K, lo, hi, out); break;
-    case Q5_0: rows_of(Q5_0, w, K, lo, hi, out); break;
-    case Q5_1: rows_of(Q5_1, w, K, lo, hi, out); break;
-    case Q4_K: rows_of(Q4_K, w, K, lo, hi, out); break;
-    case Q5_K: rows_of(Q5_K, w, K, lo, hi, out); break;
-    case Q6_K: rows_of(Q6_K, w, K, lo, hi, out); break;
-    default: rows_of(Q8_0, w, K, lo, hi, out);
+    case Q4_0: rows_of(Q4_0, w, rows, K, out); break;
+    case Q4_1: rows_of(Q4_1, w, rows, K, out); break;
+    case Q5_0: rows_of(Q5_0, w, rows, K, out); break;
+    case Q5_1: rows_of(Q5_1, w, rows, K, out); break;
+    case Q4_K: rows_of(Q4_K, w, rows, K, out); break;
+    case Q5_K: rows_of(Q5_K, w, rows, K, out); break;
+    case Q6_K: rows_of(Q6_K, w, rows, K, out); break;
+    default: rows_of(Q8_0, w, rows, K, out);
   }
 }
 
-void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int lo, int hi, float *out) {
-  if (!(type & INTERLEAVED)) {
-    gguf_rows(type, w, K, lo, hi, out);
-    return;
-  }
-  static __thread uint8_t *row;  // this thread's row in GGUF's layout
-  static __thread size_t allocated;
-  type &= ~INTERLEAVED;
-  const size_t bytes = row_bytes(type, K);
-  if (bytes > allocated) {
-    free(row);
-    row = malloc(bytes);
-    if (row == NULL) abort();
-    allocated = bytes;
-  }
-  for (int n = lo; n < hi; n++) {
-    deinterleave_row(type, w, N, K, n, row);
-    gguf_rows(type, row, K, 0, 1, out + (size_t)(n - lo) * K);
-  }
+void avx2_dequantize_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                          float *out) {
+  dequantize_matrix_rows_by(gguf_rows, type, w, N, K, first, count, picked, out);
 }
 
 static struct {  // the current avx2_dequantize call
@@ -79,12 +63,8 @@ static struct {  // the current avx2_dequantize call
 
 static void dequantize_part(int part) {
   const int lo = (int)((long long)dq.count * part / pool_threads), hi = (int)((long long)dq.count * (part + 1) / pool_threads);
-  if (dq.picked == NULL) {
-    avx2_dequantize_rows(dq.type, dq.w, dq.N, dq.K, lo, hi, dq.out + (size_t)lo * dq.K);
-    return;
-  }
-  for (int i = lo; i < hi; i++)
-    avx2_dequantize_rows(dq.type, dq.w, dq.N, dq.K, dq.picked[i], dq.picked[i] + 1, dq.out + (size_t)i * dq.K);
+  avx2_dequantize_rows(dq.type, dq.w, dq.N, dq.K, lo, hi - lo, dq.picked ? dq.picked + lo : NULL,
+                       dq.out + (size_t)lo * dq.K);
 }
 
 // rows picked[0 .. count - 1] of w [N, K] (picked NULL: rows 0 .. count - 1) -> out [count, K]

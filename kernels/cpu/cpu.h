@@ -86,6 +86,11 @@ static inline struct interleaved_layout interleaved_layout(int type) {
 // interleave.c: w [N, K] from GGUF's layout to the interleaved one, in place; row n of it as GGUF's
 void interleave_rows(int type, uint8_t *w, int N, int K);
 void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out);
+// interleave.c: rows first .. first + count - 1 of w [N, K] (picked NULL: else rows picked[0 .. count - 1])
+// -> f32 [count, K] by rows_f32 on rows in GGUF's layout (type | INTERLEAVED: each row put back first)
+void dequantize_matrix_rows_by(void (*rows_f32)(int type, const uint8_t *w, int rows, int K, float *out), int type,
+                               const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                               float *out);
 
 // bytes of a row of K weights (0: a type not known here)
 static inline size_t row_bytes(int type, int K) {

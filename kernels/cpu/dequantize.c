@@ -59,21 +59,7 @@ void dequantize_rows(int type, const uint8_t *w, int rows, int K, float *out) {
 // in GGUF's layout first
 void dequantize_matrix_rows(int type, const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
                             float *out) {
-  const int interleaved = type & INTERLEAVED;
-  const size_t bytes = row_bytes(type, K);
-  type &= ~INTERLEAVED;
-  if (!interleaved && picked == NULL) {
-    dequantize_rows(type, w + (size_t)first * bytes, count, K, out);
-    return;
-  }
-  uint8_t *gguf = interleaved ? malloc(bytes) : NULL;  // a row put back in GGUF's layout
-  if (interleaved && gguf == NULL) abort();
-  for (int i = 0; i < count; i++) {
-    const int n = picked ? picked[i] : first + i;
-    if (interleaved) deinterleave_row(type, w, N, K, n, gguf);
-    dequantize_rows(type, interleaved ? gguf : w + (size_t)n * bytes, 1, K, out + (size_t)i * K);
-  }
-  free(gguf);
+  dequantize_matrix_rows_by(dequantize_rows, type, w, N, K, first, count, picked, out);
 }
 
 EXPORT void dequantize(int type, const uint8_t *w, int rows, int K, float *out) {  // the whole matrix [rows, K]

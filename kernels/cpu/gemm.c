@@ -204,7 +204,7 @@ static void run_tiles(int n, int R, const float *w) {
 }
 
 static void unpack_strip(int n, int R, float *strip) {  // weight rows n .. n + R - 1 -> strip [R, K]
-  avx2_dequantize_rows(gemm.type, gemm.blocks, gemm.N, gemm.K, n, n + R, strip);
+  avx2_dequantize_rows(gemm.type, gemm.blocks, gemm.N, gemm.K, n, R, NULL, strip);
 }
 
 #define LANES 8  // floats in a vector register

@@ -41,6 +41,29 @@ EXPORT void interleave_rows(int type, uint8_t *w, int N, int K) {
   free(rows);
 }
 
+// rows first .. first + count - 1 of a matrix w [N, K] (picked NULL), or rows picked[0 .. count - 1],
+// -> f32 [count, K] by rows_f32 (contiguous rows as GGUF stores them -> f32: each instruction set's
+// dequantizer); type | INTERLEAVED: a matrix in that layout, each row put back in GGUF's first
+void dequantize_matrix_rows_by(void (*rows_f32)(int type, const uint8_t *w, int rows, int K, float *out), int type,
+                               const uint8_t *w, int N, int K, int first, int count, const int32_t *picked,
+                               float *out) {
+  const int interleaved = type & INTERLEAVED;
+  const size_t bytes = row_bytes(type, K);
+  type &= ~INTERLEAVED;
+  if (!interleaved && picked == NULL) {
+    rows_f32(type, w + (size_t)first * bytes, count, K, out);
+    return;
+  }
+  uint8_t *gguf = interleaved ? malloc(bytes) : NULL;  // a row put back in GGUF's layout
+  if (interleaved && gguf == NULL) abort();
+  for (int i = 0; i < count; i++) {
+    const int n = picked ? picked[i] : first + i;
+    if (interleaved) deinterleave_row(type, w, N, K, n, gguf);
+    rows_f32(type, interleaved ? gguf : w + (size_t)n * bytes, 1, K, out + (size_t)i * K);
+  }
+  free(gguf);
+}
+
 // row n of an interleaved matrix w [N, K] -> that row in GGUF's layout at out [row_bytes(type, K)]
 void deinterleave_row(int type, const uint8_t *w, int N, int K, int n, uint8_t *out) {
   const size_t stride = row_bytes(type, 32), bytes = row_bytes(type, K), group_bytes = ROW_GROUP * stride;
