@@ -41,7 +41,10 @@ static inline __attribute__((always_inline)) void weigh_values(const int R, cons
     const float *values = blocks[b] + d;
     for (int j = b * BLOCK_TOKENS, end = n - j < BLOCK_TOKENS ? n : j + BLOCK_TOKENS; j < end; j++, values += D) {
       lanes_t v[WEIGH_VECTORS];
-      for (int z = 0; z < Z; z++) v[z] = vload(values + LANES * z);
+      for (int z = 0; z < Z; z++) {
+        v[z] = vload(values + LANES * z);
+        __asm__("" : "+x"(v[z]));  // in a register: FMAs that each reload it from L1 make loads the limit
+      }
       for (int r = 0; r < R; r++) {
         const lanes_t weight = all(p[(size_t)r * row_stride + (size_t)j * key_stride]);
         for (int z = 0; z < Z; z++) acc[r][z] = fmadd(weight, v[z], acc[r][z]);
