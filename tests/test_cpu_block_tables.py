@@ -61,6 +61,18 @@ def test_attention_through_block_tables_matches_the_reference(n_heads, n_kv, hea
                                    atol=3e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (2, 1, 80), (8, 2, 32)])
+@pytest.mark.parametrize("lengths,counts", [([300], [1]), ([1000], [3]), ([40, 1000], [1, 2]), ([2000], [1]), ([33], [1])])
+def test_decode_of_few_sequences_splits_their_keys_and_matches_the_reference(n_heads, n_kv, head_dim, lengths, counts):
+    """Too few decode units for the threads: a unit of many keys has them split into segments that
+    are merged at the end (flash decoding); a short one (33 keys) is not split."""
+    step = paged_step(lengths, counts, n_kv, head_dim)
+    for layer in range(LAYERS):
+        q = 3 * rng.standard_normal((step.n_tokens, n_heads, head_dim), dtype=np.float32)
+        np.testing.assert_allclose(cpu_kernels.attention(q, step.slots, layer), ref.step_attention(q, step, layer),
+                                   atol=3e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_heads,n_kv,head_dim,with_bias", [(9, 3, 64, False), (6, 2, 20, True)])
 @pytest.mark.parametrize("kind", NEW_TOKENS)
 def test_qkv_rope_writes_through_block_tables_as_the_reference(n_heads, n_kv, head_dim, with_bias, kind):

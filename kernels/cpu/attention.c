@@ -11,14 +11,18 @@
 // Work split: a unit is (sequence, KV head, tile of consecutive queries); its rows, the tile's
 // queries times the KV head's query heads (about TILE_ROWS), share each chunk of CHUNK keys and
 // values (CHUNK / BLOCK_TOKENS blocks) while it is in L1. Threads take units from a shared
-// counter, costliest first.
+// counter, costliest first. A step of few units (a decode step of few sequences: fewer than
+// SPLIT_BELOW per thread) splits each unit's keys into segments of whole chunks, as flash decoding
+// does, so every thread has work: a segment keeps its rows' sums, maximum and total apart, and the
+// call ends by merging a unit's segments (merge_segments).
 // Two layouts: a unit of few rows (a decode step's) scores one row against a chunk's keys at a
 // time (row_scores); a unit of many rows (a prompt's tile) holds its queries transposed, so a key
 // is one broadcast against LANES rows in the vector lanes (scores_tile).
 // Numerics: f32. A score is the dot product of the scaled query and a key. The softmax is online,
 // as in flash attention: a row keeps its running maximum and total, a chunk that raises the
 // maximum rescales the row's sums so far by exp(old - new), so exp never sees a positive
-// argument; the end divides by the total.
+// argument; the end divides by the total. A split unit's segments each run it over their keys, and
+// the merge rescales each segment's sums by exp(its maximum - the largest) before adding them.
 #include "cpu.h"
 #include "attention_tiles.h"
 #if defined(__AVX512F__) || defined(PYLLM_AVX2)
@@ -26,10 +30,16 @@ _Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0,
                "a chunk is whole blocks (row_scores reads a block at a time)");
 #define PREFETCH_FLOATS 512  // a touch per 2 KB of the next chunk's blocks (chunk_blocks)
 #define TILE_ROWS 48  // rows per unit: its weights, queries and sums (3 x 12 KB at D = 64 and 16 lanes) stay in L1/L2
+#define SPLIT_BELOW 4  // units per thread under which a decode unit's keys are split into segments
+#define SEGMENT_CHUNKS 4  // chunks per segment at least: a shorter one costs more to merge than it saves
+#define FEW_ROWS 16    // a unit of fewer rows is a decode unit (attend_few)
 
 struct unit {
   int s, g, first, n;  // sequence, KV head, its first query (0 = the sequence's first new token), queries
-  long cost;           // rows x keys seen by the last query
+  int from, to;        // its keys from .. to - 1 (to: the keys its last query sees, or its segment's end)
+  int segment, segments;  // its slot in att.segment_sums (-1: all its keys, written straight to out),
+                          // and on a unit's first segment how many it has, else 0 (merge_segments)
+  long cost;           // rows x keys
 };
 
 static struct {  // the current attention call
@@ -38,6 +48,7 @@ static struct {  // the current attention call
   const int *length, *count;
   int *row;  // q's row of each sequence's first new token
   struct unit *units;
+  float *segment_sums;  // [segments, FEW_ROWS, D + 2]: per row of a segment its o [D], maximum, total
   float *out, scale;
   int S, H, KV, D, layer, layers, n_units;
   atomic_int next_unit;
@@ -54,13 +65,13 @@ static inline size_t unit_row(const struct unit *u, int r) {
   return ((size_t)(att.row[u->s] + u->first + r / group) * att.H + u->g * group + r % group) * att.D;
 }
 
-// chunk c of the unit's keys_seen keys -> its keys n; keys, values = its blocks [BLOCK_TOKENS, D] at
+// chunk c of the unit's keys (c .. to - 1) -> its keys n; keys, values = its blocks [BLOCK_TOKENS, D] at
 // the layer and KV head. The next chunk's blocks are touched every PREFETCH_FLOATS (into L2): that
 // starts the L2 streamer on each of them while this chunk is worked, which otherwise stops at
 // every block's end (blocks lie apart) and restarts only on the next block's first misses.
-static int chunk_blocks(const struct unit *u, int c, int keys_seen, const float **keys, const float **values) {
+static int chunk_blocks(const struct unit *u, int c, int to, const float **keys, const float **values) {
   const int32_t *table = att.tables[u->s];
-  const int end = keys_seen - c < 2 * CHUNK ? keys_seen : c + 2 * CHUNK;
+  const int end = to - c < 2 * CHUNK ? to : c + 2 * CHUNK;
   for (int b = c / BLOCK_TOKENS, i = 0; b * BLOCK_TOKENS < end; b++, i++) {
     const float *k = att.k + kv_block(table[b], att.layers, att.layer, att.KV, u->g, att.D);
     const float *v = att.v + (k - att.k);
@@ -71,7 +82,7 @@ static int chunk_blocks(const struct unit *u, int c, int keys_seen, const float 
     for (int f = 0; f < BLOCK_TOKENS * att.D; f += PREFETCH_FLOATS)
       _mm_prefetch((const char *)(k + f), _MM_HINT_T1), _mm_prefetch((const char *)(v + f), _MM_HINT_T1);
   }
-  return keys_seen - c < CHUNK ? keys_seen - c : CHUNK;
+  return to - c < CHUNK ? to - c : CHUNK;
 }
 
 // o [R, D] += the weights of chunk c (n keys; p[r, j] at p[r * row_stride + j * key_stride]) @ its
@@ -115,10 +126,9 @@ static void attend_few(const struct unit *u, float *scratch) {
     memset(o + (size_t)r * D, 0, sizeof(float) * D);
     top[r] = -INFINITY, total[r] = 0.0f;
   }
-  const int keys_seen = first_position + u->n;  // by the last query
-  for (int c = 0; c < keys_seen; c += CHUNK) {
+  for (int c = u->from; c < u->to; c += CHUNK) {
     const float *keys[CHUNK / BLOCK_TOKENS], *values[CHUNK / BLOCK_TOKENS];
-    const int n = chunk_blocks(u, c, keys_seen, keys, values);
+    const int n = chunk_blocks(u, c, u->to, keys, values);
     for (int r = 0; r < R; r++) {
       float *pr = p + (size_t)r * CHUNK;
       int seen = first_position + r / group + 1 - c;  // keys of this chunk row r sees
@@ -143,6 +153,37 @@ static void attend_few(const struct unit *u, float *scratch) {
     }
     weigh_chunk(u, p, CHUNK, 1, values, first_position, c, n, o);
   }
+  if (u->segment < 0) {
+    write_unit(u, o, total);
+    return;
+  }
+  float *kept = att.segment_sums + (size_t)u->segment * FEW_ROWS * (D + 2);
+  for (int r = 0; r < R; r++, kept += D + 2) {
+    memcpy(kept, o + (size_t)r * D, sizeof(float) * D);
+    kept[D] = top[r], kept[D + 1] = total[r];
+  }
+}
+
+// the unit's out rows from its segments' sums (u: its first segment): each segment's o and total
+// rescaled by exp(its maximum - the largest), summed in key order, then o / total
+// Scratch: FEW_ROWS (D + 1) floats.
+static void merge_segments(const struct unit *u, float *scratch) {
+  const int D = att.D, R = u->n * (att.H / att.KV), stride = FEW_ROWS * (D + 2);
+  float *o = scratch, *total = o + (size_t)FEW_ROWS * D;  // [R, D], [R]
+  for (int r = 0; r < R; r++) {
+    const float *kept = att.segment_sums + (size_t)u->segment * stride + (size_t)r * (D + 2);  // segment 0's row r
+    float top = -INFINITY;
+    for (int i = 0; i < u->segments; i++) top = kept[(size_t)i * stride + D] > top ? kept[(size_t)i * stride + D] : top;
+    memset(o + (size_t)r * D, 0, sizeof(float) * D);
+    total[r] = 0.0f;
+    for (int i = 0; i < u->segments; i++) {
+      const float *segment = kept + (size_t)i * stride;
+      const float factor = expf(segment[D] - top);
+      total[r] += segment[D + 1] * factor;
+      for (int d = 0; d < D; d += LANES)
+        vstore(o + (size_t)r * D + d, fmadd(vload(segment + d), all(factor), vload(o + (size_t)r * D + d)));
+    }
+  }
   write_unit(u, o, total);
 }
 
@@ -164,10 +205,9 @@ static void attend_many(const struct unit *u, float *scratch) {
     memset(o + (size_t)r * D, 0, sizeof(float) * D);
     top[r] = -INFINITY, total[r] = 0.0f, position[r] = r < R ? first_position + r / group : L;
   }
-  const int keys_seen = first_position + u->n;  // by the last query
-  for (int c = 0; c < keys_seen; c += CHUNK) {
+  for (int c = 0; c < u->to; c += CHUNK) {
     const float *keys[CHUNK / BLOCK_TOKENS], *values[CHUNK / BLOCK_TOKENS];
-    const int n = chunk_blocks(u, c, keys_seen, keys, values);
+    const int n = chunk_blocks(u, c, u->to, keys, values);
     for (int j = 0; j < n; j += SCORE_KEYS) {  // past n, the last key stands in (masked below)
       const float *key[SCORE_KEYS];
       for (int i = 0; i < SCORE_KEYS; i++) {
@@ -219,36 +259,65 @@ static void attention_part(int part) {
     scratch_floats = floats;
   }
   for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;)
-    (att.units[u].n * group >= 16 ? attend_many : attend_few)(&att.units[u], scratch);
+    (att.units[u].n * group >= FEW_ROWS ? attend_many : attend_few)(&att.units[u], scratch);
+}
+
+// the call's units into units (NULL: only counted) -> how many; segments: the segment slots they use
+static int plan_units(int S, int H, int KV, const int *length, const int *count, struct unit *units, int *segments) {
+  const int group = H / KV, tile = TILE_ROWS / group > 0 ? TILE_ROWS / group : 1;  // queries per unit
+  int whole = 0;  // units before any split
+  for (int s = 0; s < S; s++) whole += (count[s] + tile - 1) / tile * KV;
+  const int wanted = SPLIT_BELOW * pool_threads;  // units the split aims for
+  int n_units = 0;
+  *segments = 0;
+  for (int s = 0; s < S; s++)
+    for (int first = 0; first < count[s]; first += tile)
+      for (int g = 0; g < KV; g++) {
+        const int n = count[s] - first < tile ? count[s] - first : tile, keys = length[s] - count[s] + first + n;
+        int parts = 1, part_keys = keys;
+        if (whole < wanted && n * group < FEW_ROWS) {
+          const int chunks = (keys + CHUNK - 1) / CHUNK, per_unit = (wanted + whole - 1) / whole;
+          parts = per_unit < chunks / SEGMENT_CHUNKS ? per_unit : chunks / SEGMENT_CHUNKS;
+          parts = parts > 1 ? parts : 1;
+          part_keys = (chunks + parts - 1) / parts * CHUNK;
+          parts = (keys + part_keys - 1) / part_keys;
+        }
+        for (int i = 0; i < parts; i++, n_units++) {
+          const int from = i * part_keys, to = keys - from < part_keys ? keys : from + part_keys;
+          if (units != NULL)
+            units[n_units] = (struct unit){s, g, first, n, from, to, parts > 1 ? *segments + i : -1,
+                                           parts > 1 && i == 0 ? parts : 0, (long)n * (to - from)};
+        }
+        if (parts > 1) *segments += parts;
+      }
+  return n_units;
 }
 
 EXPORT void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
                       const float *v, const int32_t *const *tables, const int *length, const int *count, float *out) {
-  const int group = H / KV, tile = TILE_ROWS / group > 0 ? TILE_ROWS / group : 1;  // queries per unit
-  int n_units = 0;
-  for (int s = 0; s < S; s++) n_units += (count[s] + tile - 1) / tile * KV;
+  pool_lock();  // from here on pool_threads is this call's
+  int n_segments;
+  const int n_units = plan_units(S, H, KV, length, count, NULL, &n_segments);
   struct unit *units = malloc(sizeof(struct unit) * (n_units > 0 ? n_units : 1));
   int *row = malloc(sizeof(int) * (S > 0 ? S : 1));
-  if (units == NULL || row == NULL) abort();
-  for (int s = 0, i = 0, next_row = 0; s < S; next_row += count[s++]) {
-    row[s] = next_row;
-    for (int first = 0; first < count[s]; first += tile)
-      for (int g = 0; g < KV; g++) {
-        const int n = count[s] - first < tile ? count[s] - first : tile;
-        units[i++] = (struct unit){s, g, first, n, (long)n * (length[s] - count[s] + first + n)};
-      }
-  }
+  float *segment_sums = malloc(sizeof(float) * ((size_t)n_segments * FEW_ROWS * (D + 2) + (size_t)FEW_ROWS * (D + 1)));
+  if (units == NULL || row == NULL || segment_sums == NULL) abort();
+  plan_units(S, H, KV, length, count, units, &n_segments);
+  for (int s = 0, next_row = 0; s < S; next_row += count[s++]) row[s] = next_row;
   qsort(units, n_units, sizeof(struct unit), costlier_first);
-  pool_lock();
   att.q = q, att.k = k, att.v = v, att.tables = tables, att.length = length, att.count = count;
   att.row = row, att.units = units, att.n_units = n_units, att.out = out, att.scale = scale;
+  att.segment_sums = segment_sums;
   att.S = S, att.H = H, att.KV = KV, att.D = D, att.layer = layer, att.layers = layers;
   atomic_store(&att.next_unit, 0);
   size_t cache_bytes = 0;  // the keys and values the call reads
   for (int s = 0; s < S; s++) cache_bytes += (size_t)length[s] * KV * D * 2 * sizeof(float);
   pool_run_sized(attention_part, cache_bytes);
+  for (int u = 0; u < n_units; u++)  // past the segments: the merge's scratch
+    if (units[u].segments > 0) merge_segments(&units[u], segment_sums + (size_t)n_segments * FEW_ROWS * (D + 2));
   pool_unlock();
   free(units);
   free(row);
+  free(segment_sums);
 }
 #endif
