@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pyllm.benchmarks.bench import can_plot, interleaved_best, prompt_ids, pyllm_measures, speeds, timed
-from pyllm.benchmarks.step_split import TINY_FORMATS, decode_split, tiny_step_ms
+from pyllm.benchmarks.step_split import TINY_FORMATS, decode_split, splits, tiny_step_ms
 
 QUALITY_TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
 ROOFLINE_BYTES = 512 << 20
@@ -267,7 +267,7 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",") if b]
-    measures, files, splits = {"roofline": roofline_measure()}, {}, {}
+    measures, files, kept_splits = {"roofline": roofline_measure()}, {}, {}
     measures.update({f"tiny step {fmt}": lambda fmt=fmt: tiny_step_ms(fmt) / 1e3 for fmt in TINY_FORMATS})
     if cpu_kernels.int8_dot_peak(1000) is not None:  # seconds per unit of work: the best round is the peak
         measures["int8 dot"] = lambda: 1.0 / cpu_kernels.int8_dot_peak()
@@ -284,8 +284,8 @@ def main(argv=None):
                        "quality": quality(path, llm, text, peer), "llm": llm, "ids": ids}
         measures[f"{name} same-size read"] = roofline_measure(path.stat().st_size // 64 * 64)
         measures.update(pyllm_measures(llm, ids, batches, args.decode_tokens, f"{name} pyllm"))
-        if decode_split(llm, 2) is not None:
-            measures[f"{name} pyllm split"] = split_measure(llm, splits, name)
+        if splits(llm):
+            measures[f"{name} pyllm split"] = split_measure(llm, kept_splits, name)
         if peer is not None:
             measures.update(llama_cpp_measures(peer, ids, args.decode_tokens, name))
     best = interleaved_best(measures, args.rounds)
@@ -305,7 +305,7 @@ def main(argv=None):
         if args.peer:
             entry["llama.cpp"] = {"prefill_tok_s": len(f["ids"]) / best[f"{name} llama.cpp prefill"],
                                   "decode_b1_tok_s": (args.decode_tokens - 1) / best[f"{name} llama.cpp decode b1"]}
-        entry["pyllm_step_split"] = splits.get(name)
+        entry["pyllm_step_split"] = kept_splits.get(name)
         results["files"][name] = entry
     results["tiny_step_ms"] = {fmt: 1e3 * best[f"tiny step {fmt}"] for fmt in TINY_FORMATS}
     print(write_report(results, out_dir, plots))

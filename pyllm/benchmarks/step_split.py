@@ -4,6 +4,7 @@
                         kernels (the decoder layers' matmuls as kernels/cpu/layers.c counts them,
                         and the vocabulary projection), and the rest (norms, rope, attention,
                         gathers, Python and the calls into C)
+    splits(llm)         whether decode_split runs for llm (the CPU backend's one-call layers)
     tiny_step_ms(fmt)   a decode step of a 30-layer model with tiny matrices (f32, or a block
                         format): almost no weight traffic, so what a step costs beyond its
                         arithmetic (dispatch)
@@ -24,12 +25,16 @@ from ..model import LlamaModel
 from ..weights import LayerWeights, ModelWeights, QuantizedMatrix
 
 
+def splits(llm) -> bool:
+    """Whether decode_split can time llm's steps: the CPU backend with its one-call layers."""
+    return cpu_layers.decoder_matmul_seconds(False) is not None and getattr(llm.backend, "name", "") == "cpu"
+
+
 def decode_split(llm, steps=48, sequences=1) -> dict | None:
     """{step_ms, matmul_ms, rest_ms} per step of `sequences` sequences decoding `steps` tokens each
-    through the CPU backend's one-call layers, or None where those do not run (another backend, no
-    kernels)."""
+    through the CPU backend's one-call layers, or None where those do not run (splits(llm) false)."""
     model, backend = llm.model, llm.backend
-    if cpu_layers.decoder_matmul_seconds(False) is None or getattr(backend, "name", "") != "cpu":
+    if not splits(llm):
         return None
     caches = [model.new_cache(steps + 2) for _ in range(sequences)]
     model.forward([(cache, [1 + s]) for s, cache in enumerate(caches)])  # warm: the layer table, the caches' C form
