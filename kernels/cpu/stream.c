@@ -7,8 +7,10 @@
 // int8_dot_loop: the int8 compute roofline, the ceiling of a batched decode step (whose weights
 // meet many rows, so that the dot products, not the reads, set its time): each thread runs
 // `rounds` x 12 independent int8 dot products on registers: vpdpbusd (64 multiply-adds) with
-// AVX-512 VNNI, else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do
-// (the bytes it multiplies are the sums', so no product repeats and none is hoisted);
+// AVX-512 VNNI (the bytes it multiplies are the sums', so no product repeats and none is
+// hoisted), else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do (each
+// sum times its neighbour's bytes of the last round: a sum times its own bytes would chain each
+// vpmaddubsw to the one before it and measure its latency, not its throughput);
 // multiply-adds per round x rounds x threads / seconds of this call is the peak they work against.
 //
 // fma_loop: the f32 compute roofline, the ceiling of a prompt's GEMM: `rounds` x 12 independent
@@ -72,15 +74,19 @@ static void dot_part(int part) {
 }
 #else
 #define DOT_MACS 32
+#define DOT_CHAINS 10  // 10 sums, their neighbours and b fit AVX2's 16 registers (more spill to the stack)
 static void dot_part(int part) {
-  __m256i acc[12];
-  const __m256i b = _mm256_set1_epi8((char)(part + 1));  // times the accumulator's own bytes, so each product is made
-  for (int j = 0; j < 12; j++) acc[j] = _mm256_set1_epi16((short)j);
-  for (long r = 0; r < peak_rounds; r++)
-#pragma GCC unroll 12
-    for (int j = 0; j < 12; j++) acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(acc[j], b));
+  __m256i acc[DOT_CHAINS];
+  const __m256i b = _mm256_set1_epi8((char)(part + 1));
+  for (int j = 0; j < DOT_CHAINS; j++) acc[j] = _mm256_set1_epi16((short)j);
+  for (long r = 0; r < peak_rounds; r++) {
+    const __m256i first = acc[0];
+#pragma GCC unroll 16
+    for (int j = 0; j < DOT_CHAINS; j++)
+      acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(j + 1 < DOT_CHAINS ? acc[j + 1] : first, b));
+  }
   __m256i sum = acc[0];
-  for (int j = 1; j < 12; j++) sum = _mm256_add_epi16(sum, acc[j]);
+  for (int j = 1; j < DOT_CHAINS; j++) sum = _mm256_add_epi16(sum, acc[j]);
   peak_sums[part] = (float)_mm256_extract_epi16(sum, 0);
 }
 #endif

@@ -174,9 +174,9 @@ def write_report(results, out_dir: Path, plots=True) -> str:
     if "int8_dot_gmac_s" in results:
         peak = results["int8_dot_gmac_s"]
         fma = results["fma_gflop_s"]
-        lines += ["", "Compute ceilings, same run (kernels/cpu/stream.c's loops on every core): batched decode is "
-                  f"bound by int8 dot products, not reads (peak {peak:.0f} G multiply-adds/s; its ceiling = peak / the "
-                  "model's multiply-adds per token); a prompt by f32 FMAs, since it computes on the stored weights "
+        lines += ["", "Compute ceilings, same run (kernels/cpu/stream.c's loops on every core): a batched decode "
+                  f"step's is int8 dot products (peak {peak:.0f} G multiply-adds/s; its ceiling = peak / the "
+                  "model's multiply-adds per token); a prompt's f32 FMAs, since it computes on the stored weights "
                   f"dequantized (peak {fma:.0f} GFLOPS; prefill GFLOPS counts the decoder matmuls' 2 flops per "
                   "multiply-add).", "",
                   "| file | M multiply-adds / token | int8-compute ceiling tok/s | " +
