@@ -8,13 +8,9 @@
 // length[s] - count[s] + i and sees keys 0 .. that. Query head h uses KV head h / (H / KV), as
 // HF's repeat_kv. D % 16 == 0.
 // Written once for AVX-512 (16 lanes) and AVX2 (8 lanes) in lanes.h's operations.
-// Work split: a unit is (sequence, KV head, tile of consecutive queries); its rows, the tile's
-// queries times the KV head's query heads (about TILE_ROWS), share each chunk of CHUNK keys and
-// values (CHUNK / BLOCK_TOKENS blocks) while it is in L1. Threads take units from a shared
-// counter, costliest first. A step of few units (a decode step of few sequences: fewer than
-// SPLIT_BELOW per thread) splits each unit's keys into segments of whole chunks, as flash decoding
-// does, so every thread has work: a segment keeps its rows' sums, maximum and total apart, and the
-// call ends by merging a unit's segments (merge_segments).
+// Work split: units of (sequence, KV head, tile of queries[, segment of keys]), planned by
+// attention_units.h; threads take them from a shared counter, costliest first, and the call ends
+// by merging a split unit's segments (merge_segments).
 // Two layouts: a unit of few rows (a decode step's) scores one row against a chunk's keys at a
 // time (row_scores); a unit of many rows (a prompt's tile) holds its queries transposed, so a key
 // is one broadcast against LANES rows in the vector lanes (scores_tile).
@@ -25,22 +21,11 @@
 // the merge rescales each segment's sums by exp(its maximum - the largest) before adding them.
 #include "cpu.h"
 #include "attention_tiles.h"
+#include "attention_units.h"
 #if defined(__AVX512F__) || defined(PYLLM_AVX2)
 _Static_assert(BLOCK_TOKENS == 16 && CHUNK % BLOCK_TOKENS == 0,
                "a chunk is whole blocks (row_scores reads a block at a time)");
 #define PREFETCH_FLOATS 512  // a touch per 2 KB of the next chunk's blocks (chunk_blocks)
-#define TILE_ROWS 48  // rows per unit: its weights, queries and sums (3 x 12 KB at D = 64 and 16 lanes) stay in L1/L2
-#define SPLIT_BELOW 4  // units per thread under which a decode unit's keys are split into segments
-#define SEGMENT_CHUNKS 4  // chunks per segment at least: a shorter one costs more to merge than it saves
-#define FEW_ROWS 16    // a unit of fewer rows is a decode unit (attend_few)
-
-struct unit {
-  int s, g, first, n;  // sequence, KV head, its first query (0 = the sequence's first new token), queries
-  int from, to;        // its keys from .. to - 1 (to: the keys its last query sees, or its segment's end)
-  int segment, segments;  // its slot in att.segment_sums (-1: all its keys, written straight to out),
-                          // and on a unit's first segment how many it has, else 0 (merge_segments)
-  long cost;           // rows x keys
-};
 
 static struct {  // the current attention call
   const float *q, *k, *v;  // k, v: the KV pool
@@ -53,11 +38,6 @@ static struct {  // the current attention call
   int S, H, KV, D, layer, layers, n_units;
   atomic_int next_unit;
 } att;
-
-static int costlier_first(const void *a, const void *b) {
-  const long x = ((const struct unit *)a)->cost, y = ((const struct unit *)b)->cost;
-  return (x < y) - (x > y);
-}
 
 // where row r of a unit lives in q and out [T, H, D]: query r / group, head g * group + r % group
 static inline size_t unit_row(const struct unit *u, int r) {
@@ -260,37 +240,6 @@ static void attention_part(int part) {
   }
   for (int u; (u = atomic_fetch_add(&att.next_unit, 1)) < att.n_units;)
     (att.units[u].n * group >= FEW_ROWS ? attend_many : attend_few)(&att.units[u], scratch);
-}
-
-// the call's units into units (NULL: only counted) -> how many; segments: the segment slots they use
-static int plan_units(int S, int H, int KV, const int *length, const int *count, struct unit *units, int *segments) {
-  const int group = H / KV, tile = TILE_ROWS / group > 0 ? TILE_ROWS / group : 1;  // queries per unit
-  int whole = 0;  // units before any split
-  for (int s = 0; s < S; s++) whole += (count[s] + tile - 1) / tile * KV;
-  const int wanted = SPLIT_BELOW * pool_threads;  // units the split aims for
-  int n_units = 0;
-  *segments = 0;
-  for (int s = 0; s < S; s++)
-    for (int first = 0; first < count[s]; first += tile)
-      for (int g = 0; g < KV; g++) {
-        const int n = count[s] - first < tile ? count[s] - first : tile, keys = length[s] - count[s] + first + n;
-        int parts = 1, part_keys = keys;
-        if (whole < wanted && n * group < FEW_ROWS) {
-          const int chunks = (keys + CHUNK - 1) / CHUNK, per_unit = (wanted + whole - 1) / whole;
-          parts = per_unit < chunks / SEGMENT_CHUNKS ? per_unit : chunks / SEGMENT_CHUNKS;
-          parts = parts > 1 ? parts : 1;
-          part_keys = (chunks + parts - 1) / parts * CHUNK;
-          parts = (keys + part_keys - 1) / part_keys;
-        }
-        for (int i = 0; i < parts; i++, n_units++) {
-          const int from = i * part_keys, to = keys - from < part_keys ? keys : from + part_keys;
-          if (units != NULL)
-            units[n_units] = (struct unit){s, g, first, n, from, to, parts > 1 ? *segments + i : -1,
-                                           parts > 1 && i == 0 ? parts : 0, (long)n * (to - from)};
-        }
-        if (parts > 1) *segments += parts;
-      }
-  return n_units;
 }
 
 EXPORT void attention(int S, int H, int KV, int D, float scale, int layer, int layers, const float *q, const float *k,
