@@ -96,10 +96,11 @@ static inline __attribute__((always_inline)) __m256i half_dot(const int type, co
   const int run = type == Q4_0 || type == Q4_1 ? 8 : 4;  // int16 sums that fit
   __m256i sum = _mm256_setzero_si256();
   for (int u0 = 0; u0 < 8; u0 += run) {
-    __m256i pairs = _mm256_setzero_si256();
-    for (int u = u0; u < u0 + run; u++)
-      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(W[u], every_dword(q + 4 * u)));
-    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+    __m256i pairs[8];  // added as a tree, not a chain: the adds of a row wait on fewer before them
+    for (int u = 0; u < run; u++) pairs[u] = _mm256_maddubs_epi16(W[u0 + u], every_dword(q + 4 * (u0 + u)));
+    for (int width = run / 2; width >= 1; width /= 2)
+      for (int i = 0; i < width; i++) pairs[i] = _mm256_add_epi16(pairs[i], pairs[i + width]);
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs[0], ones));
   }
   return sum;
 }
