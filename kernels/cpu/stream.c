@@ -8,9 +8,9 @@
 // meet many rows, so that the dot products, not the reads, set its time): each thread runs
 // `rounds` x 12 independent int8 dot products on registers: vpdpbusd (64 multiply-adds) with
 // AVX-512 VNNI (the bytes it multiplies are the sums', so no product repeats and none is
-// hoisted), else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do (each
-// sum times its neighbour's bytes of the last round: a sum times its own bytes would chain each
-// vpmaddubsw to the one before it and measure its latency, not its throughput);
+// hoisted), else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do (in an asm,
+// each of the same two registers into a scratch one: a product of a sum's own bytes would chain
+// each vpmaddubsw to the one before it and measure its latency, not its throughput);
 // multiply-adds per round x rounds x threads / seconds of this call is the peak they work against.
 //
 // fma_loop: the f32 compute roofline, the ceiling of a prompt's GEMM: `rounds` x 12 independent
@@ -74,19 +74,25 @@ static void dot_part(int part) {
 }
 #else
 #define DOT_MACS 32
-#define DOT_CHAINS 10  // 10 sums, their neighbours and b fit AVX2's 16 registers (more spill to the stack)
+// one vpmaddubsw of x and b into a scratch register, added into sum (an asm: C's would compute the
+// repeated product once)
+#define DOT_STEP(sum) "vpmaddubsw %[b], %[x], %%ymm0\n\tvpaddw %%ymm0, %" #sum ", %" #sum "\n\t"
 static void dot_part(int part) {
-  __m256i acc[DOT_CHAINS];
-  const __m256i b = _mm256_set1_epi8((char)(part + 1));
-  for (int j = 0; j < DOT_CHAINS; j++) acc[j] = _mm256_set1_epi16((short)j);
-  for (long r = 0; r < peak_rounds; r++) {
-    const __m256i first = acc[0];
-#pragma GCC unroll 16
-    for (int j = 0; j < DOT_CHAINS; j++)
-      acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(j + 1 < DOT_CHAINS ? acc[j + 1] : first, b));
-  }
+  __m256i acc[12];
+  const __m256i x = _mm256_set1_epi8(1), b = _mm256_set1_epi8((char)(part + 1));
+  for (int j = 0; j < 12; j++) acc[j] = _mm256_set1_epi16((short)j);
+  long rounds = peak_rounds;
+  if (rounds > 0)  // the whole loop in the asm, so that the sums stay in registers throughout
+    __asm__("1:\n\t" DOT_STEP([a0]) DOT_STEP([a1]) DOT_STEP([a2]) DOT_STEP([a3]) DOT_STEP([a4]) DOT_STEP([a5])
+            DOT_STEP([a6]) DOT_STEP([a7]) DOT_STEP([a8]) DOT_STEP([a9]) DOT_STEP([a10]) DOT_STEP([a11])
+            "dec %[rounds]\n\tjnz 1b"
+            : [a0] "+x"(acc[0]), [a1] "+x"(acc[1]), [a2] "+x"(acc[2]), [a3] "+x"(acc[3]), [a4] "+x"(acc[4]),
+              [a5] "+x"(acc[5]), [a6] "+x"(acc[6]), [a7] "+x"(acc[7]), [a8] "+x"(acc[8]), [a9] "+x"(acc[9]),
+              [a10] "+x"(acc[10]), [a11] "+x"(acc[11]), [rounds] "+r"(rounds)
+            : [x] "x"(x), [b] "x"(b)
+            : "xmm0", "cc");
   __m256i sum = acc[0];
-  for (int j = 1; j < DOT_CHAINS; j++) sum = _mm256_add_epi16(sum, acc[j]);
+  for (int j = 1; j < 12; j++) sum = _mm256_add_epi16(sum, acc[j]);
   peak_sums[part] = (float)_mm256_extract_epi16(sum, 0);
 }
 #endif
