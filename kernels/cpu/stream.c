@@ -8,9 +8,10 @@
 // meet many rows, so that the dot products, not the reads, set its time): each thread runs
 // `rounds` x 12 independent int8 dot products on registers: vpdpbusd (64 multiply-adds) with
 // AVX-512 VNNI (the bytes it multiplies are the sums', so no product repeats and none is
-// hoisted), else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do (in an asm,
-// each of the same two registers into a scratch one: a product of a sum's own bytes would chain
-// each vpmaddubsw to the one before it and measure its latency, not its throughput);
+// hoisted), else vpmaddubsw and the vpaddw that keeps its pair sums (32), as the kernels do (an
+// asm loop: each vpmaddubsw multiplies the same two registers into a scratch one, then adds it to
+// its sum; a product of a sum's own bytes would chain each vpmaddubsw to the one before it and
+// measure its latency, not its throughput);
 // multiply-adds per round x rounds x threads / seconds of this call is the peak they work against.
 //
 // fma_loop: the f32 compute roofline, the ceiling of a prompt's GEMM: `rounds` x 12 independent
